@@ -1,0 +1,7 @@
+"""`python -m imagefs` is the `imagefs` command."""
+
+import sys
+
+from imagefs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,736 @@
+"""The verbs of imagefs as plain async functions: the CLI and the tests both call these.
+
+Each verb takes a `Session` (store root, transport options, one registry client per host) and
+returns values; printing is the CLI's business. Disk work runs in worker threads through one
+limiter so the trio thread stays free for the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import getpass
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from imagefs.errors import (
+    ImageFSError,
+    ImageInUse,
+    IntegrityError,
+    InvalidReference,
+    NotFound,
+    Unauthorized,
+)
+from imagefs.image import Layer, RegistrySource, ResolvedImage, load_resolved
+from imagefs.oci.digest import Digest
+from imagefs.oci.manifest import Descriptor
+from imagefs.oci.platform import Platform
+from imagefs.oci.reference import Reference
+from imagefs.registry import credentials
+from imagefs.registry.client import RegistryClient
+from imagefs.registry.transport import TransportOptions
+from imagefs.store import ImageRecord, Ingest, Store
+
+log = logging.getLogger("imagefs")
+
+ProgressFn = Callable[[Layer, int], None]  # (layer, bytes just received)
+
+
+@dataclass
+class Session:
+    """What every verb needs. `async with Session(root) as s:` closes the HTTP pools."""
+
+    root: Path
+    options: TransportOptions = field(default_factory=TransportOptions)
+    credential_lookup: Callable[[str], credentials.Credentials | None] = credentials.lookup
+    disk_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))
+    _store: Store | None = None
+    _clients: dict[str, RegistryClient] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.root)
+        return self._store
+
+    def client(self, ref: Reference) -> RegistryClient:
+        """One client (one connection pool) per registry for the life of the session."""
+        if ref.registry not in self._clients:
+            self._clients[ref.registry] = RegistryClient(
+                ref.registry,
+                endpoint_host=ref.endpoint_host,
+                options=self.options,
+                credential_lookup=self.credential_lookup,
+            )
+        return self._clients[ref.registry]
+
+    async def disk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.disk_limiter)
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- finding local images ---------------------------------------------------------------------
+
+
+def _matches(record: ImageRecord, query: str, ref: Reference | None) -> bool:
+    if ref is not None:
+        if ref.digest is not None:
+            digests = {record.manifest.digest}
+            if record.repo_digest is not None and record.repo_digest.digest is not None:
+                digests.add(record.repo_digest.digest)
+            repo = record.repository
+            return ref.digest in digests and (repo is None or repo == ref.name)
+        return record.name is not None and str(record.name) == str(ref)
+    return False
+
+
+def _id_matches(store: Store, record: ImageRecord, query: str) -> bool:
+    """Docker's image ID (config digest), full, `sha256:`-prefixed, or a short prefix."""
+    hex_part = query.removeprefix("sha256:")
+    if len(hex_part) < 4 or any(c not in "0123456789abcdef" for c in hex_part):
+        return False
+    try:
+        config = store.read_manifest(record.manifest.digest)
+    except ImageFSError:
+        return False
+    from imagefs.oci.manifest import Manifest
+
+    candidates = [record.manifest.digest.hex]
+    if isinstance(config, Manifest):
+        candidates.append(config.config.digest.hex)
+    return any(c.startswith(hex_part) for c in candidates)
+
+
+def find_records(store: Store, query: str) -> list[ImageRecord]:
+    """Every stored record `query` names: a reference, a digest, or a (short) image ID."""
+    records = store.records()
+    by_id = [r for r in records if _id_matches(store, r, query)]
+    if by_id and ":" not in query.removeprefix("sha256:") and "/" not in query:
+        return by_id
+    try:
+        ref = Reference.parse(query)
+    except InvalidReference:
+        if by_id:
+            return by_id
+        raise
+    found = [r for r in records if _matches(r, query, ref)]
+    return found or by_id
+
+
+def find_record(store: Store, query: str) -> ImageRecord:
+    found = find_records(store, query)
+    if not found:
+        raise NotFound(f"no such image: {query}")
+    return found[0]
+
+
+# -- pull ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PullResult:
+    reference: Reference
+    image: ResolvedImage
+    record: ImageRecord
+    up_to_date: bool
+    layers_downloaded: int
+
+
+@contextlib.asynccontextmanager
+async def _ingesting(session: Session, digest: Digest, size: int) -> AsyncIterator[Ingest | None]:
+    cm = session.store.blobs.ingest(digest, size)
+    ingest = await trio.to_thread.run_sync(cm.__enter__)
+    try:
+        yield ingest
+    except BaseException as exc:
+        await trio.to_thread.run_sync(cm.__exit__, type(exc), exc, exc.__traceback__)
+        raise
+    else:
+        await trio.to_thread.run_sync(cm.__exit__, None, None, None)
+
+
+async def fetch_blob(
+    session: Session,
+    client: RegistryClient,
+    repository: str,
+    descriptor: Descriptor,
+    on_bytes: Callable[[int], None] | None = None,
+) -> bool:
+    """Download one blob into the store, resuming a partial one. False if already stored."""
+    async with _ingesting(session, descriptor.digest, descriptor.size) as ingest:
+        if ingest is None:
+            return False
+        if ingest.offset and on_bytes:
+            on_bytes(ingest.offset)
+
+        async def restart(_: int) -> None:
+            await session.disk(ingest.reset)
+
+        buf = bytearray()
+        async for chunk in client.stream_blob(
+            repository,
+            descriptor.digest,
+            descriptor.size,
+            offset=ingest.offset,
+            on_restart=restart,
+        ):
+            buf += chunk
+            if on_bytes:
+                on_bytes(len(chunk))
+            if len(buf) >= 4 << 20:  # batch: one thread hop per 4 MiB of hashing + writing
+                await session.disk(ingest.write, bytes(buf))
+                buf.clear()
+        if buf:
+            await session.disk(ingest.write, bytes(buf))
+        await session.disk(ingest.commit)
+        return True
+
+
+async def pull(
+    session: Session,
+    reference: str,
+    *,
+    platform: Platform | None = None,
+    full: bool = False,
+    progress: ProgressFn | None = None,
+    on_resolved: Callable[[ResolvedImage], None] | None = None,
+) -> PullResult:
+    """Resolve `reference` and store its manifest(s) and config; layers too when `full`.
+
+    Lazy by default: the layers are what a mount fetches on demand.
+    """
+    ref = Reference.parse(reference)
+    platform = platform or Platform.host()
+    client = session.client(ref)
+    image = await RegistrySource(client, ref.repository).resolve(ref, platform)
+    if on_resolved:
+        on_resolved(image)
+    store = session.store
+    downloaded = 0
+    with store.lease() as lease:
+        lease.add(image.manifest_digest, image.id, *(layer.digest for layer in image.layers))
+        if image.index_digest is not None:
+            lease.add(image.index_digest)
+        had_manifest = store.blobs.has(image.manifest_digest)
+        if image.index is not None and image.index_digest is not None:
+            await session.disk(store.blobs.put, image.index.raw, image.index_digest)
+        await session.disk(store.blobs.put, image.manifest.raw, image.manifest_digest)
+        await session.disk(store.blobs.put, image.config.raw, image.id)
+        if full:
+            downloaded = await _fetch_layers(session, client, ref.repository, image, progress)
+        record = ImageRecord(
+            manifest=image.manifest_descriptor,
+            name=ref.without_digest() if ref.tag is not None else None,
+            repo_digest=Reference.parse(f"{ref.name}@{image.repo_digest}"),
+            source=ref.name,
+            index_digest=image.index_digest,
+            created=now_rfc3339(),
+        )
+        up_to_date = had_manifest and await session.disk(_same_as_stored, store, record)
+        await session.disk(_put_record, store, record)
+    return PullResult(ref, image, record, up_to_date and not downloaded, downloaded)
+
+
+async def _fetch_layers(
+    session: Session,
+    client: RegistryClient,
+    repository: str,
+    image: ResolvedImage,
+    progress: ProgressFn | None,
+) -> int:
+    count = 0
+    limit = trio.CapacityLimiter(3)
+
+    async def one(layer: Layer) -> None:
+        nonlocal count
+        async with limit:
+            cb = (lambda n: progress(layer, n)) if progress else None
+            if await fetch_blob(session, client, repository, layer.descriptor, cb):
+                count += 1
+
+    async with trio.open_nursery() as nursery:
+        for layer in image.layers:
+            nursery.start_soon(one, layer)
+    return count
+
+
+def _same_as_stored(store: Store, record: ImageRecord) -> bool:
+    return any(
+        r.name == record.name and r.manifest.digest == record.manifest.digest
+        for r in store.records()
+    )
+
+
+def _put_record(store: Store, record: ImageRecord) -> None:
+    """Add or replace a record: one per name; one unnamed record per repository+manifest."""
+    with store.locked():
+        records = store.records()
+        if record.name is not None:
+            kept = [r for r in records if r.name != record.name]
+        else:
+            kept = [
+                r
+                for r in records
+                if not (
+                    r.name is None
+                    and r.manifest.digest == record.manifest.digest
+                    and r.repository == record.repository
+                )
+            ]
+            # An unnamed record is pointless when a named one already holds that manifest.
+            if any(
+                r.manifest.digest == record.manifest.digest and r.repository == record.repository
+                for r in kept
+            ):
+                store.refs.save(kept)
+                return
+        kept.append(record)
+        store.refs.save(kept)
+
+
+# -- images / inspect -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    record: ImageRecord
+    image: ResolvedImage
+    size: int  # compressed bytes of config + layers: what a full pull downloads
+    cached: int  # bytes of layer data present locally
+
+    @property
+    def repository(self) -> str:
+        ref = self.record.name or self.record.repo_digest
+        return ref.familiar_name if ref else "<none>"
+
+    @property
+    def tag(self) -> str:
+        return self.record.name.tag or "<none>" if self.record.name else "<none>"
+
+
+def layer_cached_bytes(store: Store, layer: Layer) -> int:
+    """How much of a layer is local. Whole blobs for now; the chunk cache adds partial ones."""
+    return layer.size if store.blobs.has(layer.digest) else 0
+
+
+def _summarise(store: Store, record: ImageRecord) -> ImageSummary:
+    image = load_resolved(store, record.manifest.digest, record.index_digest)
+    layers = image.layers
+    size = image.manifest.config.size + sum(layer.size for layer in layers)
+    cached = sum(layer_cached_bytes(store, layer) for layer in layers)
+    return ImageSummary(record, image, size, cached)
+
+
+async def images(
+    session: Session, filter_ref: str | None = None, *, all_images: bool = False
+) -> list[ImageSummary]:
+    """Stored images, newest first; unnamed (pulled-by-digest) ones only with `all_images`."""
+
+    def work() -> list[ImageSummary]:
+        store = session.store
+        out = []
+        for rec in store.records():
+            if rec.name is None and not all_images:
+                continue
+            if filter_ref and not _filter_matches(rec, filter_ref):
+                continue
+            out.append(_summarise(store, rec))
+        out.sort(key=lambda s: s.record.created, reverse=True)
+        return out
+
+    result: list[ImageSummary] = await session.disk(work)
+    return result
+
+
+def _filter_matches(record: ImageRecord, pattern: str) -> bool:
+    """docker images REPOSITORY[:TAG]: by familiar or full name, tag optional."""
+    import fnmatch
+
+    ref = record.name or record.repo_digest
+    if ref is None:
+        return False
+    repo_pat, _, tag_pat = (
+        pattern.partition(":") if "/" not in pattern.rpartition(":")[2] else (pattern, "", "")
+    )
+    names = {ref.familiar_name, ref.name}
+    if not any(fnmatch.fnmatchcase(n, repo_pat) for n in names):
+        return False
+    return not tag_pat or (
+        record.name is not None and fnmatch.fnmatchcase(record.name.tag or "", tag_pat)
+    )
+
+
+def inspect_json(store: Store, record: ImageRecord) -> dict[str, Any]:
+    """docker inspect's keys, plus an `ImageFS` object with what docker cannot know."""
+    s = _summarise(store, record)
+    image = s.image
+    cfg = image.config
+    repo_tags = sorted(
+        r.name.familiar
+        for r in store.records()
+        if r.name is not None and r.manifest.digest == record.manifest.digest
+    )
+    repo_digests = sorted(
+        {
+            r.repo_digest.familiar
+            for r in store.records()
+            if r.repo_digest is not None and r.manifest.digest == record.manifest.digest
+        }
+    )
+    c = cfg.config
+    return {
+        "Id": str(image.id),
+        "RepoTags": repo_tags,
+        "RepoDigests": repo_digests,
+        "Created": cfg.created or "",
+        "Author": cfg.author or "",
+        "Architecture": cfg.architecture,
+        "Os": cfg.os,
+        **({"Variant": cfg.variant} if cfg.variant else {}),
+        "Config": {
+            "Env": c.get("Env"),
+            "Cmd": c.get("Cmd"),
+            "Entrypoint": c.get("Entrypoint"),
+            "WorkingDir": c.get("WorkingDir", ""),
+            "User": c.get("User", ""),
+            "Labels": c.get("Labels"),
+            "ExposedPorts": c.get("ExposedPorts"),
+            "Volumes": c.get("Volumes"),
+        },
+        "RootFS": {"Type": "layers", "Layers": [str(d) for d in cfg.diff_ids]},
+        "Size": s.size,
+        "ImageFS": {
+            "ManifestDigest": str(image.manifest_digest),
+            "ManifestMediaType": image.manifest.media_type,
+            "IndexDigest": str(image.index_digest) if image.index_digest else None,
+            "Source": record.source,
+            "Cached": s.cached,
+            "Layers": [
+                {
+                    "Digest": str(layer.digest),
+                    "MediaType": layer.descriptor.media_type,
+                    "Size": layer.size,
+                    "DiffID": str(layer.diff_id),
+                    "Cached": layer_cached_bytes(store, layer),
+                    **(
+                        {"Annotations": dict(layer.descriptor.annotations)}
+                        if layer.descriptor.annotations
+                        else {}
+                    ),
+                }
+                for layer in image.layers
+            ],
+        },
+    }
+
+
+async def inspect(session: Session, queries: Sequence[str]) -> list[dict[str, Any]]:
+    def work() -> list[dict[str, Any]]:
+        store = session.store
+        return [inspect_json(store, find_record(store, q)) for q in queries]
+
+    result: list[dict[str, Any]] = await session.disk(work)
+    return result
+
+
+# -- tag / rmi / prune ------------------------------------------------------------------------
+
+
+async def tag(session: Session, source: str, target: str) -> ImageRecord:
+    target_ref = Reference.parse(target)
+    if target_ref.digest is not None:
+        raise InvalidReference(f"invalid target {target!r}: a tag cannot contain a digest")
+
+    def work() -> ImageRecord:
+        store = session.store
+        src = find_record(store, source)
+        record = ImageRecord(
+            manifest=src.manifest,
+            name=target_ref,
+            repo_digest=src.repo_digest if src.repository == target_ref.name else None,
+            source=src.source,
+            index_digest=src.index_digest,
+            created=now_rfc3339(),
+        )
+        _put_record(store, record)
+        return record
+
+    result: ImageRecord = await session.disk(work)
+    return result
+
+
+@dataclass(frozen=True)
+class RmiResult:
+    untagged: list[str]
+    deleted: list[tuple[Digest, int]]
+
+
+async def rmi(session: Session, queries: Sequence[str], *, force: bool = False) -> RmiResult:
+    """Untag; when the last name of a manifest goes, delete the blobs only it used."""
+
+    def work() -> RmiResult:
+        store = session.store
+        untagged: list[str] = []
+        deleted: list[tuple[Digest, int]] = []
+        with store.locked():
+            records = store.records()
+            targets: list[ImageRecord] = []
+            for q in queries:  # check everything before touching anything
+                found = find_records(store, q)
+                if not found:
+                    raise NotFound(f"no such image: {q}")
+                by_name = [r for r in found if r.name is not None and _names(r, q)]
+                chosen = by_name or found
+                manifests = {r.manifest.digest for r in chosen}
+                all_named = [r for r in records if r.manifest.digest in manifests]
+                if not by_name and len({r.repository for r in all_named}) > 1 and not force:
+                    raise ImageInUse(
+                        f"image {q} is referenced in multiple repositories; use -f or remove "
+                        "it by name"
+                    )
+                if not by_name:
+                    chosen = all_named
+                for m in store.active_mounts():
+                    if m.manifest_digest in {str(d) for d in manifests} and not force:
+                        remaining = [
+                            r for r in records if r.manifest.digest in manifests and r not in chosen
+                        ]
+                        if not remaining:
+                            raise ImageInUse(
+                                f"image {q} is mounted at {m.mountpoint} (pid {m.pid}); "
+                                "unmount it first or use -f"
+                            )
+                targets.extend(chosen)
+            kept = [r for r in records if r not in targets]
+            store.refs.save(kept)
+            candidates: set[Digest] = set()
+            for rec in targets:
+                label = (
+                    rec.name.familiar
+                    if rec.name
+                    else (rec.repo_digest.familiar if rec.repo_digest else str(rec.manifest.digest))
+                )
+                untagged.append(label)
+                if any(r.manifest.digest == rec.manifest.digest for r in kept):
+                    continue
+                candidates.add(rec.manifest.digest)
+                if rec.index_digest:
+                    candidates.add(rec.index_digest)
+                with contextlib.suppress(ImageFSError):
+                    image = load_resolved(store, rec.manifest.digest, rec.index_digest)
+                    candidates.add(image.id)
+                    candidates.update(layer.digest for layer in image.layers)
+            deleted = store.collect_garbage(sorted(candidates, key=str))
+        return RmiResult(untagged, deleted)
+
+    result: RmiResult = await session.disk(work)
+    return result
+
+
+def _names(record: ImageRecord, query: str) -> bool:
+    try:
+        ref = Reference.parse(query)
+    except InvalidReference:
+        return False
+    return ref.digest is None and record.name is not None and str(record.name) == str(ref)
+
+
+async def prune(session: Session) -> list[tuple[Digest, int]]:
+    def work() -> list[tuple[Digest, int]]:
+        store = session.store
+        with store.locked():
+            return [(d, n) for d, n in store.collect_garbage() if n]
+
+    result: list[tuple[Digest, int]] = await session.disk(work)
+    return result
+
+
+# -- push -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: Reference
+    digest: Digest
+    size: int
+    uploaded: list[Digest]
+    mounted: list[Digest]
+    existed: list[Digest]
+
+
+async def push(
+    session: Session, reference: str, *, progress: Callable[[Digest, str], None] | None = None
+) -> PushResult:
+    """Push a local image to the registry its name points at.
+
+    Blobs not in the local store (lazy pulls) are streamed from the registry the image came
+    from and verified on the way; a blob already in the target registry is skipped, and one in
+    another repository of the same registry is mounted instead of uploaded.
+    """
+    ref = Reference.parse(reference)
+    store = session.store
+    record = await session.disk(find_record, store, reference)
+    image: ResolvedImage = await session.disk(
+        load_resolved, store, record.manifest.digest, record.index_digest
+    )
+    client = session.client(ref)
+    source_ref = Reference.parse(record.source) if record.source else None
+    uploaded: list[Digest] = []
+    mounted: list[Digest] = []
+    existed: list[Digest] = []
+    blobs = [image.manifest.config, *(layer.descriptor for layer in image.layers)]
+
+    async def one(desc: Descriptor) -> None:
+        if await client.blob_size(ref.repository, desc.digest) is not None:
+            existed.append(desc.digest)
+            if progress:
+                progress(desc.digest, "Layer already exists")
+            return
+        if (
+            source_ref is not None
+            and source_ref.registry == ref.registry
+            and source_ref.repository != ref.repository
+            and await client.mount_blob(ref.repository, desc.digest, source_ref.repository)
+        ):
+            mounted.append(desc.digest)
+            if progress:
+                progress(desc.digest, f"Mounted from {source_ref.familiar_name}")
+            return
+        await client.upload_blob(
+            ref.repository, desc.digest, desc.size, lambda: _blob_source(session, record, desc)
+        )
+        uploaded.append(desc.digest)
+        if progress:
+            progress(desc.digest, "Pushed")
+
+    async with trio.open_nursery() as nursery:
+        limit = trio.CapacityLimiter(3)
+
+        async def limited(desc: Descriptor) -> None:
+            async with limit:
+                await one(desc)
+
+        for desc in blobs:
+            nursery.start_soon(limited, desc)
+    tag_or_digest = ref.tag or str(image.manifest_digest)
+    digest = await client.put_manifest(
+        ref.repository, tag_or_digest, image.manifest.raw, image.manifest.media_type
+    )
+    if ref.tag is not None:
+        new = ImageRecord(
+            manifest=record.manifest,
+            name=ref.without_digest(),
+            repo_digest=Reference.parse(f"{ref.name}@{digest}"),
+            source=record.source,
+            index_digest=record.index_digest,
+            created=record.created,
+        )
+        await session.disk(_put_record, store, new)
+    return PushResult(ref, digest, len(image.manifest.raw), uploaded, mounted, existed)
+
+
+async def _blob_source(
+    session: Session, record: ImageRecord, desc: Descriptor
+) -> AsyncIterator[bytes]:
+    """The blob's bytes: from the store if present, else from the source registry, verified."""
+    path = session.store.blobs.path(desc.digest)
+    if path.is_file():
+        async with await trio.open_file(path, "rb") as f:
+            while chunk := await f.read(1 << 20):
+                yield chunk
+        return
+    if not record.source:
+        raise NotFound(f"blob {desc.digest} is not local and the image has no known source")
+    src = Reference.parse(record.source)
+    hasher = desc.digest.new_hasher()
+    total = 0
+    async for chunk in session.client(src).stream_blob(src.repository, desc.digest, desc.size):
+        hasher.update(chunk)
+        total += len(chunk)
+        if total == desc.size and f"{desc.digest.algorithm}:{hasher.hexdigest()}" != str(
+            desc.digest
+        ):
+            # Withhold the last bytes so the upload can never complete with wrong content.
+            raise IntegrityError(f"blob {desc.digest} from {src.registry} failed verification")
+        yield chunk
+
+
+# -- login / logout ---------------------------------------------------------------------------
+
+
+async def login(session: Session, registry: str, username: str, password: str) -> None:
+    """Check the credentials against the registry, then store them (docker's config.json)."""
+    host = normalize_registry_host(registry)
+    creds = credentials.Credentials(username=username, password=password)
+    probe = RegistryClient(
+        host,
+        endpoint_host=Reference.parse(f"{host}/x").endpoint_host,
+        options=session.options,
+        credential_lookup=lambda _h: creds,
+    )
+    async with probe:
+        await probe.check_login()
+    await trio.to_thread.run_sync(credentials.store, host, creds)
+
+
+async def logout(session: Session, registry: str) -> bool:
+    host = normalize_registry_host(registry)
+    erased: bool = await trio.to_thread.run_sync(credentials.erase, host)
+    return erased
+
+
+def normalize_registry_host(value: str) -> str:
+    host = value.removeprefix("https://").removeprefix("http://").split("/", 1)[0]
+    if host in ("index.docker.io", "registry-1.docker.io", "docker.io", ""):
+        return "docker.io"
+    return host
+
+
+def read_password_interactively(prompt: str = "Password: ") -> str:
+    return getpass.getpass(prompt)
+
+
+@contextlib.contextmanager
+def _noop() -> Iterator[None]:
+    yield
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=4, ensure_ascii=False)
+
+
+__all__ = [
+    "ImageSummary",
+    "PullResult",
+    "PushResult",
+    "RmiResult",
+    "Session",
+    "Unauthorized",
+    "find_record",
+    "images",
+    "inspect",
+    "login",
+    "logout",
+    "prune",
+    "pull",
+    "push",
+    "rmi",
+    "tag",
+]

@@ -1,0 +1,434 @@
+"""Command line: argument parsing and output only; the verbs live in `imagefs.api`.
+
+Errors are translated here, once: an `ImageFSError` becomes one line on stderr and its exit
+code (2 for usage errors, 1 otherwise); `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from imagefs import api
+from imagefs.config import (
+    default_config_dir,
+    default_root,
+    load_file_config,
+    parse_mirror_flag,
+)
+from imagefs.errors import ImageFSError, UsageError
+from imagefs.oci.platform import Platform
+from imagefs.registry.transport import TransportOptions
+
+PROG = "imagefs"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root",
+        type=Path,
+        help="store directory (default: $IMAGEFS_ROOT, "
+        "/var/lib/imagefs as root, else $XDG_DATA_HOME/imagefs)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="config directory (default: $IMAGEFS_CONFIG, "
+        "/etc/imagefs as root, else $XDG_CONFIG_HOME/imagefs)",
+    )
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="allow plain HTTP and unverified TLS for this registry (repeatable)",
+    )
+    p.add_argument(
+        "--registry-mirror",
+        action="append",
+        default=[],
+        metavar="[REGISTRY=]URL",
+        help="try this mirror first for reads (docker.io unless REGISTRY= is given)",
+    )
+    p.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Mount and manage OCI/Docker images, lazily.")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        return p
+
+    p = cmd("pull", "Fetch an image's manifest and config (and its layers with --full)")
+    p.add_argument("reference")
+    p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
+    p.add_argument("--full", action="store_true", help="download every layer now")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the reference")
+
+    p = cmd("push", "Push a local image to the registry its name points at")
+    p.add_argument("reference")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = cmd("images", "List local images")
+    p.add_argument("reference", nargs="?", help="filter: REPOSITORY[:TAG] (globs allowed)")
+    p.add_argument("-a", "--all", action="store_true", help="include images known by digest only")
+    p.add_argument("--digests", action="store_true", help="show repo digests")
+    p.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
+    p.add_argument("--no-trunc", action="store_true", help="full image IDs")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = cmd("tag", "Give a local image another name")
+    p.add_argument("source", help="name, image ID (full or short) or digest")
+    p.add_argument("target")
+
+    p = cmd("rmi", "Remove images (untag; delete blobs no other image uses)")
+    p.add_argument("references", nargs="+")
+    p.add_argument(
+        "-f",
+        "--force",
+        action="store_true",
+        help="even if mounted or named in several repositories",
+    )
+
+    p = cmd("inspect", "Show image details as JSON (docker's keys plus ImageFS)")
+    p.add_argument("references", nargs="+")
+    p.add_argument("--format", choices=["json"], default="json")
+
+    p = cmd("login", "Store credentials for a registry (docker's config.json)")
+    p.add_argument("registry", nargs="?", default="docker.io")
+    p.add_argument("-u", "--username")
+    p.add_argument("-p", "--password", help="insecure: prefer --password-stdin")
+    p.add_argument("--password-stdin", action="store_true")
+
+    p = cmd("logout", "Remove stored credentials for a registry")
+    p.add_argument("registry", nargs="?", default="docker.io")
+
+    p = cmd("prune", "Remove blobs that no image references")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    """docker's units: decimal, three significant digits."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            if unit == "B":
+                return f"{int(value)}B"
+            return f"{value:.3g}{unit}"
+        value /= 1000
+    return f"{n}B"
+
+
+def human_ago(timestamp: str | None) -> str:
+    if not timestamp:
+        return "N/A"
+    try:
+        when = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return timestamp
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    secs = (dt.datetime.now(dt.UTC) - when).total_seconds()
+    for unit, size in (
+        ("year", 365 * 86400),
+        ("month", 30 * 86400),
+        ("week", 7 * 86400),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+    ):
+        if secs >= size:
+            k = int(secs // size)
+            return f"{k} {unit}{'s' if k > 1 else ''} ago"
+    return "Less than a minute ago"
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def cached_column(cached: int, size: int) -> str:
+    total = size or 1
+    return f"{human_size(cached)} ({100 * cached // total}%)"
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+async def cmd_pull(s: api.Session, a: argparse.Namespace) -> int:
+    platform = Platform.parse(a.platform) if a.platform else None
+    progress = None
+    bars: Any = None
+    if a.full and sys.stderr.isatty() and not a.quiet:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            transient=False,
+        )
+        tasks: dict[str, Any] = {}
+
+        def progress_fn(layer: Any, n: int) -> None:
+            key = str(layer.digest)
+            if key not in tasks:
+                tasks[key] = bars.add_task(layer.digest.short, total=layer.size)
+            bars.advance(tasks[key], n)
+
+        progress = progress_fn
+        bars.start()
+    try:
+        result = await api.pull(s, a.reference, platform=platform, full=a.full, progress=progress)
+    finally:
+        if bars is not None:
+            bars.stop()
+    if a.quiet:
+        print(result.reference)
+        return 0
+    ref = result.reference
+    if not a.full:
+        print(
+            f"{ref.tag or ref.digest}: Pulled metadata ({len(result.image.layers)} layers, "
+            "fetched lazily when read)"
+        )
+    print(f"Digest: {result.image.repo_digest}")
+    status = "Image is up to date for" if result.up_to_date else "Downloaded newer image for"
+    print(f"Status: {status} {ref.familiar}")
+    print(str(ref))
+    return 0
+
+
+async def cmd_push(s: api.Session, a: argparse.Namespace) -> int:
+    def show(digest: Any, what: str) -> None:
+        if not a.quiet:
+            print(f"{digest.short}: {what}")
+
+    result = await api.push(s, a.reference, progress=show)
+    tag = result.reference.tag or "latest"
+    print(f"{tag}: digest: {result.digest} size: {result.size}")
+    return 0
+
+
+async def cmd_images(s: api.Session, a: argparse.Namespace) -> int:
+    found = await api.images(s, a.reference, all_images=a.all)
+    if a.quiet:
+        seen = []
+        for item in found:
+            ident = str(item.image.id) if a.no_trunc else item.image.id.short
+            if ident not in seen:
+                seen.append(ident)
+        print("\n".join(seen)) if seen else None
+        return 0
+    if a.format == "json":
+        for item in found:
+            print(
+                json.dumps(
+                    {
+                        "Repository": item.repository,
+                        "Tag": item.tag,
+                        "Digest": str(item.record.repo_digest.digest)
+                        if item.record.repo_digest and item.record.repo_digest.digest
+                        else "<none>",
+                        "ID": str(item.image.id) if a.no_trunc else item.image.id.short,
+                        "CreatedAt": item.image.config.created or "",
+                        "CreatedSince": human_ago(item.image.config.created),
+                        "Size": item.size,
+                        "Cached": item.cached,
+                        "ManifestDigest": str(item.image.manifest_digest),
+                    }
+                )
+            )
+        return 0
+    header = (
+        ["REPOSITORY", "TAG"]
+        + (["DIGEST"] if a.digests else [])
+        + ["IMAGE ID", "CREATED", "SIZE", "CACHED"]
+    )
+    rows = [header]
+    for item in found:
+        digest = []
+        if a.digests:
+            rd = item.record.repo_digest
+            digest = [str(rd.digest) if rd and rd.digest else "<none>"]
+        rows.append(
+            [
+                item.repository,
+                item.tag,
+                *digest,
+                str(item.image.id.hex) if a.no_trunc else item.image.id.short,
+                human_ago(item.image.config.created),
+                human_size(item.size),
+                cached_column(item.cached, item.size - item.image.manifest.config.size),
+            ]
+        )
+    print(table(rows))
+    return 0
+
+
+async def cmd_tag(s: api.Session, a: argparse.Namespace) -> int:
+    await api.tag(s, a.source, a.target)
+    return 0
+
+
+async def cmd_rmi(s: api.Session, a: argparse.Namespace) -> int:
+    result = await api.rmi(s, a.references, force=a.force)
+    for name in result.untagged:
+        print(f"Untagged: {name}")
+    for digest, _size in result.deleted:
+        print(f"Deleted: {digest}")
+    return 0
+
+
+async def cmd_inspect(s: api.Session, a: argparse.Namespace) -> int:
+    print(api.dump_json(await api.inspect(s, a.references)))
+    return 0
+
+
+async def cmd_login(s: api.Session, a: argparse.Namespace) -> int:
+    username = a.username
+    if username is None:
+        if not sys.stdin.isatty() or a.password_stdin:
+            raise UsageError("login: --username is required when not on a terminal")
+        username = input("Username: ")
+    if a.password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    elif a.password is not None:
+        print(
+            "WARNING! Using --password via the CLI is insecure. Use --password-stdin.",
+            file=sys.stderr,
+        )
+        password = a.password
+    elif sys.stdin.isatty():
+        password = api.read_password_interactively()
+    else:
+        raise UsageError("login: give the password with --password-stdin")
+    if not password:
+        raise UsageError("login: empty password")
+    await api.login(s, a.registry, username, password)
+    print("Login Succeeded")
+    return 0
+
+
+async def cmd_logout(s: api.Session, a: argparse.Namespace) -> int:
+    host = api.normalize_registry_host(a.registry)
+    if await api.logout(s, a.registry):
+        print(f"Removing login credentials for {host}")
+    else:
+        print(f"Not logged in to {host}")
+    return 0
+
+
+async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
+    freed = await api.prune(s)
+    if not a.quiet:
+        for digest, _ in freed:
+            print(f"Deleted: {digest}")
+    print(f"Total reclaimed space: {human_size(sum(n for _, n in freed))}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
+    "pull": cmd_pull,
+    "push": cmd_push,
+    "images": cmd_images,
+    "tag": cmd_tag,
+    "rmi": cmd_rmi,
+    "inspect": cmd_inspect,
+    "login": cmd_login,
+    "logout": cmd_logout,
+    "prune": cmd_prune,
+}
+
+
+def session_from_args(a: argparse.Namespace) -> api.Session:
+    config_dir = a.config or default_config_dir()
+    file_cfg = load_file_config(config_dir)
+    mirrors: dict[str, list[str]] = {k: list(v) for k, v in file_cfg.mirrors.items()}
+    for flag in a.registry_mirror:
+        host, url = parse_mirror_flag(flag)
+        mirrors.setdefault(host, []).insert(0, url)
+    options = TransportOptions(
+        insecure_registries=frozenset([*file_cfg.insecure_registries, *a.insecure_registry]),
+        mirrors=mirrors,
+        config_dir=config_dir,
+    )
+    return api.Session(root=a.root or default_root(), options=options)
+
+
+async def _run(a: argparse.Namespace) -> int:
+    async with session_from_args(a) as session:
+        code: int = await COMMANDS[a.command](session, a)
+        return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.debug else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if not a.debug:
+        # httpx logs every request at INFO; keep them for --debug only.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return trio.run(_run, a)
+    except ImageFSError as exc:
+        if a.debug:
+            traceback.print_exc()
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug: still one line unless --debug
+        if a.debug:
+            traceback.print_exc()
+        print(
+            f"{PROG}: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

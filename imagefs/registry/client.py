@@ -1,0 +1,807 @@
+"""The registry client: the only code in imagefs that speaks HTTP (OCI distribution spec v1.1).
+
+One `RegistryClient` per registry host holds one keep-alive connection pool (an
+`httpx.AsyncClient`) per endpoint: the registry itself, and its mirrors for reads. It does the
+auth dance (anonymous, Basic, Bearer token flow with tokens reused until expiry), retries
+transient failures with backoff, follows redirects without ever sending our Authorization
+header to another host, and checks every manifest and blob against its digest and size before
+handing it on.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import httpx
+import trio
+
+from imagefs.errors import (
+    IntegrityError,
+    ManifestUnknown,
+    NotFound,
+    RegistryError,
+    RegistryUnreachable,
+    Unauthorized,
+)
+from imagefs.oci import mediatypes
+from imagefs.oci.digest import Digest
+from imagefs.registry import challenge, credentials
+from imagefs.registry.transport import (
+    TransportOptions,
+    mirrors_for,
+    plain_http_allowed,
+    ssl_context,
+)
+
+log = logging.getLogger("imagefs.registry")
+
+MAX_MANIFEST_BYTES = 4 << 20
+MONOLITHIC_UPLOAD_MAX = 16 << 20
+UPLOAD_CHUNK = 16 << 20
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_MAX_REDIRECTS = 5
+USER_AGENT = "imagefs/0.1"
+
+CredentialLookup = Callable[[str], credentials.Credentials | None]
+
+
+@dataclass
+class _AuthState:
+    scheme: str | None = None  # "basic" | "bearer" once a 401 told us
+    last_challenge: challenge.Challenge | None = None
+    tokens: dict[tuple[str, ...], challenge.Token] = field(default_factory=dict)
+
+
+@dataclass
+class _Endpoint:
+    """One base URL we can send requests to, with its own pool and auth state."""
+
+    host: str  # for credentials and messages: "127.0.0.1:5000", "docker.io"
+    netloc: str  # what goes in URLs: "registry-1.docker.io"
+    base_url: str | None  # "https://registry-1.docker.io"; None until the scheme is probed
+    client: httpx.AsyncClient
+    auth: _AuthState = field(default_factory=_AuthState)
+    mirror: bool = False
+
+
+@dataclass(frozen=True)
+class ManifestResponse:
+    raw: bytes
+    media_type: str | None
+    digest: Digest
+
+
+class RegistryClient:
+    """Talks to one registry. Use as `async with RegistryClient(...) as client:`."""
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        endpoint_host: str | None = None,
+        options: TransportOptions | None = None,
+        credential_lookup: CredentialLookup | None = None,
+    ) -> None:
+        self.registry = registry
+        self.options = options or TransportOptions()
+        self._lookup = credential_lookup or credentials.lookup
+        self._creds_cache: dict[str, credentials.Credentials | None] = {}
+        netloc = endpoint_host or registry
+        self._upstream = _Endpoint(
+            host=registry,
+            netloc=netloc,
+            base_url=None,
+            client=self._make_client(registry),
+        )
+        self._mirrors = [
+            _Endpoint(
+                host=urlsplit(m).netloc,
+                netloc=urlsplit(m).netloc,
+                base_url=m if "://" in m else None,
+                client=self._make_client(urlsplit(m).netloc or m),
+                mirror=True,
+            )
+            for m in mirrors_for(registry, self.options)
+        ]
+        self._scheme_lock = trio.Lock()
+        self.requests_sent = 0
+
+    def _make_client(self, host: str) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(
+            self.options.read_timeout, connect=self.options.connect_timeout, pool=None
+        )
+        return httpx.AsyncClient(
+            verify=ssl_context(host, self.options),
+            timeout=timeout,
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY as every other tool honours them
+        )
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for ep in [self._upstream, *self._mirrors]:
+            await ep.client.aclose()
+
+    # -- credentials ------------------------------------------------------------------------
+
+    def _credentials(self, host: str) -> credentials.Credentials | None:
+        if host not in self._creds_cache:
+            self._creds_cache[host] = self._lookup(host)
+        return self._creds_cache[host]
+
+    # -- scheme -----------------------------------------------------------------------------
+
+    async def _base_url(self, ep: _Endpoint) -> str:
+        if ep.base_url is not None:
+            return ep.base_url
+        async with self._scheme_lock:
+            if ep.base_url is None:
+                ep.base_url = await self._probe_scheme(ep)
+        return ep.base_url
+
+    async def _probe_scheme(self, ep: _Endpoint) -> str:
+        """HTTPS unless the registry may be plain HTTP and does not speak TLS."""
+        https = f"https://{ep.netloc}"
+        if not plain_http_allowed(ep.host, self.options):
+            return https
+        try:
+            resp = await ep.client.get(f"{https}/v2/", timeout=self.options.connect_timeout)
+            await resp.aclose()
+            return https
+        except httpx.ConnectError as exc:
+            if _is_certificate_error(exc):
+                raise RegistryUnreachable(
+                    f"{ep.host}: TLS certificate not trusted ({_root_cause(exc)}); put its CA "
+                    f"in certs.d/{ep.host}/ca.crt or name it with --insecure-registry",
+                    host=ep.host,
+                ) from None
+            if _is_refused(exc) and not _is_tls_mismatch(exc):
+                raise RegistryUnreachable(
+                    f"{ep.host}: cannot connect ({_root_cause(exc)})", host=ep.host
+                ) from None
+            return f"http://{ep.netloc}"
+        except httpx.TransportError:
+            return f"http://{ep.netloc}"
+
+    # -- the request loop -------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        scopes: Sequence[str],
+        headers: Mapping[str, str] | None = None,
+        content: bytes | AsyncIterator[bytes] | None = None,
+        stream: bool = False,
+        endpoint: _Endpoint | None = None,
+        retry_body: bool = True,
+    ) -> httpx.Response:
+        """Send with auth, retries and redirects. The caller closes streamed responses.
+
+        Returns any final response, error statuses included: the caller decides what an
+        error means (a 404 on HEAD is an answer, not a failure).
+        """
+        ep = endpoint or self._upstream
+        base = await self._base_url(ep)
+        url = path_or_url if "://" in path_or_url else base + path_or_url
+        policy = self.options.retry
+        auth_retried = False
+        attempt = 0
+        while True:
+            req_headers = dict(headers or {})
+            auth = await self._auth_header(ep, scopes)
+            if auth:
+                req_headers["Authorization"] = auth
+            try:
+                resp = await self._send_following_redirects(
+                    ep, method, url, req_headers, content, stream
+                )
+            except httpx.TransportError as exc:
+                attempt += 1
+                if attempt >= policy.attempts or not retry_body:
+                    raise RegistryUnreachable(
+                        f"{ep.host}: {method} {urlsplit(url).path}: {_root_cause(exc)}"
+                        f" (after {attempt} attempt{'s' if attempt > 1 else ''})",
+                        host=ep.host,
+                    ) from None
+                await trio.sleep(_jitter(policy.delay(attempt - 1)))
+                continue
+            self.requests_sent += 1
+            if resp.status_code == 401 and not auth_retried:
+                www = resp.headers.get("WWW-Authenticate", "")
+                await resp.aclose()
+                if await self._learn_auth(ep, www, scopes):
+                    auth_retried = True
+                    continue
+                raise self._unauthorized(ep, resp, scopes)
+            if resp.status_code in _RETRY_STATUSES and retry_body:
+                attempt += 1
+                if attempt < policy.attempts:
+                    delay = _retry_after(resp) or policy.delay(attempt - 1)
+                    await resp.aclose()
+                    log.info("%s: HTTP %d, retrying in %.2fs", ep.host, resp.status_code, delay)
+                    await trio.sleep(min(delay, policy.max_delay))
+                    continue
+            return resp
+
+    async def _send_following_redirects(
+        self,
+        ep: _Endpoint,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterator[bytes] | None,
+        stream: bool,
+    ) -> httpx.Response:
+        origin = urlsplit(url).netloc
+        for _ in range(_MAX_REDIRECTS + 1):
+            request = ep.client.build_request(method, url, headers=headers, content=content)
+            resp = await ep.client.send(request, stream=True)
+            if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                await resp.aclose()
+                url = urljoin(url, resp.headers["Location"])
+                if urlsplit(url).netloc != origin:
+                    # Object storage behind a redirect must never see our registry token.
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                if resp.status_code == 303:
+                    method, content = "GET", None
+                continue
+            if not stream:
+                await resp.aread()
+            return resp
+        raise RegistryError(f"{ep.host}: too many redirects for {method} {url}", host=ep.host)
+
+    # -- auth -------------------------------------------------------------------------------
+
+    async def _auth_header(self, ep: _Endpoint, scopes: Sequence[str]) -> str | None:
+        state = ep.auth
+        if state.scheme == "basic":
+            creds = self._credentials(ep.host)
+            return _basic(creds) if creds else None
+        if state.scheme == "bearer":
+            token = state.tokens.get(tuple(sorted(scopes)))
+            if token is None or token.expires_at <= time.time() + 5:
+                token = await self._fetch_token(ep, scopes)
+            return f"Bearer {token.value}"
+        return None
+
+    async def _learn_auth(self, ep: _Endpoint, www: str, scopes: Sequence[str]) -> bool:
+        """A 401 told us how to authenticate; True when retrying may help."""
+        for ch in challenge.parse_challenges(www):
+            if ch.scheme == "bearer" and "realm" in ch.params:
+                ep.auth.scheme, ep.auth.last_challenge = "bearer", ch
+                ep.auth.tokens.pop(tuple(sorted(scopes)), None)
+                return True
+            if ch.scheme == "basic":
+                ep.auth.scheme, ep.auth.last_challenge = "basic", ch
+                return self._credentials(ep.host) is not None
+        return False
+
+    async def _fetch_token(self, ep: _Endpoint, scopes: Sequence[str]) -> challenge.Token:
+        ch = ep.auth.last_challenge
+        assert ch is not None
+        realm = ch.params["realm"]
+        params = challenge.token_request_params(ch, scopes)
+        creds = self._credentials(ep.host)
+        headers: dict[str, str] = {}
+        try:
+            if creds is not None and creds.identity_token:
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.password,
+                    "client_id": "imagefs",
+                    "service": ch.params.get("service", ""),
+                    "scope": " ".join(s for k, s in params if k == "scope"),
+                }
+                resp = await ep.client.post(realm, data=form)
+            else:
+                if creds is not None:
+                    headers["Authorization"] = _basic(creds)
+                resp = await ep.client.get(f"{realm}?{urlencode(params)}", headers=headers)
+        except httpx.TransportError as exc:
+            raise RegistryUnreachable(
+                f"{ep.host}: token server {urlsplit(realm).netloc}: {_root_cause(exc)}",
+                host=ep.host,
+            ) from None
+        if resp.status_code in (401, 403):
+            who = f"as {creds.username}" if creds else "anonymously"
+            raise Unauthorized(
+                f"{ep.host}: token server refused {who} for {' '.join(scopes)} "
+                f"(HTTP {resp.status_code}); check `imagefs login {ep.host}`",
+                host=ep.host,
+                status=resp.status_code,
+            )
+        if resp.status_code != 200:
+            raise RegistryError(
+                f"{ep.host}: token server answered HTTP {resp.status_code}",
+                host=ep.host,
+                status=resp.status_code,
+            )
+        token = challenge.parse_token_response(resp.content, time.time())
+        ep.auth.tokens[tuple(sorted(scopes))] = token
+        return token
+
+    def _unauthorized(
+        self, ep: _Endpoint, resp: httpx.Response, scopes: Sequence[str]
+    ) -> Unauthorized:
+        code, message = _error_body(resp)
+        detail = f" ({code}: {message})" if code else ""
+        has_creds = self._credentials(ep.host) is not None
+        hint = (
+            "the stored credentials were refused" if has_creds else f"run `imagefs login {ep.host}`"
+        )
+        what = " ".join(scopes) or "login"
+        return Unauthorized(
+            f"{ep.host}: unauthorized for {what}{detail}; {hint}",
+            host=ep.host,
+            status=resp.status_code,
+            code=code,
+        )
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _error(self, resp: httpx.Response, what: str, ep: _Endpoint | None = None) -> RegistryError:
+        host = (ep or self._upstream).host
+        code, message = _error_body(resp)
+        detail = f": {code}: {message}" if code else ""
+        text = f"{host}: {what}: HTTP {resp.status_code}{detail}"
+        if resp.status_code in (401, 403):
+            return Unauthorized(text, host=host, status=resp.status_code, code=code)
+        if resp.status_code == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
+            return ManifestUnknown(text, host=host, status=resp.status_code, code=code)
+        return RegistryError(text, host=host, status=resp.status_code, code=code)
+
+    # -- reads, mirror first ----------------------------------------------------------------
+
+    async def _read(
+        self,
+        method: str,
+        path: str,
+        *,
+        scopes: Sequence[str],
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        accept: Callable[[httpx.Response], bool] = lambda r: r.is_success,
+    ) -> tuple[httpx.Response, _Endpoint]:
+        """GET/HEAD from the first mirror that answers well, else from the registry."""
+        for mirror in self._mirrors:
+            try:
+                resp = await self._request(
+                    method, path, scopes=scopes, headers=headers, stream=stream, endpoint=mirror
+                )
+            except RegistryError as exc:
+                log.info("mirror %s failed (%s); trying the next source", mirror.host, exc)
+                continue
+            if accept(resp):
+                return resp, mirror
+            log.info("mirror %s: HTTP %d; trying the next source", mirror.host, resp.status_code)
+            await resp.aclose()
+        resp = await self._request(method, path, scopes=scopes, headers=headers, stream=stream)
+        return resp, self._upstream
+
+    async def check_login(self) -> None:
+        """GET /v2/ with our credentials; raises Unauthorized when they are refused."""
+        resp = await self._request("GET", "/v2/", scopes=[])
+        if resp.status_code != 200:
+            raise self._error(resp, "GET /v2/")
+
+    # -- manifests --------------------------------------------------------------------------
+
+    async def get_manifest(
+        self, repository: str, reference: str, *, expected_size: int | None = None
+    ) -> ManifestResponse:
+        """GET a manifest by tag or digest; the body is checked before it is returned."""
+        path = f"/v2/{repository}/manifests/{reference}"
+        scopes = [challenge.scope_for(repository, ["pull"])]
+        resp, ep = await self._read(
+            "GET", path, scopes=scopes, headers={"Accept": mediatypes.MANIFEST_ACCEPT}, stream=True
+        )
+        try:
+            if not resp.is_success:
+                await resp.aread()
+                if resp.status_code == 404:
+                    raise ManifestUnknown(
+                        f"{ep.host}: manifest for {repository}:{reference} not found"
+                        + _detail(resp),
+                        host=ep.host,
+                        status=404,
+                        code=_error_body(resp)[0],
+                    )
+                raise self._error(resp, f"GET manifest {repository}:{reference}", ep)
+            raw = await _read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {reference}")
+        finally:
+            await resp.aclose()
+        if reference.startswith(("sha256:", "sha512:")):
+            digest = Digest.parse(reference)
+            digest.verify(raw, expected_size)
+        else:
+            digest = Digest.of(raw)
+            if expected_size is not None and len(raw) != expected_size:
+                raise IntegrityError(f"manifest {reference}: size {len(raw)} != {expected_size}")
+            header = resp.headers.get("Docker-Content-Digest")
+            if header and header.startswith("sha256:") and header != str(digest):
+                raise IntegrityError(
+                    f"{ep.host}: manifest {repository}:{reference} has digest {digest} but the "
+                    f"registry says {header}; nothing was stored"
+                )
+        content_type = resp.headers.get("Content-Type")
+        return ManifestResponse(raw=raw, media_type=content_type, digest=digest)
+
+    async def head_manifest(self, repository: str, reference: str) -> Digest | None:
+        path = f"/v2/{repository}/manifests/{reference}"
+        scopes = [challenge.scope_for(repository, ["pull"])]
+        resp = await self._request(
+            "HEAD", path, scopes=scopes, headers={"Accept": mediatypes.MANIFEST_ACCEPT}
+        )
+        if resp.status_code == 404:
+            return None
+        if not resp.is_success:
+            raise self._error(resp, f"HEAD manifest {repository}:{reference}")
+        header = resp.headers.get("Docker-Content-Digest")
+        return Digest.parse(header) if header else None
+
+    async def put_manifest(
+        self, repository: str, reference: str, raw: bytes, media_type: str
+    ) -> Digest:
+        path = f"/v2/{repository}/manifests/{reference}"
+        scopes = [challenge.scope_for(repository, ["pull", "push"])]
+        resp = await self._request(
+            "PUT", path, scopes=scopes, headers={"Content-Type": media_type}, content=raw
+        )
+        if resp.status_code != 201:
+            raise self._error(resp, f"PUT manifest {repository}:{reference}")
+        digest = Digest.of(raw)
+        header = resp.headers.get("Docker-Content-Digest")
+        if header and header != str(digest):
+            raise IntegrityError(f"registry stored manifest as {header}, we sent {digest}")
+        return digest
+
+    # -- blobs: reads -----------------------------------------------------------------------
+
+    async def blob_size(self, repository: str, digest: Digest) -> int | None:
+        """HEAD a blob: its size, or None when the repository does not have it."""
+        path = f"/v2/{repository}/blobs/{digest}"
+        scopes = [challenge.scope_for(repository, ["pull"])]
+        resp = await self._request("HEAD", path, scopes=scopes)
+        if resp.status_code == 404:
+            return None
+        if not resp.is_success:
+            raise self._error(resp, f"HEAD blob {digest.short}")
+        length = resp.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else -1
+
+    async def get_blob(
+        self, repository: str, digest: Digest, size: int, *, max_bytes: int = MAX_MANIFEST_BYTES
+    ) -> bytes:
+        """A small blob (a config) in memory, verified."""
+        if size > max_bytes:
+            raise IntegrityError(f"blob {digest} declares {size} bytes, over the {max_bytes} cap")
+        chunks = []
+        async for chunk in self.stream_blob(repository, digest, size):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        digest.verify(data, size)
+        return data
+
+    async def stream_blob(
+        self,
+        repository: str,
+        digest: Digest,
+        size: int,
+        *,
+        offset: int = 0,
+        on_restart: Callable[[int], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Yield the blob's bytes from `offset`, resuming with Range after a broken connection.
+
+        The caller hashes what it receives (digest checking happens where the bytes land).
+        If the registry ignores Range, `on_restart(0)` is awaited and the stream starts over
+        from byte 0 — the caller must then discard what it has.
+        """
+        path = f"/v2/{repository}/blobs/{digest}"
+        scopes = [challenge.scope_for(repository, ["pull"])]
+        policy = self.options.retry
+        failures = 0
+        pos = offset
+        while pos < size or (size == 0 and pos == 0):
+            headers = {"Range": f"bytes={pos}-"} if pos else {}
+            resp, ep = await self._read("GET", path, scopes=scopes, headers=headers, stream=True)
+            try:
+                if not resp.is_success:
+                    await resp.aread()
+                    raise self._error(resp, f"GET blob {digest}", ep)
+                if pos and resp.status_code == 200:
+                    pos = 0  # Range ignored: we get the whole blob again
+                    if on_restart is not None:
+                        await on_restart(0)
+                elif resp.status_code == 206:
+                    start = _content_range_start(resp)
+                    if start != pos:
+                        raise IntegrityError(
+                            f"{ep.host}: asked for blob {digest.short} from byte {pos}, "
+                            f"got a range starting at {start}"
+                        )
+                async for chunk in resp.aiter_raw(1 << 20):
+                    if pos + len(chunk) > size:
+                        raise IntegrityError(
+                            f"{ep.host}: blob {digest} is longer than the declared {size} bytes"
+                        )
+                    pos += len(chunk)
+                    yield chunk
+                if size == 0:
+                    return
+                if pos < size:
+                    raise httpx.RemoteProtocolError("body ended early")
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                failures += 1
+                if failures >= policy.attempts:
+                    raise RegistryUnreachable(
+                        f"{ep.host}: blob {digest.short} broke off at byte {pos} of {size}: "
+                        f"{_root_cause(exc)} (after {failures} attempts)",
+                        host=ep.host,
+                    ) from None
+                log.info("blob %s: %s at %d; resuming", digest.short, exc, pos)
+                await trio.sleep(_jitter(policy.delay(failures - 1)))
+            finally:
+                await resp.aclose()
+
+    async def get_blob_range(self, repository: str, digest: Digest, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a blob. The caller verifies them against its own digests."""
+        if end <= start:
+            return b""
+        path = f"/v2/{repository}/blobs/{digest}"
+        scopes = [challenge.scope_for(repository, ["pull"])]
+        resp, ep = await self._read(
+            "GET", path, scopes=scopes, headers={"Range": f"bytes={start}-{end - 1}"}
+        )
+        if resp.status_code == 206:
+            got = _content_range_start(resp)
+            if got != start:
+                raise IntegrityError(f"{ep.host}: range for {start} started at {got}")
+            return resp.content[: end - start]
+        if resp.status_code == 200:  # registry ignored Range: cut our piece from the whole
+            return resp.content[start:end]
+        raise self._error(resp, f"GET blob {digest.short} range {start}-{end - 1}", ep)
+
+    # -- blobs: writes ----------------------------------------------------------------------
+
+    async def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> bool:
+        """Cross-repository mount; True when the registry linked the blob without an upload."""
+        scopes = [
+            challenge.scope_for(repository, ["pull", "push"]),
+            challenge.scope_for(from_repository, ["pull"]),
+        ]
+        query = urlencode({"mount": str(digest), "from": from_repository})
+        resp = await self._request(
+            "POST", f"/v2/{repository}/blobs/uploads/?{query}", scopes=scopes
+        )
+        if resp.status_code == 201:
+            return True
+        if resp.status_code == 202:  # registry opened a normal upload instead; cancel it
+            location = resp.headers.get("Location")
+            if location:
+                url = urljoin(await self._base_url(self._upstream) + "/", location)
+                cancel = await self._request("DELETE", url, scopes=scopes[:1], retry_body=False)
+                await cancel.aclose()
+            return False
+        if resp.status_code in (401, 403, 404):
+            return False
+        raise self._error(resp, f"mount blob {digest.short} from {from_repository}")
+
+    async def upload_blob(
+        self,
+        repository: str,
+        digest: Digest,
+        size: int,
+        open_source: Callable[[], AsyncIterator[bytes]],
+    ) -> None:
+        """Upload a blob: monolithic PUT when small, chunked PATCHes when large.
+
+        `open_source()` yields the blob's bytes from the start; it is called again when an
+        upload has to start over after a failure.
+        """
+        scopes = [challenge.scope_for(repository, ["pull", "push"])]
+        policy = self.options.retry
+        for attempt in range(policy.attempts):
+            try:
+                await self._upload_once(repository, digest, size, open_source, scopes)
+                return
+            except RegistryUnreachable:
+                if attempt + 1 >= policy.attempts:
+                    raise
+                await trio.sleep(_jitter(policy.delay(attempt)))
+
+    async def _upload_once(
+        self,
+        repository: str,
+        digest: Digest,
+        size: int,
+        open_source: Callable[[], AsyncIterator[bytes]],
+        scopes: Sequence[str],
+    ) -> None:
+        base = await self._base_url(self._upstream)
+        resp = await self._request("POST", f"/v2/{repository}/blobs/uploads/", scopes=scopes)
+        if resp.status_code != 202 or "Location" not in resp.headers:
+            raise self._error(resp, f"start upload of {digest.short}")
+        location = urljoin(base + "/", resp.headers["Location"])
+        if size <= MONOLITHIC_UPLOAD_MAX:
+            body = b"".join([c async for c in open_source()])
+            if len(body) != size:
+                raise IntegrityError(f"blob {digest.short}: source gave {len(body)} of {size}")
+            resp = await self._request(
+                "PUT",
+                _with_query(location, {"digest": str(digest)}),
+                scopes=scopes,
+                headers={"Content-Type": "application/octet-stream"},
+                content=body,
+                retry_body=False,
+            )
+        else:
+            sent = 0
+            buf = bytearray()
+
+            async def flush(data: bytes) -> str:
+                nonlocal sent
+                r = await self._request(
+                    "PATCH",
+                    location,
+                    scopes=scopes,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{sent}-{sent + len(data) - 1}",
+                    },
+                    content=data,
+                    retry_body=False,
+                )
+                if r.status_code != 202 or "Location" not in r.headers:
+                    raise self._error(r, f"upload chunk of {digest.short} at {sent}")
+                sent += len(data)
+                return urljoin(base + "/", r.headers["Location"])
+
+            async for chunk in open_source():
+                buf += chunk
+                while len(buf) >= UPLOAD_CHUNK:
+                    location = await flush(bytes(buf[:UPLOAD_CHUNK]))
+                    del buf[:UPLOAD_CHUNK]
+            if buf:
+                location = await flush(bytes(buf))
+            if sent != size:
+                raise IntegrityError(f"blob {digest.short}: source gave {sent} of {size} bytes")
+            resp = await self._request(
+                "PUT",
+                _with_query(location, {"digest": str(digest)}),
+                scopes=scopes,
+                retry_body=False,
+            )
+        if resp.status_code != 201:
+            raise self._error(resp, f"finish upload of {digest.short}")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _basic(creds: credentials.Credentials) -> str:
+    raw = f"{creds.username}:{creds.password}".encode()
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+def _with_query(url: str, params: Mapping[str, str]) -> str:
+    return url + ("&" if "?" in url else "?") + urlencode(params)
+
+
+async def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
+    length = resp.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > cap:
+        raise IntegrityError(f"{what}: {length} bytes is over the {cap}-byte limit")
+    buf = bytearray()
+    async for chunk in resp.aiter_raw():
+        buf += chunk
+        if len(buf) > cap:
+            raise IntegrityError(f"{what}: over the {cap}-byte limit")
+    return bytes(buf)
+
+
+def _error_body(resp: httpx.Response) -> tuple[str | None, str | None]:
+    """The distribution spec's `{"errors": [{"code", "message"}]}`, if that is what came."""
+    try:
+        obj: Any = resp.json()
+        err = obj["errors"][0]
+        return str(err.get("code")), str(err.get("message", ""))
+    except Exception:
+        return None, None
+
+
+def _detail(resp: httpx.Response) -> str:
+    code, message = _error_body(resp)
+    return f" ({code}: {message})" if code else ""
+
+
+def _content_range_start(resp: httpx.Response) -> int:
+    value = resp.headers.get("Content-Range", "")
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        raise IntegrityError(f"bad Content-Range header {value!r}") from None
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _jitter(delay: float) -> float:
+    return delay * (0.5 + random.random() / 2)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause, in one line: "[Errno 111] Connect call failed", not a wrapper."""
+    for _ in range(20):
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+            continue
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            break
+        exc = nxt
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return text.splitlines()[0][:200]
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out = [exc]
+    while len(out) < 20:
+        cur = out[-1]
+        if isinstance(cur, BaseExceptionGroup) and cur.exceptions:
+            out.append(cur.exceptions[0])
+        elif (nxt := cur.__cause__ or cur.__context__) is not None:
+            out.append(nxt)
+        else:
+            break
+    return out
+
+
+def _is_certificate_error(exc: BaseException) -> bool:
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(exc)) or (
+        "CERTIFICATE_VERIFY_FAILED" in str(exc)
+    )
+
+
+def _is_tls_mismatch(exc: BaseException) -> bool:
+    text = " ".join(str(e) for e in _chain(exc))
+    return any(s in text for s in ("WRONG_VERSION_NUMBER", "wrong version number", "record layer"))
+
+
+def _is_refused(exc: BaseException) -> bool:
+    return any(isinstance(e, (ConnectionRefusedError, OSError)) for e in _chain(exc)) and not (
+        _is_tls_mismatch(exc)
+    )
+
+
+__all__ = ["ManifestResponse", "NotFound", "RegistryClient"]

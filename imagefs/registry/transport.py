@@ -1,0 +1,102 @@
+"""Transport policy: which scheme, which certificates, which mirrors, how often to retry.
+
+Docker's rules: plain HTTP only for loopback registries (`localhost`, `127.0.0.0/8`, `::1`) and
+registries named with `--insecure-registry`; everything else is TLS, verified against the
+system roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`) plus a per-registry CA in
+`certs.d/HOST[:PORT]/*.crt` (client certificates as `*.cert` + `*.key`), looked up under the
+imagefs config directory and under `/etc/docker/certs.d`. A loopback registry that speaks TLS is
+still verified: "insecure" only ever allows plain HTTP, except for registries named explicitly
+with `--insecure-registry`, where TLS certificates are not checked (docker's behaviour).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import certifi
+
+DOCKER_CERTS_D = Path("/etc/docker/certs.d")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff; `Retry-After` is honoured up to `max_delay`."""
+
+    attempts: int = 5
+    base_delay: float = 0.25
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_delay, self.base_delay * (2**attempt)))
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    insecure_registries: frozenset[str] = frozenset()
+    # registry -> mirror base URLs tried before it, for reads only ("docker.io" for Hub mirrors)
+    mirrors: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    config_dir: Path | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+def is_loopback(host: str) -> bool:
+    """`host` is a registry name: `localhost:5000`, `127.0.0.1`, `[::1]:5000`."""
+    name = host
+    if name.startswith("["):
+        name = name[1 : name.find("]")]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _named_insecure(host: str, insecure: frozenset[str]) -> bool:
+    if host in insecure:
+        return True
+    bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return bare in insecure
+
+
+def plain_http_allowed(host: str, options: TransportOptions) -> bool:
+    return is_loopback(host) or _named_insecure(host, options.insecure_registries)
+
+
+def certs_dirs(host: str, options: TransportOptions) -> list[Path]:
+    roots = [options.config_dir / "certs.d"] if options.config_dir else []
+    roots.append(DOCKER_CERTS_D)
+    return [r / host for r in roots if (r / host).is_dir()]
+
+
+def ssl_context(host: str, options: TransportOptions) -> ssl.SSLContext:
+    """The TLS context for one registry (see module docstring for the rules)."""
+    cafile = os.environ.get("SSL_CERT_FILE") or certifi.where()
+    ctx = ssl.create_default_context(cafile=cafile)
+    capath = os.environ.get("SSL_CERT_DIR")
+    if capath and os.path.isdir(capath):
+        ctx.load_verify_locations(capath=capath)
+    for d in certs_dirs(host, options):
+        for crt in sorted(d.glob("*.crt")):
+            ctx.load_verify_locations(cafile=str(crt))
+        for cert in sorted(d.glob("*.cert")):
+            key = cert.with_suffix(".key")
+            if key.exists():
+                ctx.load_cert_chain(str(cert), str(key))
+    if _named_insecure(host, options.insecure_registries):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def mirrors_for(registry: str, options: TransportOptions) -> list[str]:
+    return [m.rstrip("/") for m in options.mirrors.get(registry, ())]
