@@ -140,9 +140,10 @@ class RegistryClient:
 
     # -- credentials ------------------------------------------------------------------------
 
-    def _credentials(self, host: str) -> credentials.Credentials | None:
+    async def _credentials(self, host: str) -> credentials.Credentials | None:
+        """Looked up once per client, in a thread: a credential helper may take its time."""
         if host not in self._creds_cache:
-            self._creds_cache[host] = self._lookup(host)
+            self._creds_cache[host] = await trio.to_thread.run_sync(self._lookup, host)
         return self._creds_cache[host]
 
     # -- scheme -----------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class RegistryClient:
                 if await self._learn_auth(ep, www, scopes):
                     auth_retried = True
                     continue
-                raise self._unauthorized(ep, resp, scopes)
+                raise await self._unauthorized(ep, resp, scopes)
             if resp.status_code in _RETRY_STATUSES and retry_body:
                 attempt += 1
                 if attempt < policy.attempts:
@@ -273,7 +274,7 @@ class RegistryClient:
     async def _auth_header(self, ep: _Endpoint, scopes: Sequence[str]) -> str | None:
         state = ep.auth
         if state.scheme == "basic":
-            creds = self._credentials(ep.host)
+            creds = await self._credentials(ep.host)
             return _basic(creds) if creds else None
         if state.scheme == "bearer":
             token = state.tokens.get(tuple(sorted(scopes)))
@@ -291,7 +292,7 @@ class RegistryClient:
                 return True
             if ch.scheme == "basic":
                 ep.auth.scheme, ep.auth.last_challenge = "basic", ch
-                return self._credentials(ep.host) is not None
+                return await self._credentials(ep.host) is not None
         return False
 
     async def _fetch_token(self, ep: _Endpoint, scopes: Sequence[str]) -> challenge.Token:
@@ -299,7 +300,7 @@ class RegistryClient:
         assert ch is not None
         realm = ch.params["realm"]
         params = challenge.token_request_params(ch, scopes)
-        creds = self._credentials(ep.host)
+        creds = await self._credentials(ep.host)
         headers: dict[str, str] = {}
         try:
             if creds is not None and creds.identity_token:
@@ -338,12 +339,12 @@ class RegistryClient:
         ep.auth.tokens[tuple(sorted(scopes))] = token
         return token
 
-    def _unauthorized(
+    async def _unauthorized(
         self, ep: _Endpoint, resp: httpx.Response, scopes: Sequence[str]
     ) -> Unauthorized:
         code, message = _error_body(resp)
         detail = f" ({code}: {message})" if code else ""
-        has_creds = self._credentials(ep.host) is not None
+        has_creds = await self._credentials(ep.host) is not None
         hint = (
             "the stored credentials were refused" if has_creds else f"run `imagefs login {ep.host}`"
         )
