@@ -12,7 +12,7 @@ import datetime as dt
 import getpass
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from imagefs.errors import (
     InvalidReference,
     NotFound,
     Unauthorized,
+    unwrap_groups,
 )
 from imagefs.image import Layer, RegistrySource, ResolvedImage, load_resolved
 from imagefs.oci.digest import Digest
@@ -265,9 +266,10 @@ async def _fetch_layers(
             if await fetch_blob(session, client, repository, layer.descriptor, cb):
                 count += 1
 
-    async with trio.open_nursery() as nursery:
-        for layer in image.layers:
-            nursery.start_soon(one, layer)
+    with unwrap_groups():
+        async with trio.open_nursery() as nursery:
+            for layer in image.layers:
+                nursery.start_soon(one, layer)
     return count
 
 
@@ -377,6 +379,15 @@ def _filter_matches(record: ImageRecord, pattern: str) -> bool:
     )
 
 
+def thaw(value: Any) -> Any:
+    """Plain JSON types from the frozen forms the config parser hands out."""
+    if isinstance(value, Mapping):
+        return {str(k): thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
+
+
 def inspect_json(store: Store, record: ImageRecord) -> dict[str, Any]:
     """docker inspect's keys, plus an `ImageFS` object with what docker cannot know."""
     s = _summarise(store, record)
@@ -394,7 +405,7 @@ def inspect_json(store: Store, record: ImageRecord) -> dict[str, Any]:
             if r.repo_digest is not None and r.manifest.digest == record.manifest.digest
         }
     )
-    c = cfg.config
+    c = thaw(cfg.config)
     return {
         "Id": str(image.id),
         "RepoTags": repo_tags,
@@ -620,15 +631,16 @@ async def push(
         if progress:
             progress(desc.digest, "Pushed")
 
-    async with trio.open_nursery() as nursery:
-        limit = trio.CapacityLimiter(3)
+    limit = trio.CapacityLimiter(3)
 
-        async def limited(desc: Descriptor) -> None:
-            async with limit:
-                await one(desc)
+    async def limited(desc: Descriptor) -> None:
+        async with limit:
+            await one(desc)
 
-        for desc in blobs:
-            nursery.start_soon(limited, desc)
+    with unwrap_groups():
+        async with trio.open_nursery() as nursery:
+            for desc in blobs:
+                nursery.start_soon(limited, desc)
     tag_or_digest = ref.tag or str(image.manifest_digest)
     digest = await client.put_manifest(
         ref.repository, tag_or_digest, image.manifest.raw, image.manifest.media_type
@@ -686,7 +698,15 @@ async def login(session: Session, registry: str, username: str, password: str) -
         credential_lookup=lambda _h: creds,
     )
     async with probe:
-        await probe.check_login()
+        try:
+            await probe.check_login()
+        except Unauthorized as exc:
+            raise Unauthorized(
+                f"{host}: login failed: username or password refused (unauthorized, "
+                f"HTTP {exc.status or 401})",
+                host=host,
+                status=exc.status,
+            ) from None
     await trio.to_thread.run_sync(credentials.store, host, creds)
 
 

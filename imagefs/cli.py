@@ -26,7 +26,7 @@ from imagefs.config import (
     load_file_config,
     parse_mirror_flag,
 )
-from imagefs.errors import ImageFSError, UsageError
+from imagefs.errors import ImageFSError, UsageError, unwrap_groups
 from imagefs.oci.platform import Platform
 from imagefs.registry.transport import TransportOptions
 
@@ -39,45 +39,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """Global options, accepted before or after the command name.
+
+    On the subcommands they default to SUPPRESS so that an option given before the command
+    is not overwritten by the subcommand's default.
+    """
+
+    def d(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
     p.add_argument(
         "--root",
         type=Path,
-        help="store directory (default: $IMAGEFS_ROOT, "
-        "/var/lib/imagefs as root, else $XDG_DATA_HOME/imagefs)",
+        default=d(None),
+        help="store directory (default: $IMAGEFS_ROOT, /var/lib/imagefs as root, "
+        "else $XDG_DATA_HOME/imagefs)",
     )
     p.add_argument(
         "--config",
         type=Path,
-        help="config directory (default: $IMAGEFS_CONFIG, "
-        "/etc/imagefs as root, else $XDG_CONFIG_HOME/imagefs)",
+        default=d(None),
+        help="config directory (default: $IMAGEFS_CONFIG, /etc/imagefs as root, "
+        "else $XDG_CONFIG_HOME/imagefs)",
     )
     p.add_argument(
         "--insecure-registry",
         action="append",
-        default=[],
+        default=d([]),
         metavar="HOST[:PORT]",
         help="allow plain HTTP and unverified TLS for this registry (repeatable)",
     )
     p.add_argument(
         "--registry-mirror",
         action="append",
-        default=[],
+        default=d([]),
         metavar="[REGISTRY=]URL",
         help="try this mirror first for reads (docker.io unless REGISTRY= is given)",
     )
-    p.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    p.add_argument(
+        "--debug", action="store_true", default=d(False), help="log details and show tracebacks"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Mount and manage OCI/Docker images, lazily.")
-    _common(parser)
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        _common(p)
+        _common(p, top=False)
         return p
 
     p = cmd("pull", "Fetch an image's manifest and config (and its layers with --full)")
@@ -408,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # httpx logs every request at INFO; keep them for --debug only.
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        return trio.run(_run, a)
+        with unwrap_groups():
+            return trio.run(_run, a)
     except ImageFSError as exc:
         if a.debug:
             traceback.print_exc()

@@ -7,7 +7,9 @@ turns it into an errno. Nothing else catches these, and nothing swallows them.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
+from collections.abc import Iterator
 
 
 class ImageFSError(Exception):
@@ -95,3 +97,26 @@ class ManifestUnknown(RegistryError, NotFound):
 
 class LayerFormatError(ImageFSError):
     """A layer's tar or compression stream is malformed (truncated, lies about sizes, ...)."""
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group; `exc` itself if it is not a group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextlib.contextmanager
+def unwrap_groups() -> Iterator[None]:
+    """Let a nursery's failure surface as the ImageFSError that caused it.
+
+    Trio wraps errors from nursery children in ExceptionGroups; callers of the library API
+    want the `ImageFSError` itself (the first one: the others are usually its consequences).
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = first_error(group)
+        if isinstance(leaf, ImageFSError):
+            raise leaf from group
+        raise

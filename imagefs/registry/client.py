@@ -225,10 +225,12 @@ class RegistryClient:
                 await trio.sleep(_jitter(policy.delay(attempt - 1)))
                 continue
             self.requests_sent += 1
-            if resp.status_code == 401 and not auth_retried:
+            if resp.status_code == 401:
                 www = resp.headers.get("WWW-Authenticate", "")
+                if not stream:
+                    await resp.aread()
                 await resp.aclose()
-                if await self._learn_auth(ep, www, scopes):
+                if not auth_retried and await self._learn_auth(ep, www, scopes):
                     auth_retried = True
                     continue
                 raise await self._unauthorized(ep, resp, scopes)
