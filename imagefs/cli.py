@@ -26,7 +26,7 @@ from imagefs.config import (
     load_file_config,
     parse_mirror_flag,
 )
-from imagefs.errors import ImageFSError, UsageError, unwrap_groups
+from imagefs.errors import ImageFSError, NotFound, UsageError, unwrap_groups
 from imagefs.oci.platform import Platform
 from imagefs.registry.transport import TransportOptions
 
@@ -136,6 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("logout", "Remove stored credentials for a registry")
     p.add_argument("registry", nargs="?", default="docker.io")
+
+    p = cmd("mount", "Mount an image read-only; layers are fetched when first read")
+    p.add_argument("reference")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
+    p.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr"
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="allow_other, suid, dev (default: nosuid,nodev; always ro)",
+    )
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    p = cmd("umount", "Unmount an imagefs mount (the daemon exits)")
+    p.add_argument("mountpoint", type=Path)
+
+    p = cmd("mounts", "List active imagefs mounts")
+    p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = cmd("prune", "Remove blobs that no image references")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -376,6 +399,81 @@ async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
     return 0
 
 
+async def _ensure_local(s: api.Session, a: argparse.Namespace) -> None:
+    """`imagefs mount alpine DIR` works alone: pull the metadata when the image is not local."""
+    try:
+        await s.disk(api.find_record, s.store, a.reference)
+    except NotFound:
+        platform = Platform.parse(a.platform) if a.platform else None
+        await api.pull(s, a.reference, platform=platform)
+
+
+def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[str]:
+    argv = ["--root", str(root)]
+    if a.config:
+        argv += ["--config", str(a.config)]
+    for host in a.insecure_registry:
+        argv += ["--insecure-registry", host]
+    for mirror in a.registry_mirror:
+        argv += ["--registry-mirror", mirror]
+    if a.debug:
+        argv.append("--debug")
+    argv += ["mount", "-f"]
+    for opt in a.options:
+        argv += ["-o", opt]
+    return [*argv, a.reference, str(mountpoint)]
+
+
+async def cmd_mount(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs.fs import lifecycle
+    from imagefs.fs.daemon import MountOptions, serve
+
+    mountpoint = a.mountpoint.absolute()
+    options = MountOptions.parse(a.options)
+    lifecycle.check_mountpoint(mountpoint, s.store)
+    await _ensure_local(s, a)
+    if a.foreground:
+        log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
+        if a.ready_fd is None:  # a daemon's stderr already is this log file
+            _log_to_file(log_path, a.debug)
+        else:
+            logging.getLogger("imagefs").setLevel(logging.DEBUG if a.debug else logging.INFO)
+        await serve(s, a.reference, mountpoint, options, a.ready_fd)
+        return 0
+    log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
+    argv = _daemon_argv(a, s.root.absolute(), mountpoint)
+    pid = await trio.to_thread.run_sync(lifecycle.spawn_daemon, argv, log_path, mountpoint)
+    print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
+    return 0
+
+
+def _log_to_file(path: Path, debug: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.getLogger("imagefs").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+async def cmd_umount(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs.fs import lifecycle
+
+    await trio.to_thread.run_sync(lifecycle.unmount, a.mountpoint, s.store)
+    return 0
+
+
+async def cmd_mounts(s: api.Session, a: argparse.Namespace) -> int:
+    found = await s.disk(s.store.active_mounts)
+    if a.format == "json":
+        print(json.dumps([vars(m) for m in found], indent=2))
+        return 0
+    rows = [["IMAGE", "DIGEST", "MOUNTPOINT", "PID"]]
+    rows += [[m.image, m.manifest_digest, m.mountpoint, str(m.pid)] for m in found]
+    print(table(rows))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "pull": cmd_pull,
     "push": cmd_push,
@@ -386,6 +484,9 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "login": cmd_login,
     "logout": cmd_logout,
     "prune": cmd_prune,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "mounts": cmd_mounts,
 }
 
 
@@ -427,6 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.debug:
             traceback.print_exc()
         print(f"{PROG}: {exc}", file=sys.stderr)
+        if getattr(a, "ready_fd", None) is not None:
+            from imagefs.fs.lifecycle import report_error
+
+            report_error(a.ready_fd, exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -89,8 +89,9 @@ def spawn_daemon(argv: Sequence[str], log_path: Path, mountpoint: Path) -> int:
             left = deadline - time.monotonic()
             if left <= 0:
                 proc.kill()
-                raise ImageFSError(f"mount did not come up within {STARTUP_TIMEOUT:.0f}s; "
-                                   f"see {log_path}")
+                raise ImageFSError(
+                    f"mount did not come up within {STARTUP_TIMEOUT:.0f}s; see {log_path}"
+                )
             ready, _, _ = select.select([r], [], [], left)
             if not ready:
                 continue
@@ -148,8 +149,10 @@ def unmount(mountpoint: Path, store: Store, *, wait: float = 10.0) -> MountRecor
     if proc.returncode != 0:
         err = proc.stderr.strip()
         if "busy" in err.lower():
-            raise ImageInUse(f"{mountpoint} is busy (a process has a file or directory open "
-                             "there); close it, or use `umount -l`")
+            raise ImageInUse(
+                f"{mountpoint} is busy (a process has a file or directory open "
+                "there); close it, or use `umount -l`"
+            )
         raise ImageFSError(f"unmounting {mountpoint}: {err or 'fusermount3 failed'}")
     if record is not None:
         deadline = time.monotonic() + wait

@@ -1,0 +1,139 @@
+"""Serving one mount in the foreground: wire store, registry, overlay and pyfuse3 together.
+
+`serve()` runs until the filesystem is unmounted (by `imagefs umount`, a plain
+`fusermount3 -u`, or SIGTERM/SIGINT, which unmount it) and cleans up after itself: the mount
+record and the lease on the image's blobs go away with the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from imagefs import api
+from imagefs.errors import ImageFSError, UsageError
+from imagefs.fs.lifecycle import MountRegistration, report_ready
+from imagefs.fs.operations import ImageOperations
+from imagefs.image import Layer, load_resolved
+from imagefs.lazy.layers import LayerSet
+from imagefs.oci.reference import Reference
+from imagefs.overlay import Overlay
+from imagefs.store import MountRecord
+
+log = logging.getLogger("imagefs.fs")
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    allow_other: bool = False
+    suid: bool = False
+    dev: bool = False
+
+    @classmethod
+    def parse(cls, values: list[str]) -> MountOptions:
+        """`-o` values, comma separated, as mount(8) takes them."""
+        allow_other = suid = dev = False
+        for value in values:
+            for opt in filter(None, (o.strip() for o in value.split(","))):
+                if opt == "allow_other":
+                    allow_other = True
+                elif opt in ("suid", "nosuid"):
+                    suid = opt == "suid"
+                elif opt in ("dev", "nodev"):
+                    dev = opt == "dev"
+                elif opt in ("ro", "default_permissions"):
+                    pass  # always so
+                elif opt == "rw":
+                    raise UsageError("imagefs mounts are read-only: -o rw is not possible")
+                else:
+                    raise UsageError(
+                        f"unknown mount option {opt!r} (known: allow_other, "
+                        "suid, nosuid, dev, nodev, ro)"
+                    )
+        return cls(allow_other, suid, dev)
+
+    def as_list(self) -> list[str]:
+        return [",".join(o for o in self.fuse_options() if o != "default_permissions")]
+
+    def fuse_options(self) -> set[str]:
+        opts = {"ro", "default_permissions", "fsname=imagefs", "subtype=imagefs"}
+        opts.add("suid" if self.suid else "nosuid")
+        opts.add("dev" if self.dev else "nodev")
+        if self.allow_other:
+            opts.add("allow_other")
+        return opts
+
+
+async def serve(
+    session: api.Session,
+    query: str,
+    mountpoint: Path,
+    options: MountOptions,
+    ready_fd: int | None = None,
+) -> None:
+    store = session.store
+    record = await session.disk(api.find_record, store, query)
+    image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)
+    layers = image.layers
+    source = Reference.parse(record.source) if record.source else None
+
+    async def fetch(layer: Layer) -> None:
+        if source is None:
+            raise ImageFSError(
+                f"layer {layer.digest.short} is not local and the image has no "
+                "known source registry"
+            )
+        await api.fetch_blob(session, session.client(source), source.repository, layer.descriptor)
+
+    layer_set = LayerSet(store, layers, fetch)
+    overlay = Overlay(len(layers))
+    total = sum(layer.size for layer in layers)
+    ops = ImageOperations(overlay, layer_set, total_size=total)
+    name = str(record.name or record.repo_digest or record.manifest.digest)
+    with store.lease() as lease:
+        lease.add(record.manifest.digest, image.id, *(layer.digest for layer in layers))
+        try:
+            pyfuse3.init(ops, str(mountpoint), options.fuse_options())
+        except RuntimeError as exc:
+            raise ImageFSError(f"cannot mount on {mountpoint}: {exc}") from None
+        registration = MountRegistration(
+            store,
+            MountRecord(
+                str(mountpoint), os.getpid(), name, str(record.manifest.digest), api.now_rfc3339()
+            ),
+        )
+        log.info("mounted %s (%s) at %s", name, record.manifest.digest, mountpoint)
+        # main() returns when the kernel ends the session (fusermount3 -u) — then there is
+        # nothing left to unmount — or when a signal made us call terminate().
+        signalled: list[int] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, signalled)
+                report_ready(ready_fd)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            layer_set.close()
+            registration.close()
+            try:
+                pyfuse3.close(unmount=bool(signalled))
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    log.warning("closing the FUSE session: %s", exc)
+            log.info("unmounted %s", mountpoint)
+
+
+async def _watch_signals(signalled: list[int]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            signalled.append(signum)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,252 @@
+"""The pyfuse3 adapter: kernel requests in, answers from the overlay and the layer set out.
+
+Thin on purpose. The merge logic is the pure `Overlay`; when it needs a layer it raises
+`NeedLayer`, and `_ask` fetches that layer (through `LayerSet.ensure`) and asks again. Errors
+are translated here, once: an `ImageFSError` becomes its errno (EIO for registry and format
+trouble) with a log line; anything unexpected is logged with its traceback and answered with
+EIO, so one bad entry or one failed fetch never takes the mount down.
+
+The image never changes, so entries and attributes are cached by the kernel for a long time,
+files are opened with `keep_cache`, negative lookups are cached too, and every operation that
+would write answers EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from imagefs.errors import ImageFSError
+from imagefs.lazy.layers import LayerSet
+from imagefs.overlay import Attrs, NeedLayer, Overlay
+
+log = logging.getLogger("imagefs.fs")
+
+T = TypeVar("T")
+
+# The image is immutable: let the kernel cache names and attributes for a day.
+CACHE_TIMEOUT = 86400.0
+
+
+class ImageOperations(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, overlay: Overlay, layers: LayerSet, *, total_size: int = 0) -> None:
+        super().__init__()
+        self.overlay = overlay
+        self.layers = layers
+        self.total_size = total_size
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_fh = 1
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a pure overlay method, loading layers it asks for, translating errors."""
+        for _ in range(self.overlay.layer_count + 2):
+            try:
+                return fn(*args)
+            except NeedLayer as need:
+                await self._load(need.index)
+            except ImageFSError as exc:
+                raise _fuse_error(exc) from None
+            except pyfuse3.FUSEError:
+                raise
+            except Exception:  # a bug must cost one request, not the mount
+                log.exception("%s%r failed", getattr(fn, "__name__", fn), args)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    async def _load(self, index: int) -> None:
+        try:
+            idx = await self.layers.ensure(index)
+        except ImageFSError as exc:  # registry or format trouble: EIO, and retry next time
+            log.error("layer %d: %s", index, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("layer %d: unexpected failure", index)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if not self.overlay.has_layer(index):
+            self.overlay.set_layer(index, idx.toc)
+
+    def _entry(self, a: Attrs) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = CACHE_TIMEOUT
+        e.attr_timeout = CACHE_TIMEOUT
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 4096
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    # -- names ------------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        ino = await self._ask(self.overlay.lookup, parent_inode, bytes(name))
+        if ino is None:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0  # a cached "no such entry"
+            negative.entry_timeout = CACHE_TIMEOUT
+            return negative
+        return self._entry(await self._ask(self.overlay.getattr, ino))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.overlay.forget(ino, nlookup)
+
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._ask(self.overlay.getattr, inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._ask(self.overlay.readlink, inode)
+
+    # -- directories ------------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        listing = await self._ask(self.overlay.readdir, inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = listing  # a snapshot: offsets stay valid for this handle
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._dirs.get(fh)
+        if listing is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for pos in range(start_id, len(listing)):
+            name, ino = listing[pos]
+            attrs = self._entry(await self._ask(self.overlay.getattr, ino))
+            if not pyfuse3.readdir_reply(token, name, attrs, pos + 1):
+                break
+            self.overlay.remember(ino)  # readdirplus counts as a lookup
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files ------------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        attrs = await self._ask(self.overlay.getattr, inode)
+        if not stat.S_ISREG(attrs.mode):
+            raise pyfuse3.FUSEError(errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        layer, entry = await self._ask(self.overlay.locate, fh)
+        toc = self.layers.index(layer).toc
+        file_size = toc.size(entry)
+        if off >= file_size:
+            return b""
+        n = min(size, file_size - off)
+        try:
+            return await self.layers.read(layer, toc.offset(entry) + off, n)
+        except ImageFSError as exc:
+            log.error("read %r at %d: %s", self.overlay.path(fh), off, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("read %r at %d", self.overlay.path(fh), off)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    # -- xattrs -----------------------------------------------------------------------------
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await self._ask(self.overlay.listxattr, inode)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = await self._ask(self.overlay.getxattr, inode, bytes(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    # -- the filesystem ---------------------------------------------------------------------
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 4096
+        s.f_frsize = 4096
+        s.f_blocks = (self.total_size + 4095) // 4096
+        s.f_bfree = 0
+        s.f_bavail = 0
+        s.f_files = sum(
+            len(self.layers.index(i).toc)
+            for i in range(len(self.layers.layers))
+            if self.layers.loaded(i)
+        )
+        s.f_ffree = 0
+        s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        await self._ask(self.overlay.getattr, inode)
+        return True
+
+    # -- everything that writes: read-only filesystem ----------------------------------------
+
+    async def setattr(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, *args: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, *args: Any) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setxattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _fuse_error(exc: ImageFSError) -> pyfuse3.FUSEError:
+    code = getattr(exc, "errno", errno.EIO)
+    return pyfuse3.FUSEError(code if isinstance(code, int) and code > 0 else errno.EIO)

@@ -1,0 +1,118 @@
+"""The imagefs layer index: one layer's table of contents plus its random-access points.
+
+Built once per layer digest, in a single sequential pass over the compressed blob (the
+decompressor hands the tar stream to the scanner while the seek points are recorded), and
+kept by layer digest under `ROOT/indexes/sha256/<hex>`, so every later mount of any image
+sharing the layer starts from it without touching the blob.
+
+File format (all integers little-endian):
+
+    magic "IFSLIDX1" | u64 len(toc) | toc bytes | u64 len(seek) | seek bytes | xxh3_64 of all
+    preceding bytes
+
+The TOC and the seek index carry their own versions and checksums too; the outer checksum
+makes a torn write of the whole file detectable before either part is parsed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from imagefs.errors import LayerFormatError
+from imagefs.layers.seekindex import SeekIndex, build_index
+from imagefs.layers.tarscan import TarScanner
+from imagefs.layers.toc import Toc, TocBuilder
+from imagefs.oci.digest import Digest
+from imagefs.oci.mediatypes import Compression
+from imagefs.store import fsutil
+
+MAGIC = b"IFSLIDX1"
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class LayerIndex:
+    digest: Digest
+    toc: Toc
+    seek: SeekIndex
+    warnings: tuple[str, ...] = ()
+
+    def to_bytes(self) -> bytes:
+        toc = self.toc.to_bytes()
+        seek = self.seek.to_bytes()
+        body = b"".join([MAGIC, _U64.pack(len(toc)), toc, _U64.pack(len(seek)), seek])
+        return body + _U64.pack(xxhash.xxh3_64_intdigest(body))
+
+    @classmethod
+    def from_bytes(cls, digest: Digest, data: bytes) -> LayerIndex:
+        if len(data) < len(MAGIC) + 24 or not data.startswith(MAGIC):
+            raise LayerFormatError(f"layer index for {digest.short}: not an imagefs index")
+        body, (check,) = data[:-8], _U64.unpack(data[-8:])
+        if xxhash.xxh3_64_intdigest(body) != check:
+            raise LayerFormatError(f"layer index for {digest.short}: checksum mismatch (torn)")
+        pos = len(MAGIC)
+        (n,) = _U64.unpack_from(body, pos)
+        pos += 8
+        toc = Toc.from_bytes(body[pos : pos + n])
+        pos += n
+        (m,) = _U64.unpack_from(body, pos)
+        pos += 8
+        seek = SeekIndex.from_bytes(body[pos : pos + m])
+        if seek.blob_digest and seek.blob_digest != str(digest):
+            raise LayerFormatError(f"layer index for {digest.short} was built from another blob")
+        return cls(digest, toc, seek)
+
+
+def build_from_blob(
+    blob: Path, digest: Digest, compression: Compression, *, spool_dir: Path | None = None
+) -> LayerIndex:
+    """Scan a verified, local layer blob into a LayerIndex (CPU-bound: run in a thread)."""
+    scanner = TarScanner()
+    builder = TocBuilder()
+
+    def feed(data: bytes) -> None:
+        for entry in scanner.feed(data):
+            builder.add_tar_entry(entry)
+
+    with open(blob, "rb") as f:
+        seek = build_index(
+            f,
+            compression,
+            on_uncompressed=feed,
+            spool_dir=str(spool_dir) if spool_dir else None,
+            blob_digest=str(digest),
+        )
+    for entry in scanner.close():
+        builder.add_tar_entry(entry)
+    toc = builder.build()
+    return LayerIndex(digest, toc, seek, tuple(scanner.warnings + builder.warnings))
+
+
+class IndexStore:
+    """`ROOT/indexes/<alg>/<hex>`: layer indexes by layer digest, written temp-then-rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "indexes"
+
+    def path(self, digest: Digest) -> Path:
+        return self.dir / digest.algorithm / digest.hex
+
+    def load(self, digest: Digest) -> LayerIndex | None:
+        """The stored index, or None when absent or damaged (a damaged one is removed)."""
+        path = self.path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return LayerIndex.from_bytes(digest, data)
+        except LayerFormatError:
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, index: LayerIndex) -> None:
+        fsutil.atomic_write(self.path(index.digest), index.to_bytes())
