@@ -93,7 +93,9 @@ async def serve(
         await api.fetch_blob(session, session.client(source), source.repository, layer.descriptor)
 
     layer_set = LayerSet(store, layers, fetch)
-    overlay = Overlay(len(layers))
+    # Directory link counts would need every layer of a directory's listing before its
+    # first stat; like btrfs, report 1 ("unknown", which find(1) understands) and stay lazy.
+    overlay = Overlay(len(layers), exact_dir_nlink=False)
     total = sum(layer.size for layer in layers)
     ops = ImageOperations(overlay, layer_set, total_size=total)
     name = str(record.name or record.repo_digest or record.manifest.digest)

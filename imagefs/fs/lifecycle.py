@@ -102,7 +102,7 @@ def spawn_daemon(argv: Sequence[str], log_path: Path, mountpoint: Path) -> int:
     finally:
         os.close(r)
     if message == READY:
-        os.stat(mountpoint)  # returns only once the daemon answers requests
+        os.statvfs(mountpoint)  # answers only once the daemon serves requests; needs no layer
         return proc.pid
     proc.wait(timeout=10)
     text = message.decode(errors="replace").strip()

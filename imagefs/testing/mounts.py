@@ -1,0 +1,46 @@
+"""Mount an image with the real `imagefs mount` command for a test, and always clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+def imagefs(
+    root: Path, *args: str, check: bool = True, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m imagefs --root ROOT ARGS` and return the finished process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "imagefs", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"imagefs {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def force_unmount(mountpoint: Path) -> None:
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+@contextlib.contextmanager
+def mounted(
+    root: Path, reference: str, mountpoint: Path, extra: Sequence[str] = ()
+) -> Iterator[Path]:
+    """`imagefs mount` (daemonized, as users run it); unmounted on exit whatever happens."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    imagefs(root, *extra, "mount", reference, str(mountpoint))
+    try:
+        yield mountpoint
+    finally:
+        proc = imagefs(root, "umount", str(mountpoint), check=False)
+        if proc.returncode != 0:
+            force_unmount(mountpoint)
