@@ -88,9 +88,9 @@ def _tar(entries: list[tuple[str, bytes | None]]) -> bytes:
 def test_mount_is_lazy_and_reuses_indexes(
     tmp_path: Path, sample_image: SampleImage, registry: LocalRegistry, repo_name: str
 ) -> None:
-    from imagefs.testing.images import LayoutImage, layout_append_layer
-
     import shutil
+
+    from imagefs.testing.images import LayoutImage, layout_append_layer
 
     layout = tmp_path / "layout"
     shutil.copytree(sample_image.layout.layout, layout)
