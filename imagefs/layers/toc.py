@@ -21,9 +21,9 @@ Layer semantics decided here (the overlay above only combines layers):
 - `.wh.NAME` and `.wh..wh..opq` are not entries; they are kept as sorted path sets and only ever
   affect lower layers (umoci keeps paths this layer wrote). A `.wh.NAME` that comes after this
   layer wrote NAME or something below it is recorded as opacity of NAME: that is what umoci's
-  extraction makes of it (the lower children go, the directory itself stays). Other `.wh..wh.*` names (aufs
-  bookkeeping) are ignored, a bare `.wh.` is a warning. eStargz's own files at the root are
-  hidden.
+  extraction makes of it (the lower children go, the directory itself stays). Other
+  `.wh..wh.*` names (aufs bookkeeping) are ignored, a bare `.wh.` is a warning. eStargz's own
+  files at the root are hidden.
 - Hard links are resolved inside the layer at build time to the newest earlier version of the
   target path; a link whose target is not in the layer refers to the layers below and is left
   for the overlay to resolve.

@@ -32,20 +32,28 @@ ensure_debian_packages() {
 }
 
 # ensure_venv [extra]: a .venv with imagefs installed editable (with the named extra).
-# Re-installs only when pyproject.toml changed since the last install.
+# Re-installs only when pyproject.toml changed since the last install; an install with the
+# test extra also serves callers that want none.
 ensure_venv() {
     local extra="${1:-}"
     local spec="."
     [ -n "$extra" ] && spec=".[$extra]"
-    local stamp=".venv/.imagefs-installed-$extra"
     if [ ! -x .venv/bin/python ]; then
         echo "== creating .venv"
         python3 -m venv .venv
     fi
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        echo "== installing imagefs $spec into .venv"
-        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-        .venv/bin/python -m pip install -q -e "$spec"
-        touch "$stamp"
+    local stamp
+    for stamp in ".venv/.imagefs-installed-$extra" .venv/.imagefs-installed-test; do
+        if [ -f "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ]; then
+            return 0
+        fi
+        [ -n "$extra" ] && break
+    done
+    echo "== installing imagefs $spec into .venv (log: .venv/install.log)"
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -e "$spec"; } >.venv/install.log 2>&1; then
+        cat .venv/install.log >&2
+        return 1
     fi
+    touch ".venv/.imagefs-installed-$extra"
 }
