@@ -181,10 +181,12 @@ async def fetch_blob(
         if ingest.offset and on_bytes:
             on_bytes(ingest.offset)
 
-        async def restart(_: int) -> None:
+        buf = bytearray()
+
+        async def restart(_: int) -> None:  # the source ignored Range: start over
+            buf.clear()
             await session.disk(ingest.reset)
 
-        buf = bytearray()
         async for chunk in client.stream_blob(
             repository,
             descriptor.digest,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import io
 import json
@@ -361,8 +362,6 @@ def _tar_header(spec: FileSpec, size: int) -> bytes:
 
 
 def _modtime(mtime: int) -> str:
-    import datetime
-
     return datetime.datetime.fromtimestamp(mtime, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -456,7 +455,10 @@ def read_toc(blob_tail: bytes, blob_size: int, *, expected_digest: str | None = 
 
 
 def _is_new_footer(tail: bytes) -> bool:
-    return len(tail) >= FOOTER_SIZE and _parse_footer_form(tail[-FOOTER_SIZE:], legacy=False) is not None
+    return (
+        len(tail) >= FOOTER_SIZE
+        and _parse_footer_form(tail[-FOOTER_SIZE:], legacy=False) is not None
+    )
 
 
 def footer_size(tail: bytes) -> int:

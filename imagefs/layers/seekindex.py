@@ -38,6 +38,7 @@ import zstandard
 
 from imagefs.errors import IntegrityError, LayerFormatError
 
+_fast_zlib: Any
 try:  # ISA-L inflates ~2x faster than zlib and supports raw streams with a dictionary.
     from isal import isal_zlib as _fast_zlib
 except ImportError:  # pragma: no cover - isal is a declared dependency
@@ -812,7 +813,7 @@ def _build_gzip(
         f = source
         f.seek(0)
     else:
-        spooled = cast(BinaryIO, tempfile.TemporaryFile(dir=spool_dir))
+        spooled = cast(BinaryIO, tempfile.TemporaryFile(dir=spool_dir))  # noqa: SIM115
         read = _as_reader(source)
         while data := read(_READ_CHUNK):
             spooled.write(data)

@@ -100,7 +100,10 @@ def position_from_annotations(
     annotations: Mapping[str, str],
 ) -> tuple[ManifestPosition, str] | None:
     """(position, checksum) from layer annotations, current keys first; None if absent."""
-    for pos_key, sum_key in ((POSITION_KEY, CHECKSUM_KEY), (LEGACY_POSITION_KEY, LEGACY_CHECKSUM_KEY)):
+    for pos_key, sum_key in (
+        (POSITION_KEY, CHECKSUM_KEY),
+        (LEGACY_POSITION_KEY, LEGACY_CHECKSUM_KEY),
+    ):
         if pos_key in annotations:
             checksum = annotations.get(sum_key)
             if not checksum:

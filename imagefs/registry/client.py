@@ -123,7 +123,8 @@ class RegistryClient:
             verify=ssl_context(host, self.options),
             timeout=timeout,
             follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
+            # Digests are over the bytes as stored: no transfer compression, ever.
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             trust_env=True,  # HTTP(S)_PROXY / NO_PROXY as every other tool honours them
         )
@@ -541,7 +542,7 @@ class RegistryClient:
                             f"{ep.host}: asked for blob {digest.short} from byte {pos}, "
                             f"got a range starting at {start}"
                         )
-                async for chunk in resp.aiter_raw(1 << 20):
+                async for chunk in resp.aiter_raw():  # as it arrives: a break loses nothing
                     if pos + len(chunk) > size:
                         raise IntegrityError(
                             f"{ep.host}: blob {digest} is longer than the declared {size} bytes"
