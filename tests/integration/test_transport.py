@@ -11,6 +11,7 @@ import pytest
 
 from imagefs import api
 from imagefs.errors import IntegrityError, RegistryError
+from imagefs.oci.digest import Digest
 from imagefs.registry.credentials import Credentials
 from imagefs.registry.transport import RetryPolicy, TransportOptions
 from imagefs.testing.images import (
@@ -92,7 +93,7 @@ async def test_broken_body_resumes_with_range(
     proxy.add(Rule("GET", big["digest"], "truncate", times=1, truncate_to=100_000))
     async with api.Session(root=tmp_path / "root", options=FAST) as s:
         await api.pull(s, via(proxy, sample_image), full=True)
-        stored = s.store.blobs.path(api.Digest.parse(big["digest"])).read_bytes()
+        stored = s.store.blobs.path(Digest.parse(big["digest"])).read_bytes()
     assert stored == sample_image.layout.blob(big["digest"])
     gets = [r for r in proxy.recorded if big["digest"] in r.path and r.method == "GET"]
     assert len(gets) == 2 and gets[1].headers.get("Range") == "bytes=100000-"
@@ -106,7 +107,7 @@ async def test_registry_ignoring_range_still_yields_the_right_blob(
     proxy.add(Rule("GET", big["digest"], "ignore_range", times=1))
     async with api.Session(root=tmp_path / "root", options=FAST) as s:
         await api.pull(s, via(proxy, sample_image), full=True)
-        stored = s.store.blobs.path(api.Digest.parse(big["digest"])).read_bytes()
+        stored = s.store.blobs.path(Digest.parse(big["digest"])).read_bytes()
     assert stored == sample_image.layout.blob(big["digest"])
 
 
@@ -118,7 +119,7 @@ async def test_corrupted_bytes_on_the_wire_are_never_stored(
     async with api.Session(root=tmp_path / "root", options=FAST) as s:
         with pytest.raises(IntegrityError, match=big["digest"].split(":")[1]):
             await api.pull(s, via(proxy, sample_image), full=True)
-        assert not s.store.blobs.has(api.Digest.parse(big["digest"]))
+        assert not s.store.blobs.has(Digest.parse(big["digest"]))
 
 
 async def test_large_blob_is_pushed_in_chunks(
