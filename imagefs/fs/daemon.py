@@ -22,6 +22,7 @@ from imagefs.errors import ImageFSError, UsageError
 from imagefs.fs.lifecycle import MountRegistration, report_ready
 from imagefs.fs.operations import ImageOperations
 from imagefs.image import Layer, load_resolved
+from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, ChunkCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.reference import Reference
 from imagefs.overlay import Overlay
@@ -77,6 +78,8 @@ async def serve(
     mountpoint: Path,
     options: MountOptions,
     ready_fd: int | None = None,
+    *,
+    cache_size: int = DEFAULT_CACHE_SIZE,
 ) -> None:
     store = session.store
     record = await session.disk(api.find_record, store, query)
@@ -92,7 +95,21 @@ async def serve(
             )
         await api.fetch_blob(session, session.client(source), source.repository, layer.descriptor)
 
-    layer_set = LayerSet(store, layers, fetch)
+    async def fetch_range(layer: Layer, start: int, end: int) -> bytes:
+        if source is None:
+            raise ImageFSError(
+                f"layer {layer.digest.short} is not local and the image has no "
+                "known source registry"
+            )
+        client = session.client(source)
+        data = await client.get_blob_range(source.repository, layer.digest, start, end)
+        if client.ignores_range:  # every range costs the whole blob: take it once, keep it
+            await fetch(layer)
+        return data
+
+    layer_set = LayerSet(
+        store, layers, fetch, fetch_range=fetch_range, cache=ChunkCache(store.root, cache_size)
+    )
     # Directory link counts would need every layer of a directory's listing before its
     # first stat; like btrfs, report 1 ("unknown", which find(1) understands) and stay lazy.
     overlay = Overlay(len(layers), exact_dir_nlink=False)
@@ -118,6 +135,7 @@ async def serve(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, signalled)
+                layer_set.nursery = nursery
                 report_ready(ready_fd)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()

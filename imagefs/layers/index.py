@@ -5,13 +5,17 @@ decompressor hands the tar stream to the scanner while the seek points are recor
 kept by layer digest under `ROOT/indexes/sha256/<hex>`, so every later mount of any image
 sharing the layer starts from it without touching the blob.
 
+For eStargz and zstd:chunked layers the index holds a `ChunkTable` instead of seek points:
+those formats bring their own table of contents (verified against the manifest's layer
+annotations), so no pass over the blob is needed to build it.
+
 File format (all integers little-endian):
 
-    magic "IFSLIDX1" | u64 len(toc) | toc bytes | u64 len(seek) | seek bytes | xxh3_64 of all
-    preceding bytes
+    magic "IFSLIDX2" | u8 kind (1 = seek points, 2 = chunk table) | u64 len(toc) | toc |
+    u64 len(access) | access bytes | xxh3_64 of all preceding bytes
 
-The TOC and the seek index carry their own versions and checksums too; the outer checksum
-makes a torn write of the whole file detectable before either part is parsed.
+The parts carry their own versions and checksums too; the outer checksum makes a torn write
+of the whole file detectable before either part is parsed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import xxhash
 
 from imagefs.errors import LayerFormatError
+from imagefs.layers.chunks import ChunkTable
 from imagefs.layers.seekindex import SeekIndex, build_index
 from imagefs.layers.tarscan import TarScanner
 from imagefs.layers.toc import Toc, TocBuilder
@@ -30,41 +35,62 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.mediatypes import Compression
 from imagefs.store import fsutil
 
-MAGIC = b"IFSLIDX1"
+MAGIC = b"IFSLIDX2"
+_SEEK, _CHUNKS = 1, 2
 _U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
 class LayerIndex:
+    """A layer's TOC plus how to reach file bytes: seek points or a chunk table."""
+
     digest: Digest
     toc: Toc
-    seek: SeekIndex
+    seek: SeekIndex | None = None
+    chunks: ChunkTable | None = None
     warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.seek is None) == (self.chunks is None):
+            raise ValueError("a layer index has seek points or a chunk table, not both")
 
     def to_bytes(self) -> bytes:
         toc = self.toc.to_bytes()
-        seek = self.seek.to_bytes()
-        body = b"".join([MAGIC, _U64.pack(len(toc)), toc, _U64.pack(len(seek)), seek])
+        if self.seek is not None:
+            kind, access = _SEEK, self.seek.to_bytes()
+        else:
+            assert self.chunks is not None
+            kind, access = _CHUNKS, self.chunks.to_bytes()
+        body = b"".join(
+            [MAGIC, bytes([kind]), _U64.pack(len(toc)), toc, _U64.pack(len(access)), access]
+        )
         return body + _U64.pack(xxhash.xxh3_64_intdigest(body))
 
     @classmethod
     def from_bytes(cls, digest: Digest, data: bytes) -> LayerIndex:
-        if len(data) < len(MAGIC) + 24 or not data.startswith(MAGIC):
+        if len(data) < len(MAGIC) + 25 or not data.startswith(MAGIC):
             raise LayerFormatError(f"layer index for {digest.short}: not an imagefs index")
         body, (check,) = data[:-8], _U64.unpack(data[-8:])
         if xxhash.xxh3_64_intdigest(body) != check:
             raise LayerFormatError(f"layer index for {digest.short}: checksum mismatch (torn)")
         pos = len(MAGIC)
+        kind = body[pos]
+        pos += 1
         (n,) = _U64.unpack_from(body, pos)
         pos += 8
         toc = Toc.from_bytes(body[pos : pos + n])
         pos += n
         (m,) = _U64.unpack_from(body, pos)
         pos += 8
-        seek = SeekIndex.from_bytes(body[pos : pos + m])
+        access = body[pos : pos + m]
+        if kind == _CHUNKS:
+            return cls(digest, toc, chunks=ChunkTable.from_bytes(access))
+        if kind != _SEEK:
+            raise LayerFormatError(f"layer index for {digest.short}: unknown kind {kind}")
+        seek = SeekIndex.from_bytes(access)
         if seek.blob_digest and seek.blob_digest != str(digest):
             raise LayerFormatError(f"layer index for {digest.short} was built from another blob")
-        return cls(digest, toc, seek)
+        return cls(digest, toc, seek=seek)
 
 
 def build_from_blob(
@@ -89,7 +115,7 @@ def build_from_blob(
     for entry in scanner.close():
         builder.add_tar_entry(entry)
     toc = builder.build()
-    return LayerIndex(digest, toc, seek, tuple(scanner.warnings + builder.warnings))
+    return LayerIndex(digest, toc, seek=seek, warnings=tuple(scanner.warnings + builder.warnings))
 
 
 class IndexStore:

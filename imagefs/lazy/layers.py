@@ -1,14 +1,22 @@
-"""The layers of one mounted image, made available on first need.
+"""The layers of one mounted image: tables of contents on first need, bytes by ranges.
 
-`LayerSet.ensure(i)` makes layer i's index available: from the index store if some earlier
-mount built it, else by fetching the blob (verified against its digest, kept in the store)
-and indexing it once. Concurrent callers share one attempt (single flight); a failed attempt
-leaves nothing behind, so the next access simply tries again.
+`LayerSet.ensure(i)` makes layer i's index (TOC + how to reach file bytes) available, cheapest
+source first:
 
-`LayerSet.read(i, offset, length)` serves bytes of layer i's tar stream from the compressed
-blob through the seek points, never from an extracted tree. Inflated spans are kept in a small
-LRU so that sequential reads of a file inflate each span once; single-frame zstd layers (no
-seek points inside) are decompressed once into a cache file, as the design allows.
+1. the index store (`ROOT/indexes`), where an earlier mount or `imagefs index` left it;
+2. eStargz: the footer and TOC fetched by ranges, verified against the layer's
+   `containerd.io/snapshot/stargz/toc.digest` annotation;
+3. zstd:chunked: the TOC frame located and verified by the layer's annotations;
+4. an imagefs layer index published in the registry next to the image (`remote_index`);
+5. otherwise the whole blob, fetched once (verified against its digest) and indexed.
+
+`LayerSet.read(i, offset, length)` serves bytes of a layer from, in order: the whole blob if
+it is in the store; verified pieces in the chunk cache; otherwise Range GETs of just the
+pieces needed (gzip spans or eStargz/zstd:chunked chunks), each verified — span sha256 from
+the index, chunk sha256 from the TOC — before it is cached or served. Concurrent needs of one
+piece cause one fetch (single flight); fetches run in parallel up to a limit; a sequential
+reader gets read-ahead. Inflated spans are kept in a small LRU so sequential reads inflate
+each span once.
 """
 
 from __future__ import annotations
@@ -16,28 +24,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 import zstandard
 
-from imagefs.errors import ImageFSError, LayerFormatError
+from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.image import Layer
+from imagefs.layers import chunks as chunk_tables
+from imagefs.layers import estargz, zstdchunked
 from imagefs.layers.index import IndexStore, LayerIndex, build_from_blob
-from imagefs.layers.seekindex import read_at
+from imagefs.layers.seekindex import SeekIndex, read_at, verify_span
+from imagefs.lazy.cache import ChunkCache
 from imagefs.oci import mediatypes
 from imagefs.store import Store, fsutil
 
 log = logging.getLogger("imagefs.lazy")
 
 FetchBlob = Callable[[Layer], Awaitable[None]]
+FetchRange = Callable[[Layer, int, int], Awaitable[bytes]]
+RemoteIndex = Callable[[Layer], Awaitable[LayerIndex | None]]
 
+ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 SPAN_CACHE_BYTES = 48 << 20
-# A single-frame zstd layer bigger than this gets decompressed to a cache file once.
-ZSTD_FLAT_THRESHOLD = 8 << 20
+ZSTD_FLAT_THRESHOLD = 8 << 20  # single-frame zstd bigger than this: decompress once to a file
+TAIL_FETCH = 64 << 10  # first guess at footer + TOC size for eStargz
+# Chunks smaller than this are fetched together with their neighbours in one request: a round
+# trip costs far more than the few extra KiB (see docs/bench.md for the measurement).
+MIN_FETCH = 256 << 10
+READ_AHEAD = 4 << 20
 
 
 @dataclass
@@ -49,7 +68,8 @@ class _Span:
 @dataclass
 class LayerStats:
     fetched_bytes: int = 0
-    index_built: bool = False
+    fetches: int = 0
+    source: str = ""  # where the index came from
     ready: bool = False
 
 
@@ -58,21 +78,33 @@ class LayerSet:
     store: Store
     layers: list[Layer]
     fetch_blob: FetchBlob
+    fetch_range: FetchRange | None = None
+    remote_index: RemoteIndex | None = None
+    cache: ChunkCache | None = None
     cpu: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
+    net: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
     span_cache_bytes: int = SPAN_CACHE_BYTES
+    min_fetch: int = MIN_FETCH
+    nursery: trio.Nursery | None = None
+    on_fetch: Callable[[int, int, int, float], None] | None = None  # layer, start, n, seconds
 
     def __post_init__(self) -> None:
         self.indexes = IndexStore(self.store.root)
+        if self.cache is None:
+            self.cache = ChunkCache(self.store.root)
         self._ready: list[LayerIndex | None] = [None] * len(self.layers)
         self._inflight: dict[int, trio.Event] = {}
         self._spans: OrderedDict[tuple[int, int], _Span] = OrderedDict()
         self._span_bytes = 0
         self._span_inflight: dict[tuple[int, int], trio.Event] = {}
+        self._unit_inflight: dict[tuple[int, int], trio.Event] = {}
         self._flat: dict[int, Path] = {}
         self._fds: dict[int, int] = {}
+        self._local: dict[int, bool] = {}
+        self._last_end: dict[int, int] = {}
         self.stats = [LayerStats() for _ in self.layers]
 
-    # -- making layers available ------------------------------------------------------------
+    # -- indexes ----------------------------------------------------------------------------
 
     def index(self, i: int) -> LayerIndex:
         idx = self._ready[i]
@@ -91,12 +123,11 @@ class LayerSet:
             event = self._inflight.get(i)
             if event is not None:
                 await event.wait()
-                if self._ready[i] is None:  # that attempt failed; ours reports our error
-                    continue
-                continue
+                continue  # loaded, or failed: then this caller tries (and reports) itself
             event = self._inflight[i] = trio.Event()
             try:
                 self._ready[i] = await self._load(i)
+                self.stats[i].ready = True
             finally:
                 del self._inflight[i]
                 event.set()
@@ -105,26 +136,132 @@ class LayerSet:
         layer = self.layers[i]
         idx = await trio.to_thread.run_sync(self.indexes.load, layer.digest)
         if idx is not None:
-            log.info("layer %d (%s): index loaded from the store", i, layer.digest.short)
-        else:
-            if not self.store.blobs.has(layer.digest):
-                log.info("layer %d (%s): fetching %d bytes", i, layer.digest.short, layer.size)
-                await self.fetch_blob(layer)
-                self.stats[i].fetched_bytes += layer.size
-            compression = mediatypes.layer_compression(layer.descriptor.media_type)
-            blob = self.store.blobs.path(layer.digest)
-            idx = await trio.to_thread.run_sync(
-                build_from_blob, blob, layer.digest, compression, limiter=self.cpu
-            )
-            await trio.to_thread.run_sync(self.indexes.save, idx)
-            self.stats[i].index_built = True
-            for w in idx.warnings:
-                log.warning("layer %d (%s): %s", i, layer.digest.short, w)
-            log.info("layer %d (%s): indexed, %d entries", i, layer.digest.short, len(idx.toc))
-        self.stats[i].ready = True
+            self.stats[i].source = "index store"
+            return idx
+        idx = await self._load_lazy_format(i)
+        if idx is None and self.remote_index is not None and not self._is_local(i):
+            try:
+                idx = await self.remote_index(layer)
+            except ImageFSError as exc:
+                log.warning("layer %d: no usable index in the registry (%s)", i, exc)
+            if idx is not None:
+                self.stats[i].source = "registry index"
+        if idx is None:
+            idx = await self._index_whole_blob(i)
+        await trio.to_thread.run_sync(self.indexes.save, idx)
+        for w in idx.warnings:
+            log.warning("layer %d (%s): %s", i, layer.digest.short, w)
+        log.info(
+            "layer %d (%s): %d entries (%s)",
+            i,
+            layer.digest.short,
+            len(idx.toc),
+            self.stats[i].source,
+        )
         return idx
 
-    # -- reading ----------------------------------------------------------------------------
+    async def _load_lazy_format(self, i: int) -> LayerIndex | None:
+        """eStargz or zstd:chunked: the TOC by ranges, verified by a manifest annotation."""
+        layer = self.layers[i]
+        ann = layer.descriptor.annotations
+        if self.fetch_range is None or self._is_local(i):
+            return None
+        try:
+            if ESTARGZ_TOC_DIGEST in ann:
+                idx = await self._load_estargz(i, ann[ESTARGZ_TOC_DIGEST])
+                self.stats[i].source = "eStargz TOC"
+                return idx
+            position = zstdchunked.position_from_annotations(ann)
+            if position is not None:
+                idx = await self._load_zstd_chunked(i, *position)
+                self.stats[i].source = "zstd:chunked TOC"
+                return idx
+        except (LayerFormatError, IntegrityError) as exc:
+            log.warning(
+                "layer %d (%s): lazy TOC unusable (%s); fetching the whole layer",
+                i,
+                layer.digest.short,
+                exc,
+            )
+        return None
+
+    async def _fetch(self, i: int, start: int, end: int) -> bytes:
+        assert self.fetch_range is not None
+        began = time.monotonic()
+        async with self.net:
+            data = await self.fetch_range(self.layers[i], start, end)
+        if len(data) != end - start:
+            raise IntegrityError(f"asked for {end - start} bytes at {start}, got {len(data)}")
+        self.stats[i].fetched_bytes += len(data)
+        self.stats[i].fetches += 1
+        if self.on_fetch:
+            self.on_fetch(i, start, len(data), time.monotonic() - began)
+        return data
+
+    async def _load_estargz(self, i: int, toc_digest: str) -> LayerIndex:
+        layer = self.layers[i]
+        size = layer.size
+        tail_start = max(0, size - TAIL_FETCH)
+        tail = await self._fetch(i, tail_start, size)
+        toc_offset = estargz.parse_footer(tail)
+        footer = estargz.footer_size(tail)
+        if not 0 <= toc_offset < size - footer:
+            raise LayerFormatError(f"eStargz footer points outside the blob ({toc_offset})")
+        if toc_offset >= tail_start:
+            member = tail[toc_offset - tail_start : len(tail) - footer]
+        else:
+            member = await self._fetch(i, toc_offset, size - footer)
+
+        def build() -> LayerIndex:
+            toc_json = estargz.toc_json_from_member(member)
+            toc = estargz.parse_toc(toc_json, expected_digest=toc_digest)
+            t, table, warnings = chunk_tables.from_estargz(toc, toc_offset)
+            return LayerIndex(layer.digest, t, chunks=table, warnings=tuple(warnings))
+
+        return await trio.to_thread.run_sync(build, limiter=self.cpu)
+
+    async def _load_zstd_chunked(
+        self, i: int, position: zstdchunked.ManifestPosition, checksum: str
+    ) -> LayerIndex:
+        layer = self.layers[i]
+        end = position.offset + position.length
+        if position.length <= 0 or end > layer.size:
+            raise LayerFormatError("zstd:chunked TOC position outside the blob")
+        compressed = await self._fetch(i, position.offset, end)
+
+        def build() -> LayerIndex:
+            toc = zstdchunked.decode_manifest(compressed, position, expected_checksum=checksum)
+            t, table, warnings = chunk_tables.from_zstd_chunked(toc)
+            return LayerIndex(layer.digest, t, chunks=table, warnings=tuple(warnings))
+
+        return await trio.to_thread.run_sync(build, limiter=self.cpu)
+
+    async def _index_whole_blob(self, i: int) -> LayerIndex:
+        layer = self.layers[i]
+        if not self._is_local(i):
+            log.info(
+                "layer %d (%s): fetching the whole blob, %d bytes",
+                i,
+                layer.digest.short,
+                layer.size,
+            )
+            await self.fetch_blob(layer)
+            self.stats[i].fetched_bytes += layer.size
+            self.stats[i].fetches += 1
+            self._local[i] = True
+        compression = mediatypes.layer_compression(layer.descriptor.media_type)
+        blob = self.store.blobs.path(layer.digest)
+        self.stats[i].source = "built from the blob"
+        return await trio.to_thread.run_sync(
+            build_from_blob, blob, layer.digest, compression, limiter=self.cpu
+        )
+
+    # -- where compressed bytes come from ---------------------------------------------------
+
+    def _is_local(self, i: int) -> bool:
+        if not self._local.get(i):
+            self._local[i] = self.store.blobs.has(self.layers[i].digest)
+        return self._local[i]
 
     def _fd(self, i: int) -> int:
         fd = self._fds.get(i)
@@ -133,6 +270,7 @@ class LayerSet:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
+                self._local[i] = False
                 raise ImageFSError(
                     f"layer {self.layers[i].digest.short} vanished from the store"
                 ) from None
@@ -142,17 +280,102 @@ class LayerSet:
     def _pread(self, i: int, start: int, end: int) -> bytes:
         return os.pread(self._fd(i), end - start, start)
 
+    def _cached(self, i: int, start: int, end: int) -> bytes:
+        assert self.cache is not None
+        data = self.cache.read(self.layers[i].digest, start, end)
+        if data is None:
+            raise IntegrityError(f"cache piece {start}-{end} vanished")  # caller refetches
+        return data
+
+    async def _ensure_units(
+        self,
+        i: int,
+        units: Sequence[tuple[int, int]],
+        verify: Callable[[int, int, bytes], None],
+        neighbours: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        """Make the verified compressed ranges `units` present in the chunk cache."""
+        assert self.cache is not None
+        digest = self.layers[i].digest
+        while True:
+            missing = await trio.to_thread.run_sync(
+                lambda: [u for u in units if self.cache.covering(digest, *u) is None]  # type: ignore[union-attr]
+            )
+            if not missing:
+                return
+            waiting = [
+                self._unit_inflight[(i, u[0])] for u in missing if (i, u[0]) in self._unit_inflight
+            ]
+            if waiting:
+                await waiting[0].wait()
+                continue
+            break
+        plan = _plan(missing, neighbours, self.min_fetch)
+        events = {u: trio.Event() for group in plan for u in group}
+        for u, ev in events.items():
+            self._unit_inflight[(i, u[0])] = ev
+        try:
+            async with trio.open_nursery() as nursery:
+                for group in plan:
+                    nursery.start_soon(self._fetch_group, i, group, verify)
+        finally:
+            for u, ev in events.items():
+                self._unit_inflight.pop((i, u[0]), None)
+                ev.set()
+
+    async def _fetch_group(
+        self, i: int, group: list[tuple[int, int]], verify: Callable[[int, int, bytes], None]
+    ) -> None:
+        assert self.cache is not None
+        start, end = group[0][0], max(e for _, e in group)
+        data = await self._fetch(i, start, end)
+
+        def check_and_keep() -> None:
+            for s, e in group:
+                verify(s, e, data[s - start : e - start])
+            # Keep only verified bytes: runs of pieces that touch, never the gaps between.
+            for run_start, run_end in _runs(group):
+                self.cache.put(  # type: ignore[union-attr]
+                    self.layers[i].digest, run_start, data[run_start - start : run_end - start]
+                )
+
+        try:
+            await trio.to_thread.run_sync(check_and_keep, limiter=self.cpu)
+        except IntegrityError as exc:
+            log.error(
+                "layer %d (%s): bytes %d-%d from the registry failed verification (%s);"
+                " not served, not kept",
+                i,
+                self.layers[i].digest.short,
+                start,
+                end,
+                exc,
+            )
+            raise
+
+    # -- reading ----------------------------------------------------------------------------
+
     async def read(self, i: int, offset: int, length: int) -> bytes:
-        """`length` bytes of layer i's uncompressed tar stream at `offset`."""
+        """`length` bytes of layer i's (virtual) uncompressed stream at `offset`."""
         idx = await self.ensure(i)
+        sequential = self._last_end.get(i) == offset
+        self._last_end[i] = offset + length
+        if idx.chunks is not None:
+            data = await self._read_chunks(i, idx.chunks, offset, length)
+            if sequential:
+                self._read_ahead(i, offset + length)
+            return data
+        assert idx.seek is not None
         seek = idx.seek
         end = min(offset + length, seek.uncompressed_size)
         if end <= offset:
             return b""
-        if seek.compression == "none" or i in self._flat:
+        local = self._is_local(i)
+        if local and (seek.compression == "none" or i in self._flat):
             return await trio.to_thread.run_sync(self._pread, i, offset, end)
         if (
-            seek.compression == "zstd"
+            local
+            and seek.compression == "zstd"
             and len(seek.points) == 1
             and (seek.uncompressed_size > ZSTD_FLAT_THRESHOLD)
         ):
@@ -165,12 +388,98 @@ class LayerSet:
             span_start = seek.points[k].uncompressed
             span_end = seek.span_uncompressed_end(k)
             want_end = min(end, span_end)
-            # Big reads are sequential reads: inflate the whole span once for the next ones.
-            whole = length >= 64 * 1024
+            whole = length >= 64 * 1024  # big reads are sequential reads: inflate it all
             data = await self._span(i, k, want_end - span_start, whole)
             out.append(data[pos - span_start : want_end - span_start])
             pos = want_end
+        if sequential and not local:
+            self._read_ahead(i, end)
         return b"".join(out)
+
+    def _read_ahead(self, i: int, offset: int) -> None:
+        if self.nursery is None:
+            return
+
+        async def prefetch() -> None:
+            with contextlib.suppress(ImageFSError):
+                await self.prefetch(i, offset, READ_AHEAD)
+
+        self.nursery.start_soon(prefetch)
+
+    async def prefetch(self, i: int, offset: int, length: int) -> None:
+        """Bring the pieces holding [offset, offset+length) into the cache; no decoding."""
+        idx = await self.ensure(i)
+        if self._is_local(i):
+            return
+        if idx.chunks is not None:
+            table = idx.chunks
+            ks = table.covering(offset, length)
+            units = [(table.starts[k], table.ends[k]) for k in ks if not table.zeros[k]]
+            await self._ensure_units(i, units, self._chunk_verifier(i, table))
+        elif idx.seek is not None:
+            seek = idx.seek
+            end = min(offset + length, seek.uncompressed_size)
+            if end <= offset:
+                return
+            ks = range(seek.point_for(offset), seek.point_for(end - 1) + 1)
+            await self._ensure_units(i, [seek.span_range(k) for k in ks], self._span_verifier(seek))
+
+    def _span_verifier(self, seek: SeekIndex) -> Callable[[int, int, bytes], None]:
+        by_start = {seek.span_range(k): k for k in range(len(seek.points))}
+
+        def verify(start: int, end: int, data: bytes) -> None:
+            verify_span(seek, by_start[(start, end)], data)
+
+        return verify
+
+    def _chunk_verifier(
+        self, i: int, table: chunk_tables.ChunkTable
+    ) -> Callable[[int, int, bytes], None]:
+        by_start: dict[tuple[int, int], int] = {}
+        for k in range(len(table)):
+            by_start.setdefault((table.starts[k], table.ends[k]), k)
+
+        def verify(start: int, end: int, data: bytes) -> None:
+            k = by_start.get((start, end))
+            if k is not None:
+                table.decode(k, data)
+
+        return verify
+
+    async def _read_chunks(
+        self, i: int, table: chunk_tables.ChunkTable, offset: int, length: int
+    ) -> bytes:
+        ks = list(table.covering(offset, length))
+        units = [(table.starts[k], table.ends[k]) for k in ks if not table.zeros[k]]
+        local = self._is_local(i)
+        if not local:
+            neighbours = (
+                [
+                    (table.starts[k], table.ends[k])
+                    for k in range(ks[-1] + 1, min(len(table), ks[-1] + 64))
+                    if not table.zeros[k]
+                ]
+                if ks
+                else []
+            )
+            await self._ensure_units(i, units, self._chunk_verifier(i, table), neighbours)
+
+        def decode() -> bytes:
+            out = []
+            for k in ks:
+                c = table.chunk(k)
+                if c.zeros:
+                    raw = bytes(c.size)
+                elif local:
+                    raw = table.decode(k, self._pread(i, c.start, c.end))
+                else:
+                    raw = table.decode(k, self._cached(i, c.start, c.end))
+                lo = max(offset, c.voffset) - c.voffset
+                hi = min(offset + length, c.voffset + c.size) - c.voffset
+                out.append(raw[lo:hi])
+            return b"".join(out)
+
+        return await trio.to_thread.run_sync(decode, limiter=self.cpu)
 
     async def _span(self, i: int, k: int, need: int, whole: bool) -> bytes:
         key = (i, k)
@@ -186,13 +495,20 @@ class LayerSet:
         event = self._span_inflight[key] = trio.Event()
         try:
             seek = self.index(i).seek
+            assert seek is not None
             start = seek.points[k].uncompressed
             span_len = seek.span_uncompressed_end(k) - start
-            # A second read further into a span it already partly inflated: take all of it.
             complete = whole or cached is not None or need >= span_len
             n = span_len if complete else need
+            if self._is_local(i):
+                reader: Callable[[int, int], bytes] = lambda a, b: self._pread(i, a, b)  # noqa: E731
+                verify = False
+            else:
+                await self._ensure_units(i, [seek.span_range(k)], self._span_verifier(seek))
+                reader = lambda a, b: self._cached(i, a, b)  # noqa: E731
+                verify = True
             data = await trio.to_thread.run_sync(
-                read_at, seek, lambda a, b: self._pread(i, a, b), start, n, limiter=self.cpu
+                lambda: read_at(seek, reader, start, n, verify=verify), limiter=self.cpu
             )
             self._remember(key, _Span(data, complete or len(data) >= span_len))
             return data
@@ -216,19 +532,18 @@ class LayerSet:
             return
         layer = self.layers[i]
         target = self.store.root / "cache" / "flat" / layer.digest.hex
-        idx = self.index(i)
+        seek = self.index(i).seek
+        assert seek is not None
 
         def work() -> None:
-            if target.exists() and target.stat().st_size == idx.seek.uncompressed_size:
+            if target.exists() and target.stat().st_size == seek.uncompressed_size:
                 return
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f"{fsutil.TEMP_PREFIX}{layer.digest.hex}.{os.getpid()}")
             try:
                 with open(self.store.blobs.path(layer.digest), "rb") as src, open(tmp, "wb") as dst:
                     zstandard.ZstdDecompressor().copy_stream(src, dst)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                if tmp.stat().st_size != idx.seek.uncompressed_size:
+                if tmp.stat().st_size != seek.uncompressed_size:
                     raise LayerFormatError(f"layer {layer.digest.short}: zstd size mismatch")
                 os.replace(tmp, target)
             finally:
@@ -245,3 +560,42 @@ class LayerSet:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+
+
+def _plan(
+    missing: Sequence[tuple[int, int]], neighbours: Sequence[tuple[int, int]], min_fetch: int
+) -> list[list[tuple[int, int]]]:
+    """Group missing pieces into Range requests.
+
+    Pieces that touch or nearly touch are fetched together; a request smaller than
+    `min_fetch` takes the following neighbour pieces along (speculatively: files next to
+    each other in a layer tend to be read together).
+    """
+    units = sorted(set(missing))
+    groups: list[list[tuple[int, int]]] = []
+    for u in units:
+        if groups and u[0] - max(e for _, e in groups[-1]) <= min_fetch // 4:
+            groups[-1].append(u)
+        else:
+            groups.append([u])
+    if groups and neighbours:
+        last = groups[-1]
+        for n in neighbours:
+            size = max(e for _, e in last) - last[0][0]
+            if size >= min_fetch or n[0] < max(e for _, e in last):
+                break
+            if n[0] - max(e for _, e in last) > min_fetch // 4:
+                break
+            last.append(n)
+    return groups
+
+
+def _runs(units: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge pieces that touch or overlap into contiguous runs."""
+    runs: list[tuple[int, int]] = []
+    for s, e in sorted(units):
+        if runs and s <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], e))
+        else:
+            runs.append((s, e))
+    return runs

@@ -114,6 +114,7 @@ class RegistryClient:
         ]
         self._scheme_lock = trio.Lock()
         self.requests_sent = 0
+        self.ignores_range = False
 
     def _make_client(self, host: str) -> httpx.AsyncClient:
         timeout = httpx.Timeout(
@@ -581,6 +582,9 @@ class RegistryClient:
                 raise IntegrityError(f"{ep.host}: range for {start} started at {got}")
             return resp.content[: end - start]
         if resp.status_code == 200:  # registry ignored Range: cut our piece from the whole
+            if not self.ignores_range:
+                log.warning("%s ignores Range requests; whole blobs will be fetched", ep.host)
+            self.ignores_range = True
             return resp.content[start:end]
         raise self._error(resp, f"GET blob {digest.short} range {start}-{end - 1}", ep)
 

@@ -35,8 +35,12 @@ def os_error(exc: OSError, path: Path, action: str) -> StoreError:
     return StoreError(f"{action} {path}: {exc.strerror or exc}")
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so that no reader ever sees a partial file."""
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace `path` with `data` so that no reader ever sees a partial file.
+
+    `durable=False` skips the fsyncs: for cache pieces, whose own checksum catches a file
+    that a crash left torn, and which are cheaper to refetch than to sync one by one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
     try:
@@ -46,11 +50,13 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -1,0 +1,285 @@
+"""Chunk tables: how to read files of eStargz and zstd:chunked layers by byte ranges.
+
+Both formats carry a CRFS table of contents naming, for every regular file, the compressed
+pieces ("chunks") that hold its data — each an independent gzip member (eStargz) or zstd
+frame (zstd:chunked) — and the sha256 of each piece's *uncompressed* bytes. So a file can be
+read by fetching just its pieces, each verified before use.
+
+This module turns such a TOC into (a) an ordinary `Toc` for the overlay, where each regular
+file's `offset` is a position in a *virtual* uncompressed address space (files laid end to
+end in TOC order), and (b) a `ChunkTable` mapping virtual ranges to compressed ranges and
+digests. Pure: values in, values out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import hashlib
+import struct
+import zlib
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+import zstandard
+
+from imagefs.errors import IntegrityError, LayerFormatError
+from imagefs.layers import estargz, zstdchunked
+from imagefs.layers.tarscan import EntryType
+from imagefs.layers.toc import Toc, TocBuilder
+
+MAGIC = b"IFSCHNK1"
+_TYPES = {
+    "reg": EntryType.REG,
+    "dir": EntryType.DIR,
+    "symlink": EntryType.SYMLINK,
+    "hardlink": EntryType.HARDLINK,
+    "char": EntryType.CHAR,
+    "block": EntryType.BLOCK,
+    "fifo": EntryType.FIFO,
+}
+ZERO_DIGEST = b"\0" * 32
+
+
+@dataclass(frozen=True)
+class Chunk:
+    voffset: int  # where the chunk's data starts in the virtual uncompressed space
+    size: int  # uncompressed bytes
+    start: int  # compressed byte range [start, end) in the blob
+    end: int
+    inner: int  # where the chunk's data starts in its decompressed member
+    digest: bytes  # sha256 of the uncompressed chunk; all zero for a "zeros" chunk
+    zeros: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Chunks sorted by virtual offset. Compact: parallel arrays, not objects."""
+
+    codec: str  # "gzip" | "zstd"
+    voffsets: array[int]
+    sizes: array[int]
+    starts: array[int]
+    ends: array[int]
+    inners: array[int]
+    digests: bytes  # 32 bytes per chunk
+    zeros: bytes  # one byte per chunk
+
+    def __len__(self) -> int:
+        return len(self.voffsets)
+
+    def chunk(self, k: int) -> Chunk:
+        return Chunk(
+            self.voffsets[k],
+            self.sizes[k],
+            self.starts[k],
+            self.ends[k],
+            self.inners[k],
+            self.digests[32 * k : 32 * k + 32],
+            bool(self.zeros[k]),
+        )
+
+    def covering(self, offset: int, length: int) -> range:
+        """Indices of the chunks holding virtual bytes [offset, offset+length)."""
+        if length <= 0 or not len(self):
+            return range(0)
+        first = max(0, bisect.bisect_right(self.voffsets, offset) - 1)
+        last = bisect.bisect_right(self.voffsets, offset + length - 1)
+        return range(first, last)
+
+    def decode(self, k: int, compressed: bytes) -> bytes:
+        """Inflate chunk k from its compressed bytes and check its digest."""
+        c = self.chunk(k)
+        if c.zeros:
+            return bytes(c.size)
+        try:
+            if self.codec == "gzip":
+                d = zlib.decompressobj(31)
+                raw = d.decompress(compressed, c.inner + c.size)
+            else:
+                raw = zstandard.ZstdDecompressor().decompressobj().decompress(compressed)
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise LayerFormatError(f"chunk at {c.start}: does not inflate: {exc}") from None
+        data = raw[c.inner : c.inner + c.size]
+        if len(data) != c.size or hashlib.sha256(data).digest() != c.digest:
+            raise IntegrityError(f"chunk at blob offset {c.start} fails its sha256 digest")
+        return data
+
+    def to_bytes(self) -> bytes:
+        parts = [
+            MAGIC,
+            struct.pack("<4sQ", self.codec.encode().ljust(4, b"\0"), len(self)),
+            self.voffsets.tobytes(),
+            self.sizes.tobytes(),
+            self.starts.tobytes(),
+            self.ends.tobytes(),
+            self.inners.tobytes(),
+            self.digests,
+            self.zeros,
+        ]
+        body = b"".join(parts)
+        return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ChunkTable:
+        if len(data) < 28 or not data.startswith(MAGIC):
+            raise LayerFormatError("not an imagefs chunk table")
+        body, (check,) = data[:-8], struct.unpack("<Q", data[-8:])
+        if xxhash.xxh3_64_intdigest(body) != check:
+            raise LayerFormatError("chunk table checksum mismatch (torn)")
+        codec_b, n = struct.unpack_from("<4sQ", body, len(MAGIC))
+        pos = len(MAGIC) + 12
+        arrays = []
+        for _ in range(5):
+            a = array("Q")
+            a.frombytes(body[pos : pos + 8 * n])
+            pos += 8 * n
+            arrays.append(a)
+        digests = body[pos : pos + 32 * n]
+        zeros = body[pos + 32 * n : pos + 33 * n]
+        if len(zeros) != n:
+            raise LayerFormatError("chunk table is truncated")
+        voffsets, sizes, starts, ends, inners = arrays
+        codec = codec_b.rstrip(b"\0").decode()
+        return cls(codec, voffsets, sizes, starts, ends, inners, digests, zeros)
+
+
+def _mtime(modtime: str) -> tuple[int, int]:
+    if not modtime:
+        return 0, 0
+    try:
+        when = dt.datetime.fromisoformat(modtime.replace("Z", "+00:00"))
+    except ValueError:
+        return 0, 0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    seconds = int(when.timestamp())
+    # fromisoformat keeps microseconds only; the TOC may carry nanoseconds.
+    frac = (
+        modtime.split(".", 1)[1].rstrip("Z").split("+")[0].split("-")[0] if "." in modtime else ""
+    )
+    ns = int((frac + "000000000")[:9]) if frac.isdigit() else when.microsecond * 1000
+    return seconds, ns  # TocBuilder takes the nanosecond fraction
+
+
+def _name(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def build_chunked(
+    entries: Sequence[estargz.TOCEntry],
+    pieces: Sequence[tuple[str, int, int, int, int, int, str, bool]],
+    codec: str,
+) -> tuple[Toc, ChunkTable, list[str]]:
+    """A Toc and a ChunkTable from CRFS entries and each file's pieces.
+
+    `pieces` are (name, file_offset, size, start, end, inner, digest, zeros) in file order.
+    """
+    builder = TocBuilder()
+    by_name: dict[str, list[tuple[str, int, int, int, int, int, str, bool]]] = {}
+    for p in pieces:
+        by_name.setdefault(p[0], []).append(p)
+    voff = 0
+    rows: list[tuple[int, int, int, int, int, bytes, bool]] = []
+    warnings: list[str] = []
+    for e in entries:
+        kind = _TYPES.get(e.type)
+        if kind is None:
+            continue  # "chunk" continuation entries, or types we do not show
+        mtime, mtime_ns = _mtime(e.modtime)
+        offset = 0
+        if kind is EntryType.REG and e.size:
+            offset = voff
+            got = by_name.get(e.name, [])
+            covered = 0
+            for _, file_off, size, start, end, inner, digest, zeros in got:
+                if file_off != covered:
+                    raise LayerFormatError(f"{e.name}: chunks do not cover the file in order")
+                algo, _, hexd = digest.partition(":")
+                if not zeros and (algo != "sha256" or len(hexd) != 64):
+                    raise LayerFormatError(f"{e.name}: chunk without a sha256 digest")
+                rows.append(
+                    (
+                        voff + file_off,
+                        size,
+                        start,
+                        end,
+                        inner,
+                        bytes.fromhex(hexd) if not zeros else ZERO_DIGEST,
+                        zeros,
+                    )
+                )
+                covered += size
+            if covered != e.size:
+                raise LayerFormatError(f"{e.name}: chunks hold {covered} of {e.size} bytes")
+            voff += e.size
+        builder.add(
+            _name(e.name),
+            kind,
+            mode=e.mode & 0o7777,
+            uid=e.uid,
+            gid=e.gid,
+            size=e.size if kind is EntryType.REG else 0,
+            mtime=mtime,
+            mtime_ns=mtime_ns,
+            devmajor=e.dev_major,
+            devminor=e.dev_minor,
+            offset=offset,
+            linkname=_name(e.link_name),
+            xattrs=[(k.encode(), v) for k, v in e.xattrs.items()],
+        )
+    toc = builder.build()
+    warnings.extend(builder.warnings)
+    table = ChunkTable(
+        codec,
+        array("Q", [r[0] for r in rows]),
+        array("Q", [r[1] for r in rows]),
+        array("Q", [r[2] for r in rows]),
+        array("Q", [r[3] for r in rows]),
+        array("Q", [r[4] for r in rows]),
+        b"".join(r[5] for r in rows),
+        bytes(1 if r[6] else 0 for r in rows),
+    )
+    return toc, table, warnings
+
+
+def from_estargz(toc: estargz.TOC, toc_offset: int) -> tuple[Toc, ChunkTable, list[str]]:
+    """eStargz: a chunk ends where the next member starts (or at the TOC member)."""
+    member_starts = {
+        e.offset for e in toc.entries if e.type == "chunk" or (e.type == "reg" and e.size)
+    }
+    starts = sorted(member_starts | {toc_offset})
+    pieces: list[tuple[str, int, int, int, int, int, str, bool]] = []
+    current: estargz.TOCEntry | None = None
+    for e in toc.entries:
+        if e.type == "reg":
+            current = e
+            if not e.size:
+                continue
+        elif e.type != "chunk" or current is None or e.name != current.name:
+            continue
+        assert current is not None
+        size = e.chunk_size or (current.size - e.chunk_offset)
+        i = bisect.bisect_right(starts, e.offset)
+        end = starts[i] if i < len(starts) else toc_offset
+        pieces.append(
+            (
+                current.name,
+                e.chunk_offset,
+                size,
+                e.offset,
+                end,
+                e.inner_offset,
+                e.chunk_digest,
+                False,
+            )
+        )
+    return build_chunked(toc.entries, pieces, "gzip")
+
+
+def from_zstd_chunked(toc: estargz.TOC) -> tuple[Toc, ChunkTable, list[str]]:
+    refs = zstdchunked.chunks(toc)
+    pieces = [(r.name, r.file_offset, r.size, r.start, r.end, 0, r.digest, r.zeros) for r in refs]
+    return build_chunked(toc.entries, pieces, "zstd")
