@@ -29,6 +29,7 @@ from imagefs.errors import (
     unwrap_groups,
 )
 from imagefs.image import Layer, RegistrySource, ResolvedImage, load_resolved
+from imagefs.indexes import PushedIndexes
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.platform import Platform
@@ -330,8 +331,41 @@ class ImageSummary:
 
 
 def layer_cached_bytes(store: Store, layer: Layer) -> int:
-    """How much of a layer is local. Whole blobs for now; the chunk cache adds partial ones."""
-    return layer.size if store.blobs.has(layer.digest) else 0
+    """How much of a layer is local: the whole blob, or the verified pieces in the cache."""
+    if store.blobs.has(layer.digest):
+        return layer.size
+    from imagefs.lazy.cache import ChunkCache
+
+    return min(layer.size, ChunkCache(store.root).present_bytes(layer.digest))
+
+
+def sweep_derived(store: Store) -> int:
+    """Drop cache pieces, layer indexes and flattened layers of layers no image uses.
+
+    Hold `store.locked()`. Returns the bytes freed.
+    """
+    import shutil
+
+    keep = {Digest.parse(d).hex for d in store.reachable(store.records()) if ":" in d}
+    freed = 0
+    for area in (
+        store.root / "cache" / "chunks",
+        store.root / "indexes" / "sha256",
+        store.root / "cache" / "flat",
+    ):
+        if not area.is_dir():
+            continue
+        for entry in area.iterdir():
+            name = entry.name
+            if name in keep or name.startswith("."):
+                continue
+            if entry.is_dir():
+                freed += sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                freed += entry.stat().st_size
+                entry.unlink(missing_ok=True)
+    return freed
 
 
 def _summarise(store: Store, record: ImageRecord) -> ImageSummary:
@@ -551,6 +585,7 @@ async def rmi(session: Session, queries: Sequence[str], *, force: bool = False) 
                     candidates.add(image.id)
                     candidates.update(layer.digest for layer in image.layers)
             deleted = store.collect_garbage(sorted(candidates, key=str))
+            sweep_derived(store)
         return RmiResult(untagged, deleted)
 
     result: RmiResult = await session.disk(work)
@@ -565,13 +600,24 @@ def _names(record: ImageRecord, query: str) -> bool:
     return ref.digest is None and record.name is not None and str(record.name) == str(ref)
 
 
-async def prune(session: Session) -> list[tuple[Digest, int]]:
-    def work() -> list[tuple[Digest, int]]:
+@dataclass(frozen=True)
+class PruneResult:
+    blobs: list[tuple[Digest, int]]
+    derived_bytes: int  # cache pieces, indexes and flattened layers of unused layers
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.blobs) + self.derived_bytes
+
+
+async def prune(session: Session) -> PruneResult:
+    def work() -> PruneResult:
         store = session.store
         with store.locked():
-            return [(d, n) for d, n in store.collect_garbage() if n]
+            blobs = [(d, n) for d, n in store.collect_garbage() if n]
+            return PruneResult(blobs, sweep_derived(store))
 
-    result: list[tuple[Digest, int]] = await session.disk(work)
+    result: PruneResult = await session.disk(work)
     return result
 
 
@@ -684,6 +730,91 @@ async def _blob_source(
             # Withhold the last bytes so the upload can never complete with wrong content.
             raise IntegrityError(f"blob {desc.digest} from {src.registry} failed verification")
         yield chunk
+
+
+# -- index ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerIndexed:
+    layer: Layer
+    entries: int
+    spans: int
+    uncompressed: int
+    seconds: float
+    built: bool  # False when it was already in the index store
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    reference: Reference
+    layers: list[LayerIndexed]
+    skipped: list[Layer]  # eStargz / zstd:chunked: they carry their own TOC
+    pushed: PushedIndexes | None
+
+
+async def index(
+    session: Session, reference: str, *, push: bool = False, platform: Platform | None = None
+) -> IndexResult:
+    """Build the imagefs layer index of each layer that needs one; `push` publishes them."""
+    import time
+
+    from imagefs.indexes import build_local, needs_index, push_indexes
+    from imagefs.layers.index import IndexStore
+
+    store = session.store
+    try:
+        record = await session.disk(find_record, store, reference)
+    except NotFound:
+        await pull(session, reference, platform=platform)
+        record = await session.disk(find_record, store, reference)
+    image: ResolvedImage = await session.disk(
+        load_resolved, store, record.manifest.digest, record.index_digest
+    )
+    source = Reference.parse(record.source) if record.source else None
+    done: list[LayerIndexed] = []
+    skipped: list[Layer] = []
+    indexes = IndexStore(store.root)
+    built = []
+    for layer in image.layers:
+        if not needs_index(layer):
+            skipped.append(layer)
+            continue
+        existing = await session.disk(indexes.load, layer.digest)
+        began = time.monotonic()
+        if existing is None or existing.seek is None:
+            if not store.blobs.has(layer.digest):
+                if source is None:
+                    raise NotFound(f"layer {layer.digest.short} is not local and has no source")
+                await fetch_blob(
+                    session, session.client(source), source.repository, layer.descriptor
+                )
+            began = time.monotonic()
+            existing = await trio.to_thread.run_sync(
+                build_local, store.root, store.blobs.path(layer.digest), layer
+            )
+            was_built = True
+        else:
+            was_built = False
+        assert existing.seek is not None
+        built.append(existing)
+        done.append(
+            LayerIndexed(
+                layer,
+                len(existing.toc),
+                len(existing.seek.points),
+                existing.seek.uncompressed_size,
+                time.monotonic() - began,
+                was_built,
+            )
+        )
+    pushed = None
+    ref = record.name or (Reference.parse(record.source) if record.source else None)
+    if push:
+        if ref is None:
+            raise NotFound(f"{reference}: no repository to push the index to")
+        pushed = await push_indexes(session.client(ref), ref.repository, image, built)
+    return IndexResult(ref or Reference.parse(reference), done, skipped, pushed)
 
 
 # -- login / logout ---------------------------------------------------------------------------

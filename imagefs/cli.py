@@ -152,7 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTS",
         help="allow_other, suid, dev (default: nosuid,nodev; always ro)",
     )
+    p.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        help="cap of the chunk cache shared by mounts of this root (default: "
+        "config file `cache-size`, else 10GiB); e.g. 512MiB",
+    )
+    p.add_argument(
+        "--background-fetch",
+        action="store_true",
+        help="fetch the rest of the image in the background, below reads in priority",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    p = cmd("index", "Build the random-access indexes of an image's gzip/zstd layers")
+    p.add_argument("reference")
+    p.add_argument(
+        "--push",
+        action="store_true",
+        help="publish them next to the image (OCI artifact, referrers or tag)",
+    )
+    p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
 
     p = cmd("umount", "Unmount an imagefs mount (the daemon exits)")
     p.add_argument("mountpoint", type=Path)
@@ -391,11 +411,16 @@ async def cmd_logout(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
-    freed = await api.prune(s)
+    result = await api.prune(s)
     if not a.quiet:
-        for digest, _ in freed:
+        for digest, _ in result.blobs:
             print(f"Deleted: {digest}")
-    print(f"Total reclaimed space: {human_size(sum(n for _, n in freed))}")
+        if result.derived_bytes:
+            print(
+                f"Deleted cache pieces and indexes of unused layers: "
+                f"{human_size(result.derived_bytes)}"
+            )
+    print(f"Total reclaimed space: {human_size(result.total)}")
     return 0
 
 
@@ -419,6 +444,10 @@ def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[st
     if a.debug:
         argv.append("--debug")
     argv += ["mount", "-f"]
+    if a.cache_size:
+        argv += ["--cache-size", a.cache_size]
+    if a.background_fetch:
+        argv.append("--background-fetch")
     for opt in a.options:
         argv += ["-o", opt]
     return [*argv, a.reference, str(mountpoint)]
@@ -438,13 +467,36 @@ async def cmd_mount(s: api.Session, a: argparse.Namespace) -> int:
             _log_to_file(log_path, a.debug)
         else:
             logging.getLogger("imagefs").setLevel(logging.DEBUG if a.debug else logging.INFO)
-        await serve(s, a.reference, mountpoint, options, a.ready_fd)
+        await serve(
+            s,
+            a.reference,
+            mountpoint,
+            options,
+            a.ready_fd,
+            cache_size=_cache_size(a),
+            background_fetch=a.background_fetch,
+        )
         return 0
     log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
     argv = _daemon_argv(a, s.root.absolute(), mountpoint)
     pid = await trio.to_thread.run_sync(lifecycle.spawn_daemon, argv, log_path, mountpoint)
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0
+
+
+def _cache_size(a: argparse.Namespace) -> int:
+    from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, parse_size
+
+    value = a.cache_size
+    if value is None:
+        cfg = load_file_config(a.config or default_config_dir()).extra.get("cache-size")
+        value = str(cfg) if cfg is not None else None
+    if value is None:
+        return DEFAULT_CACHE_SIZE
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _log_to_file(path: Path, debug: bool) -> None:
@@ -454,6 +506,39 @@ def _log_to_file(path: Path, debug: bool) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     logging.getLogger("imagefs").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+async def cmd_index(s: api.Session, a: argparse.Namespace) -> int:
+    platform = Platform.parse(a.platform) if a.platform else None
+    result = await api.index(s, a.reference, push=a.push, platform=platform)
+    rows = [["LAYER", "ENTRIES", "SPANS", "COMPRESSED", "UNCOMPRESSED", "BUILD", "MB/s"]]
+    for item in result.layers:
+        speed = (
+            f"{item.uncompressed / item.seconds / 1e6:.0f}"
+            if item.built and item.seconds > 0
+            else "-"
+        )
+        rows.append(
+            [
+                item.layer.digest.short,
+                str(item.entries),
+                str(item.spans),
+                human_size(item.layer.size),
+                human_size(item.uncompressed),
+                f"{item.seconds:.2f}s" if item.built else "cached",
+                speed,
+            ]
+        )
+    for layer in result.skipped:
+        rows.append([layer.digest.short, "-", "-", human_size(layer.size), "-", "own TOC", "-"])
+    print(table(rows))
+    if result.pushed is not None:
+        how = f"tag {result.reference.name}:sha256-…" if result.pushed.via_tag else "referrers"
+        print(
+            f"Pushed {result.pushed.layers} layer indexes as {result.pushed.manifest_digest} "
+            f"(found through {how})"
+        )
+    return 0
 
 
 async def cmd_umount(s: api.Session, a: argparse.Namespace) -> int:
@@ -485,6 +570,7 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "logout": cmd_logout,
     "prune": cmd_prune,
     "mount": cmd_mount,
+    "index": cmd_index,
     "umount": cmd_umount,
     "mounts": cmd_mounts,
 }

@@ -22,6 +22,7 @@ from imagefs.errors import ImageFSError, UsageError
 from imagefs.fs.lifecycle import MountRegistration, report_ready
 from imagefs.fs.operations import ImageOperations
 from imagefs.image import Layer, load_resolved
+from imagefs.indexes import RemoteIndexes
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, ChunkCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.reference import Reference
@@ -80,6 +81,7 @@ async def serve(
     ready_fd: int | None = None,
     *,
     cache_size: int = DEFAULT_CACHE_SIZE,
+    background_fetch: bool = False,
 ) -> None:
     store = session.store
     record = await session.disk(api.find_record, store, query)
@@ -107,8 +109,18 @@ async def serve(
             await fetch(layer)
         return data
 
+    remote = (
+        RemoteIndexes(session.client(source), source.repository, record.manifest.digest)
+        if source is not None
+        else None
+    )
     layer_set = LayerSet(
-        store, layers, fetch, fetch_range=fetch_range, cache=ChunkCache(store.root, cache_size)
+        store,
+        layers,
+        fetch,
+        fetch_range=fetch_range,
+        remote_index=remote,
+        cache=ChunkCache(store.root, cache_size),
     )
     # Directory link counts would need every layer of a directory's listing before its
     # first stat; like btrfs, report 1 ("unknown", which find(1) understands) and stay lazy.
@@ -136,6 +148,8 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, signalled)
                 layer_set.nursery = nursery
+                if background_fetch:
+                    nursery.start_soon(layer_set.fetch_everything)
                 report_ready(ready_fd)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()

@@ -62,19 +62,31 @@ class ImageOperations(pyfuse3.Operations):
             except Exception:  # a bug must cost one request, not the mount
                 log.exception("%s%r failed", getattr(fn, "__name__", fn), args)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                self._log_overlay_warnings()
         raise pyfuse3.FUSEError(errno.EIO)
+
+    def _log_overlay_warnings(self) -> None:
+        """The overlay notes entries it had to skip (a hard link whose target is missing in
+        the layers below); each is reported once, when it is first discovered."""
+        warnings = self.overlay.warnings
+        while warnings:
+            log.warning("%s", warnings.pop(0))
 
     async def _load(self, index: int) -> None:
         try:
             idx = await self.layers.ensure(index)
         except ImageFSError as exc:  # registry or format trouble: EIO, and retry next time
-            log.error("layer %d: %s", index, exc)
+            log.error("layer %d (%s): %s", index, self._layer_name(index), exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            log.exception("layer %d: unexpected failure", index)
+            log.exception("layer %d (%s): unexpected failure", index, self._layer_name(index))
             raise pyfuse3.FUSEError(errno.EIO) from None
         if not self.overlay.has_layer(index):
             self.overlay.set_layer(index, idx.toc)
+
+    def _layer_name(self, index: int) -> str:
+        return str(self.layers.layers[index].digest)
 
     def _entry(self, a: Attrs) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -128,6 +128,25 @@ def clean_path(raw: bytes) -> bytes:
     return b"/".join(parts)
 
 
+def leaves_root(raw: bytes) -> bool:
+    """Whether a raw member name is absolute or climbs above the root with `..`.
+
+    `clean_path` contains both; this only tells whether it had to. A lone `/` or `./` (the
+    root entry some writers emit) does not count, and `a/../b` stays inside.
+    """
+    if raw.startswith(b"/") and raw.strip(b"/"):
+        return True
+    depth = 0
+    for comp in raw.split(b"/"):
+        if comp == b"..":
+            if not depth:
+                return True
+            depth -= 1
+        elif comp and comp != b".":
+            depth += 1
+    return False
+
+
 def show(path: bytes) -> str:
     """Render a raw name for a message without losing the bytes that are not UTF-8."""
     return repr(path.decode("utf-8", "backslashreplace"))
@@ -493,6 +512,18 @@ class TarScanner:
             self.warnings.append(f"{show(name)} at offset {header_offset}: {problem}; skipped")
             return
         out.append(entry)
+        # Contained, not refused (umoci and containerd clean such names the same way), but a
+        # layer that aims outside the root deserves a line in the log, as GNU tar gives one.
+        if leaves_root(name):
+            self.warnings.append(
+                f"{show(name)} at offset {header_offset}: name reaches outside the root; "
+                f"kept as {show(entry.path)}"
+            )
+        if entry.type is EntryType.HARDLINK and leaves_root(linkname):
+            self.warnings.append(
+                f"{show(name)} at offset {header_offset}: hard link target {show(linkname)} "
+                f"reaches outside the root; kept as {show(entry.linkname)}"
+            )
 
     def _make_entry(
         self,

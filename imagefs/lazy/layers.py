@@ -103,6 +103,7 @@ class LayerSet:
         self._local: dict[int, bool] = {}
         self._last_end: dict[int, int] = {}
         self.stats = [LayerStats() for _ in self.layers]
+        self._background = trio.CapacityLimiter(1)
 
     # -- indexes ----------------------------------------------------------------------------
 
@@ -424,6 +425,20 @@ class LayerSet:
             ks = range(seek.point_for(offset), seek.point_for(end - 1) + 1)
             await self._ensure_units(i, [seek.span_range(k) for k in ks], self._span_verifier(seek))
 
+    async def fetch_everything(self) -> None:
+        """Make the whole image local, a piece at a time, one fetch at a time, so that
+        on-demand reads (which may run several fetches at once) always get ahead."""
+        for i, layer in enumerate(self.layers):
+            try:
+                idx = await self.ensure(i)
+                size = idx.seek.uncompressed_size if idx.seek is not None else _virtual_size(idx)
+                for offset in range(0, size, READ_AHEAD):
+                    async with self._background:
+                        await self.prefetch(i, offset, READ_AHEAD)
+            except ImageFSError as exc:
+                log.warning("background fetch of layer %d (%s): %s", i, layer.digest.short, exc)
+        log.info("background fetch finished")
+
     def _span_verifier(self, seek: SeekIndex) -> Callable[[int, int, bytes], None]:
         by_start = {seek.span_range(k): k for k in range(len(seek.points))}
 
@@ -599,3 +614,10 @@ def _runs(units: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             runs.append((s, e))
     return runs
+
+
+def _virtual_size(idx: LayerIndex) -> int:
+    table = idx.chunks
+    if table is None or not len(table):
+        return 0
+    return int(table.voffsets[-1] + table.sizes[-1])

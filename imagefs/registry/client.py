@@ -478,6 +478,22 @@ class RegistryClient:
             raise IntegrityError(f"registry stored manifest as {header}, we sent {digest}")
         return digest
 
+    async def get_referrers(self, repository: str, digest: Digest) -> bytes | None:
+        """The referrers API's image index for `digest`, or None where the registry lacks the
+        API (distribution 2.8 answers 404; callers then try the `sha256-<hex>` tag)."""
+        path = f"/v2/{repository}/referrers/{digest}"
+        scopes = [challenge.scope_for(repository, ["pull"])]
+        resp, ep = await self._read(
+            "GET", path, scopes=scopes, headers={"Accept": mediatypes.OCI_INDEX}
+        )
+        if resp.status_code in (404, 405, 400):
+            return None
+        if not resp.is_success:
+            raise self._error(resp, f"GET referrers of {digest.short}", ep)
+        if len(resp.content) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"referrers of {digest.short}: response too large")
+        return resp.content
+
     # -- blobs: reads -----------------------------------------------------------------------
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:

@@ -33,11 +33,16 @@ def force_unmount(mountpoint: Path) -> None:
 
 @contextlib.contextmanager
 def mounted(
-    root: Path, reference: str, mountpoint: Path, extra: Sequence[str] = ()
+    root: Path,
+    reference: str,
+    mountpoint: Path,
+    extra: Sequence[str] = (),
+    mount_args: Sequence[str] = (),
 ) -> Iterator[Path]:
-    """`imagefs mount` (daemonized, as users run it); unmounted on exit whatever happens."""
+    """`imagefs [EXTRA] mount [MOUNT_ARGS] REF DIR` (daemonized, as users run it); unmounted
+    on exit whatever happens. EXTRA are global options, MOUNT_ARGS those of `mount`."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    imagefs(root, *extra, "mount", reference, str(mountpoint))
+    imagefs(root, *extra, "mount", *mount_args, reference, str(mountpoint))
     try:
         yield mountpoint
     finally:

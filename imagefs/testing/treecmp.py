@@ -94,7 +94,9 @@ def _walk(root: bytes) -> Iterator[bytes]:
             yield os.path.join(rel, name) if rel else name
 
 
-def listing(root: str | bytes | os.PathLike[str], fields: Sequence[str] = ALL_FIELDS) -> list[Entry]:
+def listing(
+    root: str | bytes | os.PathLike[str], fields: Sequence[str] = ALL_FIELDS
+) -> list[Entry]:
     """The comparable listing of a tree (see module docstring)."""
     root_b = os.fsencode(root)
     paths = list(_walk(root_b))

@@ -260,7 +260,7 @@ async def test_prune_removes_unreferenced_blobs(tmp_path: Path, sample_image: Sa
         pulled = await api.pull(s, sample_image.ref, full=True)
         stray = s.store.blobs.put(b"nobody references me")
         freed = await api.prune(s)
-        assert [d for d, _ in freed] == [stray]
+        assert [d for d, _ in freed.blobs] == [stray]
         assert all(s.store.blobs.has(layer.digest) for layer in pulled.image.layers)
 
 
