@@ -322,7 +322,6 @@ def layout_append_layer(
     `tag` (default: the same tag) at the new manifest. Old blobs stay (harmless).
     """
     manifest = image.manifest()
-    config = image.config()
     docker = manifest.get("mediaType") == DOCKER_MANIFEST
     if docker and compression == "zstd":
         raise ValueError("Docker v2s2 manifests cannot carry zstd layers")
@@ -334,19 +333,45 @@ def layout_append_layer(
         blob = tar_bytes
     base = _DOCKER_LAYER if docker else _OCI_LAYER
     suffix = {"gzip": ".gzip" if docker else "+gzip", "zstd": "+zstd", None: ""}[compression]
-    layer_digest, layer_size = _write_blob(image.layout, blob)
+    return layout_append_blob(
+        image,
+        blob,
+        diff_id="sha256:" + hashlib.sha256(tar_bytes).hexdigest(),
+        media_type=base + suffix,
+        tag=tag,
+        created_by=created_by,
+    )
 
+
+def layout_append_blob(
+    image: LayoutImage,
+    blob: bytes,
+    *,
+    diff_id: str,
+    media_type: str,
+    annotations: Mapping[str, str] | None = None,
+    tag: str | None = None,
+    created_by: str = "imagefs.testing layout_append_blob",
+) -> LayoutImage:
+    """Append an already compressed layer blob (e.g. eStargz) with its diff_id."""
+    manifest = image.manifest()
+    config = image.config()
+    layer_digest, layer_size = _write_blob(image.layout, blob)
     config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-    config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(tar_bytes).hexdigest())
+    config["rootfs"]["diff_ids"].append(diff_id)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     config.setdefault("history", []).append({"created": now, "created_by": created_by})
     config_digest, config_size = _write_blob(image.layout, _canonical(config))
 
     manifest["config"] = {**manifest["config"], "digest": config_digest, "size": config_size}
-    manifest["layers"] = [
-        *manifest["layers"],
-        {"mediaType": base + suffix, "digest": layer_digest, "size": layer_size},
-    ]
+    layer_desc: dict[str, Any] = {
+        "mediaType": media_type,
+        "digest": layer_digest,
+        "size": layer_size,
+    }
+    if annotations:
+        layer_desc["annotations"] = dict(annotations)
+    manifest["layers"] = [*manifest["layers"], layer_desc]
     manifest_digest, manifest_size = _write_blob(image.layout, _canonical(manifest))
     media_type = manifest.get("mediaType", OCI_MANIFEST)
     new = LayoutImage(image.layout, tag or image.tag)
