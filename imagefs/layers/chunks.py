@@ -172,12 +172,16 @@ def build_chunked(
     entries: Sequence[estargz.TOCEntry],
     pieces: Sequence[tuple[str, int, int, int, int, int, str, bool]],
     codec: str,
+    *,
+    estargz_layer: bool = False,
 ) -> tuple[Toc, ChunkTable, list[str]]:
     """A Toc and a ChunkTable from CRFS entries and each file's pieces.
 
     `pieces` are (name, file_offset, size, start, end, inner, digest, zeros) in file order.
+    JSON cannot carry names that are not UTF-8: writers put U+FFFD there, so such a TOC is
+    refused (LayerFormatError) and the caller reads the layer's tar stream instead.
     """
-    builder = TocBuilder()
+    builder = TocBuilder(estargz=estargz_layer)
     by_name: dict[str, list[tuple[str, int, int, int, int, int, str, bool]]] = {}
     for p in pieces:
         by_name.setdefault(p[0], []).append(p)
@@ -185,6 +189,8 @@ def build_chunked(
     rows: list[tuple[int, int, int, int, int, bytes, bool]] = []
     warnings: list[str] = []
     for e in entries:
+        if "\ufffd" in e.name or "\ufffd" in e.link_name:
+            raise LayerFormatError(f"TOC lost a non-UTF-8 name ({e.name!r})")
         kind = _TYPES.get(e.type)
         if kind is None:
             continue  # "chunk" continuation entries, or types we do not show
@@ -276,7 +282,7 @@ def from_estargz(toc: estargz.TOC, toc_offset: int) -> tuple[Toc, ChunkTable, li
                 False,
             )
         )
-    return build_chunked(toc.entries, pieces, "gzip")
+    return build_chunked(toc.entries, pieces, "gzip", estargz_layer=True)
 
 
 def from_zstd_chunked(toc: estargz.TOC) -> tuple[Toc, ChunkTable, list[str]]:

@@ -94,11 +94,16 @@ class LayerIndex:
 
 
 def build_from_blob(
-    blob: Path, digest: Digest, compression: Compression, *, spool_dir: Path | None = None
+    blob: Path,
+    digest: Digest,
+    compression: Compression,
+    *,
+    spool_dir: Path | None = None,
+    estargz: bool = False,
 ) -> LayerIndex:
     """Scan a verified, local layer blob into a LayerIndex (CPU-bound: run in a thread)."""
     scanner = TarScanner()
-    builder = TocBuilder()
+    builder = TocBuilder(estargz=estargz)
 
     def feed(data: bytes) -> None:
         for entry in scanner.feed(data):

@@ -188,8 +188,11 @@ class TocBuilder:
     Problems that spoil one entry are appended to `warnings` and the entry is left out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, estargz: bool = False) -> None:
+        """`estargz`: the layer is eStargz, whose bookkeeping files at the root
+        (`HIDDEN_AT_ROOT`) are not part of the image; in any other layer they are files."""
         self.warnings: list[str] = []
+        self._hide = HIDDEN_AT_ROOT if estargz else frozenset()
         self._types = array("B")
         self._modes = array("H")
         self._uids = array("I")
@@ -260,7 +263,7 @@ class TocBuilder:
         if name.startswith(WHITEOUT_PREFIX):
             self._add_whiteout(path, name)
             return None
-        if path in HIDDEN_AT_ROOT:
+        if path in self._hide:
             return None
         if not path and type is not EntryType.DIR:
             self._warn(path, "the root can only be a directory")

@@ -22,6 +22,7 @@ each span once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 import trio
 import zstandard
 
-from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
+from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError, unwrap_groups
 from imagefs.image import Layer
 from imagefs.layers import chunks as chunk_tables
 from imagefs.layers import estargz, zstdchunked
@@ -57,6 +58,10 @@ TAIL_FETCH = 64 << 10  # first guess at footer + TOC size for eStargz
 # trip costs far more than the few extra KiB (see docs/bench.md for the measurement).
 MIN_FETCH = 256 << 10
 READ_AHEAD = 4 << 20
+
+
+class _Gone(Exception):
+    """A cache piece disappeared between checking for it and reading it."""
 
 
 @dataclass
@@ -253,8 +258,10 @@ class LayerSet:
         compression = mediatypes.layer_compression(layer.descriptor.media_type)
         blob = self.store.blobs.path(layer.digest)
         self.stats[i].source = "built from the blob"
+        is_estargz = ESTARGZ_TOC_DIGEST in layer.descriptor.annotations
         return await trio.to_thread.run_sync(
-            build_from_blob, blob, layer.digest, compression, limiter=self.cpu
+            functools.partial(build_from_blob, blob, layer.digest, compression, estargz=is_estargz),
+            limiter=self.cpu,
         )
 
     # -- where compressed bytes come from ---------------------------------------------------
@@ -281,12 +288,27 @@ class LayerSet:
     def _pread(self, i: int, start: int, end: int) -> bytes:
         return os.pread(self._fd(i), end - start, start)
 
-    def _cached(self, i: int, start: int, end: int) -> bytes:
+    def _reader(self, i: int, fresh: dict[int, bytes]) -> Callable[[int, int], bytes]:
+        """Compressed bytes [a, b): from pieces this read just fetched, else the cache.
+
+        Just-fetched pieces are handed over in memory because a small cache cap may evict
+        them again at once; a piece evicted (here or by another process) between the check
+        and the read raises `_Gone`, and the caller fetches again.
+        """
         assert self.cache is not None
-        data = self.cache.read(self.layers[i].digest, start, end)
-        if data is None:
-            raise IntegrityError(f"cache piece {start}-{end} vanished")  # caller refetches
-        return data
+        cache = self.cache
+        digest = self.layers[i].digest
+
+        def read(a: int, b: int) -> bytes:
+            for start, data in fresh.items():
+                if start <= a and b <= start + len(data):
+                    return data[a - start : b - start]
+            got = cache.read(digest, a, b)
+            if got is None:
+                raise _Gone(a, b)
+            return got
+
+        return read
 
     async def _ensure_units(
         self,
@@ -294,16 +316,18 @@ class LayerSet:
         units: Sequence[tuple[int, int]],
         verify: Callable[[int, int, bytes], None],
         neighbours: Sequence[tuple[int, int]] = (),
-    ) -> None:
-        """Make the verified compressed ranges `units` present in the chunk cache."""
+    ) -> dict[int, bytes]:
+        """Make the verified compressed ranges `units` present; returns what this call fetched
+        (run start -> bytes), everything else is in the chunk cache."""
         assert self.cache is not None
         digest = self.layers[i].digest
+        fresh: dict[int, bytes] = {}
         while True:
             missing = await trio.to_thread.run_sync(
                 lambda: [u for u in units if self.cache.covering(digest, *u) is None]  # type: ignore[union-attr]
             )
             if not missing:
-                return
+                return fresh
             waiting = [
                 self._unit_inflight[(i, u[0])] for u in missing if (i, u[0]) in self._unit_inflight
             ]
@@ -316,16 +340,22 @@ class LayerSet:
         for u, ev in events.items():
             self._unit_inflight[(i, u[0])] = ev
         try:
-            async with trio.open_nursery() as nursery:
-                for group in plan:
-                    nursery.start_soon(self._fetch_group, i, group, verify)
+            with unwrap_groups():
+                async with trio.open_nursery() as nursery:
+                    for group in plan:
+                        nursery.start_soon(self._fetch_group, i, group, verify, fresh)
         finally:
             for u, ev in events.items():
                 self._unit_inflight.pop((i, u[0]), None)
                 ev.set()
+        return fresh
 
     async def _fetch_group(
-        self, i: int, group: list[tuple[int, int]], verify: Callable[[int, int, bytes], None]
+        self,
+        i: int,
+        group: list[tuple[int, int]],
+        verify: Callable[[int, int, bytes], None],
+        fresh: dict[int, bytes],
     ) -> None:
         assert self.cache is not None
         start, end = group[0][0], max(e for _, e in group)
@@ -336,13 +366,13 @@ class LayerSet:
                 verify(s, e, data[s - start : e - start])
             # Keep only verified bytes: runs of pieces that touch, never the gaps between.
             for run_start, run_end in _runs(group):
-                self.cache.put(  # type: ignore[union-attr]
-                    self.layers[i].digest, run_start, data[run_start - start : run_end - start]
-                )
+                run = data[run_start - start : run_end - start]
+                fresh[run_start] = run
+                self.cache.put(self.layers[i].digest, run_start, run)  # type: ignore[union-attr]
 
         try:
             await trio.to_thread.run_sync(check_and_keep, limiter=self.cpu)
-        except IntegrityError as exc:
+        except (IntegrityError, LayerFormatError) as exc:
             log.error(
                 "layer %d (%s): bytes %d-%d from the registry failed verification (%s);"
                 " not served, not kept",
@@ -352,7 +382,7 @@ class LayerSet:
                 end,
                 exc,
             )
-            raise
+            raise IntegrityError(str(exc)) from None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -465,36 +495,58 @@ class LayerSet:
         self, i: int, table: chunk_tables.ChunkTable, offset: int, length: int
     ) -> bytes:
         ks = list(table.covering(offset, length))
-        units = [(table.starts[k], table.ends[k]) for k in ks if not table.zeros[k]]
+        # Inflated chunks live in the same LRU as inflated spans (keys (i, -1 - k)), so that
+        # a file read in 128 KiB pieces inflates each of its multi-MiB chunks once.
+        raws: dict[int, bytes] = {}
+        for k in ks:
+            hit = self._spans.get((i, -1 - k))
+            if hit is not None:
+                self._spans.move_to_end((i, -1 - k))
+                raws[k] = hit.data
+            elif table.zeros[k]:
+                raws[k] = bytes(table.sizes[k])
+        need = [k for k in ks if k not in raws]
+        if need:
+            raws.update(await self._decode_chunks(i, table, need))
+        out = []
+        for k in ks:
+            voff, size = table.voffsets[k], table.sizes[k]
+            lo = max(offset, voff) - voff
+            hi = min(offset + length, voff + size) - voff
+            out.append(raws[k][lo:hi])
+        return b"".join(out)
+
+    async def _decode_chunks(
+        self, i: int, table: chunk_tables.ChunkTable, ks: list[int]
+    ) -> dict[int, bytes]:
+        units = [(table.starts[k], table.ends[k]) for k in ks]
         local = self._is_local(i)
-        if not local:
-            neighbours = (
-                [
-                    (table.starts[k], table.ends[k])
-                    for k in range(ks[-1] + 1, min(len(table), ks[-1] + 64))
-                    if not table.zeros[k]
-                ]
-                if ks
-                else []
-            )
-            await self._ensure_units(i, units, self._chunk_verifier(i, table), neighbours)
+        last = ks[-1]
+        neighbours = [
+            (table.starts[k], table.ends[k])
+            for k in range(last + 1, min(len(table), last + 64))
+            if not table.zeros[k]
+        ]
+        for _attempt in range(3):
+            if local:
+                reader: Callable[[int, int], bytes] = lambda a, b: self._pread(i, a, b)  # noqa: E731
+            else:
+                fresh = await self._ensure_units(
+                    i, units, self._chunk_verifier(i, table), neighbours
+                )
+                reader = self._reader(i, fresh)
 
-        def decode() -> bytes:
-            out = []
-            for k in ks:
-                c = table.chunk(k)
-                if c.zeros:
-                    raw = bytes(c.size)
-                elif local:
-                    raw = table.decode(k, self._pread(i, c.start, c.end))
-                else:
-                    raw = table.decode(k, self._cached(i, c.start, c.end))
-                lo = max(offset, c.voffset) - c.voffset
-                hi = min(offset + length, c.voffset + c.size) - c.voffset
-                out.append(raw[lo:hi])
-            return b"".join(out)
+            def decode(reader: Callable[[int, int], bytes] = reader) -> dict[int, bytes]:
+                return {k: table.decode(k, reader(table.starts[k], table.ends[k])) for k in ks}
 
-        return await trio.to_thread.run_sync(decode, limiter=self.cpu)
+            try:
+                got = await trio.to_thread.run_sync(decode, limiter=self.cpu)
+            except _Gone:
+                continue
+            for k, raw in got.items():
+                self._remember((i, -1 - k), _Span(raw, True))
+            return got
+        raise ImageFSError("cache pieces keep vanishing under this read (cache cap too small?)")
 
     async def _span(self, i: int, k: int, need: int, whole: bool) -> bytes:
         key = (i, k)
@@ -515,16 +567,27 @@ class LayerSet:
             span_len = seek.span_uncompressed_end(k) - start
             complete = whole or cached is not None or need >= span_len
             n = span_len if complete else need
-            if self._is_local(i):
-                reader: Callable[[int, int], bytes] = lambda a, b: self._pread(i, a, b)  # noqa: E731
-                verify = False
+            data = b""
+            for _attempt in range(3):
+                if self._is_local(i):
+                    reader: Callable[[int, int], bytes] = lambda a, b: self._pread(i, a, b)  # noqa: E731
+                    verify = False
+                else:
+                    fresh = await self._ensure_units(
+                        i, [seek.span_range(k)], self._span_verifier(seek)
+                    )
+                    reader = self._reader(i, fresh)
+                    verify = True
+                try:
+                    data = await trio.to_thread.run_sync(
+                        functools.partial(read_at, seek, reader, start, n, verify=verify),
+                        limiter=self.cpu,
+                    )
+                    break
+                except _Gone:
+                    continue
             else:
-                await self._ensure_units(i, [seek.span_range(k)], self._span_verifier(seek))
-                reader = lambda a, b: self._cached(i, a, b)  # noqa: E731
-                verify = True
-            data = await trio.to_thread.run_sync(
-                lambda: read_at(seek, reader, start, n, verify=verify), limiter=self.cpu
-            )
+                raise ImageFSError("cache pieces keep vanishing under this read")
             self._remember(key, _Span(data, complete or len(data) >= span_len))
             return data
         finally:

@@ -16,7 +16,6 @@ Everything here is synchronous, like the rest of `imagefs.testing`.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import os
@@ -28,15 +27,12 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from imagefs.testing.images import (
     LayoutImage,
-    _canonical,
-    _set_tag,
-    _write_blob,
     build_umoci_image,
     layout_add_tar_layer,
+    layout_append_blob,
     layout_append_layer,
 )
 
@@ -48,7 +44,6 @@ __all__ = [
     "ConformanceImage",
     "EStargzImages",
     "TarItem",
-    "append_blob_layer",
     "big_file_bytes",
     "build_bad_images",
     "build_conformance_image",
@@ -67,6 +62,8 @@ IMPLICIT_NEW_DIRS = (b"implicit", b"implicit/only")
 """Directories that only exist as parents of names in a tarfile layer (no entry of their own)
 and that no lower layer had. umoci creates them with MkdirAll at extraction time and never
 sets their mtime; the mount shows mtime 0 (see `imagefs.layers.toc`)."""
+
+_GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 # A fixed timestamp for everything the builders create, so listings are stable across runs.
 _T0 = 1_600_000_000
@@ -132,43 +129,6 @@ def tar_bytes(items: Sequence[TarItem], *, end: bool = True) -> bytes:
     if end:
         out += bytes(2 * tarfile.BLOCKSIZE)
     return bytes(out)
-
-
-def append_blob_layer(
-    image: LayoutImage,
-    blob: bytes,
-    *,
-    diff_id: str,
-    media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip",
-    annotations: Mapping[str, str] | None = None,
-    tag: str | None = None,
-) -> LayoutImage:
-    """Append an already compressed layer blob (with its diff id and annotations) on top."""
-    manifest = image.manifest()
-    config = image.config()
-    digest, size = _write_blob(image.layout, blob)
-    config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-    config["rootfs"]["diff_ids"].append(diff_id)
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    config.setdefault("history", []).append({"created": now, "created_by": "append_blob_layer"})
-    config_digest, config_size = _write_blob(image.layout, _canonical(config))
-    desc: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": size}
-    if annotations:
-        desc["annotations"] = dict(annotations)
-    manifest["config"] = {**manifest["config"], "digest": config_digest, "size": config_size}
-    manifest["layers"] = [*manifest["layers"], desc]
-    manifest_digest, manifest_size = _write_blob(image.layout, _canonical(manifest))
-    new = LayoutImage(image.layout, tag or image.tag)
-    _set_tag(
-        image.layout,
-        new.tag,
-        {
-            "mediaType": manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json"),
-            "digest": manifest_digest,
-            "size": manifest_size,
-        },
-    )
-    return new
 
 
 def empty_umoci_image(layout: Path, tag: str) -> LayoutImage:
@@ -462,10 +422,11 @@ def build_estargz_images(workdir: Path) -> EStargzImages:
     plain = empty_umoci_image(layout, "plain")
     bookkeeping = []
     for blob in layers:
-        estargz = append_blob_layer(
+        estargz = layout_append_blob(
             estargz,
             blob.blob,
             diff_id=blob.diff_id,
+            media_type=_GZIP_LAYER,
             annotations={TOC_DIGEST_ANNOTATION: blob.toc_digest},
         )
         tar = gzip_decompress(blob.blob)
@@ -592,8 +553,12 @@ def build_bad_images(workdir: Path, escape_dir: Path) -> BadImages:
 
     whole = gzip.compress(middle, mtime=0)
     cut = whole[: len(whole) // 2]
-    image = append_blob_layer(
-        base, cut, diff_id="sha256:" + hashlib.sha256(middle).hexdigest(), tag="gzip-truncated"
+    image = layout_append_blob(
+        base,
+        cut,
+        diff_id="sha256:" + hashlib.sha256(middle).hexdigest(),
+        media_type=_GZIP_LAYER,
+        tag="gzip-truncated",
     )
     broken["gzip-truncated"] = layout_append_layer(image, _good_top())
     return BadImages(entries, broken, base_files)

@@ -13,6 +13,7 @@ Threaded stdlib `http.server`; bodies are buffered, which is fine for test-sized
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import re
 import socket
@@ -64,6 +65,7 @@ class FaultProxy:
         self.recorded: list[Recorded] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._sockets: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     @property
@@ -81,6 +83,11 @@ class FaultProxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy._sockets.add(self.connection)
+
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
@@ -96,10 +103,16 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        """Stop, and drop open keep-alive connections too: a stopped proxy is gone."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> FaultProxy:
         return self.start()

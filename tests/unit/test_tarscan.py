@@ -20,6 +20,7 @@ from imagefs.layers.tarscan import (
     _parse_number,
     _parse_pax_time,
     clean_path,
+    leaves_root,
     scan_tar,
 )
 
@@ -377,10 +378,42 @@ def test_hostile_names_are_contained_and_link_targets_cleaned() -> None:
         + header(b"sym", b"2", linkname=b"../../outside")
         + END
     )
-    f, link, sym = scan_ok(data)
+    (f, link, sym), warnings = scan_tar(data)
     assert f.path == b"etc/passwd"
     assert (link.path, link.linkname) == (b"abs/link", b"etc/passwd")
     assert sym.linkname == b"../../outside"  # symlink targets are resolved at run time
+    # contained, and said so in a warning naming each entry (not the symlink: its target
+    # is only ever interpreted inside the mount)
+    assert len(warnings) == 3
+    assert "'../../etc/passwd'" in warnings[0] and "kept as 'etc/passwd'" in warnings[0]
+    assert "'/abs/link'" in warnings[1] and "outside the root" in warnings[1]
+    assert "'/abs/link'" in warnings[2] and "hard link target '../../etc/passwd'" in warnings[2]
+
+
+@pytest.mark.parametrize(
+    ("raw", "leaves"),
+    [
+        (b"../x", True),
+        (b"/x", True),
+        (b"//x/y", True),
+        (b"a/../../x", True),
+        (b"./../x", True),
+        (b"a/../b", False),
+        (b"./a/./b", False),
+        (b"a/b/../../c", False),
+        (b"./", False),
+        (b"/", False),
+        (b".", False),
+        (b"..foo/x", False),
+    ],
+)
+def test_leaves_root(raw: bytes, leaves: bool) -> None:
+    assert leaves_root(raw) is leaves
+
+
+def test_names_that_stay_inside_give_no_warning() -> None:
+    entries = scan_ok(member(b"./a/../b", b"x") + header(b"l", b"1", linkname=b"./b") + END)
+    assert [e.path for e in entries] == [b"b", b"l"]
 
 
 def test_one_byte_chunks_give_the_same_result(tmp_path: Path) -> None:

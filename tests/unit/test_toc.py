@@ -17,8 +17,11 @@ from imagefs.layers.toc import EntryType, Toc, TocBuilder, toc_from_tar
 R, D, L, S = EntryType.REG, EntryType.DIR, EntryType.HARDLINK, EntryType.SYMLINK
 
 
-def build(*specs: tuple[bytes, EntryType] | tuple[bytes, EntryType, dict[str, Any]]) -> Toc:
-    builder = TocBuilder()
+def build(
+    *specs: tuple[bytes, EntryType] | tuple[bytes, EntryType, dict[str, Any]],
+    estargz: bool = False,
+) -> Toc:
+    builder = TocBuilder(estargz=estargz)
     for path, etype, *rest in specs:
         kw: dict[str, Any] = rest[0] if rest else {}
         builder.add(path, etype, **kw)
@@ -103,15 +106,28 @@ def test_whiteout_of_a_path_this_layer_also_writes() -> None:
     assert not late.is_whited_out(b"x") and not late.is_whited_out(b"y")
 
 
+ESTARGZ_FILES = (
+    (b"stargz.index.json", R),
+    (b".prefetch.landmark", R),
+    (b".no.prefetch.landmark", R),
+    (b"sub/stargz.index.json", R),
+)
+
+
 def test_estargz_files_hidden_at_root_only() -> None:
-    toc = build(
-        (b"stargz.index.json", R),
-        (b".prefetch.landmark", R),
-        (b".no.prefetch.landmark", R),
-        (b"sub/stargz.index.json", R),
-    )
+    toc = build(*ESTARGZ_FILES, estargz=True)
     assert names(toc, b"") == [b"sub"]
     assert names(toc, b"sub") == [b"stargz.index.json"]
+
+
+def test_estargz_names_are_ordinary_files_in_other_layers() -> None:
+    toc = build(*ESTARGZ_FILES)
+    assert names(toc, b"") == [
+        b".no.prefetch.landmark",
+        b".prefetch.landmark",
+        b"stargz.index.json",
+        b"sub",
+    ]
 
 
 def test_hardlinks_resolve_in_layer_to_the_earlier_version() -> None:

@@ -1,0 +1,111 @@
+"""The FUSE adapter without FUSE: requests go straight to ImageOperations over fake layers."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pyfuse3
+import pytest
+
+from imagefs.errors import LayerFormatError
+from imagefs.fs.operations import ImageOperations
+from imagefs.layers.toc import EntryType, Toc, TocBuilder
+from imagefs.lazy.layers import LayerSet
+from imagefs.overlay import ROOT_INODE, Overlay
+
+
+@dataclass
+class _Digest:
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class _Layer:
+    digest: _Digest
+
+
+@dataclass
+class _Index:
+    toc: Toc
+
+
+class FakeLayers:
+    """What ImageOperations uses of a LayerSet: `layers`, `ensure`; None is a broken layer."""
+
+    def __init__(self, tocs: list[Toc | None]) -> None:
+        self.tocs = tocs
+        self.layers = [_Layer(_Digest(f"sha256:{i:064x}")) for i in range(len(tocs))]
+        self.ensured: list[int] = []
+
+    async def ensure(self, i: int) -> _Index:
+        self.ensured.append(i)
+        toc = self.tocs[i]
+        if toc is None:
+            raise LayerFormatError("layer tar: header checksum mismatch at offset 512")
+        return _Index(toc)
+
+
+def _toc(*entries: tuple[bytes, EntryType, dict[str, Any]]) -> Toc:
+    b = TocBuilder()
+    for path, etype, kw in entries:
+        b.add(path, etype, **kw)
+    return b.build()
+
+
+def _ops(tocs: list[Toc | None]) -> tuple[ImageOperations, FakeLayers]:
+    layers = FakeLayers(tocs)
+    overlay = Overlay(len(tocs), exact_dir_nlink=False)
+    return ImageOperations(overlay, cast(LayerSet, layers)), layers
+
+
+async def test_hard_link_to_a_missing_lower_target_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lower = _toc((b"keep", EntryType.DIR, {}), (b"keep/a", EntryType.REG, {"size": 1}))
+    upper = _toc(
+        (b"", EntryType.DIR, {}),
+        (b"ok", EntryType.HARDLINK, {"linkname": b"keep/a"}),
+        (b"broken", EntryType.HARDLINK, {"linkname": b"no/such"}),
+        (b"to-dir", EntryType.HARDLINK, {"linkname": b"keep"}),
+    )
+    ops, _ = _ops([lower, upper])
+    with caplog.at_level(logging.WARNING, logger="imagefs.fs"):
+        missing = await ops.lookup(ROOT_INODE, b"broken")
+        assert missing.st_ino == 0  # skipped: a negative entry, not an error
+        again = await ops.lookup(ROOT_INODE, b"broken")
+        assert again.st_ino == 0
+        assert (await ops.lookup(ROOT_INODE, b"ok")).st_ino != 0
+        assert (await ops.lookup(ROOT_INODE, b"to-dir")).st_ino == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "'broken'" in m]) == 1, lines
+    assert any("layer 1" in m and "'broken'" in m and "missing" in m for m in lines), lines
+    assert any("'to-dir'" in m and "a directory" in m for m in lines), lines
+    assert not ops.overlay.warnings  # drained into the log
+
+
+async def test_a_broken_layer_costs_eio_and_names_its_digest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upper = _toc(
+        (b"", EntryType.DIR, {}),
+        (b"top", EntryType.DIR, {}),
+        (b"top/f", EntryType.REG, {"size": 3}),
+    )
+    ops, layers = _ops([None, upper])
+    with caplog.at_level(logging.ERROR, logger="imagefs.fs"):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.opendir(ROOT_INODE, cast(pyfuse3.RequestContext, None))
+        assert info.value.errno == errno.EIO
+        top = await ops.lookup(ROOT_INODE, b"top")
+        assert (await ops.lookup(top.st_ino, b"f")).st_ino != 0
+    assert any(
+        f"layer 0 ({layers.layers[0].digest})" in r.getMessage()
+        and "checksum mismatch" in r.getMessage()
+        for r in caplog.records
+    )
