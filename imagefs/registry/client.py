@@ -50,6 +50,7 @@ UPLOAD_CHUNK = 16 << 20
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_REDIRECTS = 5
 USER_AGENT = "imagefs/0.1"
+REDIRECT_TTL = 300.0  # signed storage URLs usually live 10-20 minutes; stay well inside
 
 CredentialLookup = Callable[[str], credentials.Credentials | None]
 
@@ -115,6 +116,7 @@ class RegistryClient:
         self._scheme_lock = trio.Lock()
         self.requests_sent = 0
         self.ignores_range = False
+        self._blob_urls: dict[tuple[str, str], tuple[str, float]] = {}
 
     def _make_client(self, host: str) -> httpx.AsyncClient:
         timeout = httpx.Timeout(
@@ -584,25 +586,48 @@ class RegistryClient:
                 await resp.aclose()
 
     async def get_blob_range(self, repository: str, digest: Digest, start: int, end: int) -> bytes:
-        """Bytes [start, end) of a blob. The caller verifies them against its own digests."""
+        """Bytes [start, end) of a blob. The caller verifies them against its own digests.
+
+        Registries usually redirect blob GETs to object storage with a signed URL; the URL is
+        remembered and reused for the next ranges of the same blob (no auth, no registry
+        round trip) until it stops working or `REDIRECT_TTL` passes.
+        """
         if end <= start:
             return b""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        cached = self._blob_urls.get((repository, str(digest)))
+        if cached is not None and cached[1] > time.monotonic():
+            try:
+                resp = await self._upstream.client.get(cached[0], headers=headers)
+                if resp.status_code in (200, 206):
+                    return self._range_body(resp, start, end, urlsplit(cached[0]).netloc)
+            except httpx.TransportError:
+                pass
+            self._blob_urls.pop((repository, str(digest)), None)  # expired or gone: ask again
         path = f"/v2/{repository}/blobs/{digest}"
         scopes = [challenge.scope_for(repository, ["pull"])]
-        resp, ep = await self._read(
-            "GET", path, scopes=scopes, headers={"Range": f"bytes={start}-{end - 1}"}
-        )
+        resp, ep = await self._read("GET", path, scopes=scopes, headers=headers)
+        if resp.status_code in (200, 206):
+            final = str(resp.url)
+            if urlsplit(final).netloc != urlsplit(ep.base_url or "").netloc:
+                self._blob_urls[(repository, str(digest))] = (
+                    final,
+                    time.monotonic() + REDIRECT_TTL,
+                )
+            return self._range_body(resp, start, end, ep.host)
+        raise self._error(resp, f"GET blob {digest.short} range {start}-{end - 1}", ep)
+
+    def _range_body(self, resp: httpx.Response, start: int, end: int, host: str) -> bytes:
         if resp.status_code == 206:
             got = _content_range_start(resp)
             if got != start:
-                raise IntegrityError(f"{ep.host}: range for {start} started at {got}")
+                raise IntegrityError(f"{host}: range for {start} started at {got}")
             return resp.content[: end - start]
-        if resp.status_code == 200:  # registry ignored Range: cut our piece from the whole
-            if not self.ignores_range:
-                log.warning("%s ignores Range requests; whole blobs will be fetched", ep.host)
-            self.ignores_range = True
-            return resp.content[start:end]
-        raise self._error(resp, f"GET blob {digest.short} range {start}-{end - 1}", ep)
+        # 200: the server ignored Range; cut our piece from the whole body
+        if not self.ignores_range:
+            log.warning("%s ignores Range requests; whole blobs will be fetched", host)
+        self.ignores_range = True
+        return resp.content[start:end]
 
     # -- blobs: writes ----------------------------------------------------------------------
 

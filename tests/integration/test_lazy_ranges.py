@@ -264,3 +264,44 @@ def test_cached_data_is_served_with_the_registry_gone(
         with pytest.raises(OSError) as info:
             (mnt / "data" / "big3.bin").read_bytes()
         assert info.value.errno == errno.EIO
+
+
+def test_redirect_to_storage_is_resolved_once_and_reused(
+    tmp_path: Path, zstd_chunked_image: Published, registry: LocalRegistry
+) -> None:
+    with FaultProxy(registry.url) as storage, FaultProxy(registry.url) as front:
+        front.add(Rule("GET", r"/blobs/sha256:", "redirect", redirect_to=storage.url))
+        ref = zstd_chunked_image.ref.replace(zstd_chunked_image.ref.split("/")[0], front.host, 1)
+        with mounted(tmp_path / "root", ref, tmp_path / "mnt") as mnt:
+            for name, data in FILES.items():
+                assert (mnt / name).read_bytes() == data
+        layer = zstd_chunked_image.layer_digests[-1]
+        via_registry = [r for r in front.recorded if layer in r.path]
+        via_storage = [r for r in storage.recorded if layer in r.path]
+    assert len(via_registry) == 1 and via_registry[0].status == 307
+    assert len(via_storage) > 1  # the later ranges went straight to storage
+    assert all("Authorization" not in r.headers for r in via_storage)
+
+
+def test_background_fetch_makes_the_image_complete(
+    tmp_path: Path, estargz_image: Published, proxy: FaultProxy
+) -> None:
+    import json
+    import time
+
+    ref = estargz_image.ref.replace(estargz_image.ref.split("/")[0], proxy.host, 1)
+    root = tmp_path / "root"
+    with mounted(root, ref, tmp_path / "mnt", mount_args=["--background-fetch"]) as mnt:
+        deadline = time.monotonic() + 60
+        cached = 0
+        size = 0
+        while time.monotonic() < deadline:
+            info = json.loads(imagefs(root, "inspect", ref).stdout)[0]["ImageFS"]["Layers"][-1]
+            cached, size = info["Cached"], info["Size"]
+            if cached >= size * 0.95:  # all chunks; the TOC member and footer are not chunks
+                break
+            time.sleep(0.2)
+        assert cached >= size * 0.95, (cached, size)
+        proxy.stop()  # offline from here on
+        for name, data in FILES.items():
+            assert (mnt / name).read_bytes() == data
