@@ -443,6 +443,10 @@ def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[st
         argv += ["--registry-mirror", mirror]
     if a.debug:
         argv.append("--debug")
+    if a.net_latency:
+        argv += ["--net-latency", str(a.net_latency)]
+    if a.net_bandwidth:
+        argv += ["--net-bandwidth", a.net_bandwidth]
     argv += ["mount", "-f"]
     if a.cache_size:
         argv += ["--cache-size", a.cache_size]
@@ -583,10 +587,20 @@ def session_from_args(a: argparse.Namespace) -> api.Session:
     for flag in a.registry_mirror:
         host, url = parse_mirror_flag(flag)
         mirrors.setdefault(host, []).insert(0, url)
+    link = None
+    if a.net_latency or a.net_bandwidth:
+        from imagefs.registry.netem import Link, parse_rate
+
+        try:
+            rate = parse_rate(a.net_bandwidth) if a.net_bandwidth else None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        link = Link(latency=(a.net_latency or 0) / 1000, bandwidth=rate)
     options = TransportOptions(
         insecure_registries=frozenset([*file_cfg.insecure_registries, *a.insecure_registry]),
         mirrors=mirrors,
         config_dir=config_dir,
+        link=link,
     )
     return api.Session(root=a.root or default_root(), options=options)
 

@@ -35,6 +35,7 @@ from imagefs.errors import (
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
 from imagefs.registry import challenge, credentials
+from imagefs.registry.netem import EmulatedTransport
 from imagefs.registry.transport import (
     TransportOptions,
     mirrors_for,
@@ -122,13 +123,21 @@ class RegistryClient:
         timeout = httpx.Timeout(
             self.options.read_timeout, connect=self.options.connect_timeout, pool=None
         )
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        transport: httpx.AsyncBaseTransport | None = None
+        if self.options.link is not None:
+            transport = EmulatedTransport(
+                httpx.AsyncHTTPTransport(verify=ssl_context(host, self.options), limits=limits),
+                self.options.link,
+            )
         return httpx.AsyncClient(
             verify=ssl_context(host, self.options),
+            transport=transport,
             timeout=timeout,
             follow_redirects=False,
             # Digests are over the bytes as stored: no transfer compression, ever.
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            limits=limits,
             trust_env=True,  # HTTP(S)_PROXY / NO_PROXY as every other tool honours them
         )
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import certifi
 
+from imagefs.registry.netem import Link
+
 DOCKER_CERTS_D = Path("/etc/docker/certs.d")
 
 
@@ -44,6 +46,7 @@ class TransportOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    link: Link | None = None  # network emulation (experiments); None: the real network
 
 
 def is_loopback(host: str) -> bool:

@@ -141,3 +141,21 @@ async def test_large_blob_is_pushed_in_chunks(
         patches = [r for r in target.recorded if r.method == "PATCH"]
         assert len(patches) >= 2 and all("Content-Range" in r.headers for r in patches)
     assert skopeo_inspect(fresh_registry, "chunked/app:v1")["Digest"] == pushed.digest
+
+
+async def test_network_emulation_adds_latency_and_caps_bandwidth(
+    tmp_path: Path, sample_image: SampleImage
+) -> None:
+    from imagefs.registry.netem import Link
+
+    total = sum(int(layer["size"]) for layer in sample_image.layout.layers())
+    link = Link(latency=0.05, bandwidth=1_000_000)  # 50 ms per request, 8 Mbit/s
+    options = TransportOptions(link=link)
+    started = time.monotonic()
+    async with api.Session(root=tmp_path / "root", options=options) as s:
+        await api.pull(s, sample_image.ref, full=True)
+        requests = sum(c.requests_sent for c in s._clients.values())
+    elapsed = time.monotonic() - started
+    # lower bounds only: every byte crossed the 1 MB/s link, every request waited 50 ms
+    assert elapsed >= total / 1_000_000
+    assert requests >= 3 and elapsed >= 0.05 * 3
