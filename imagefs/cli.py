@@ -78,6 +78,19 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
         help="try this mirror first for reads (docker.io unless REGISTRY= is given)",
     )
     p.add_argument(
+        "--net-latency",
+        type=float,
+        default=d(None),
+        metavar="MS",
+        help="emulate a network: add MS milliseconds to every registry request",
+    )
+    p.add_argument(
+        "--net-bandwidth",
+        default=d(None),
+        metavar="RATE",
+        help="emulate a network: share RATE (e.g. 100mbit) among all downloads",
+    )
+    p.add_argument(
         "--debug", action="store_true", default=d(False), help="log details and show tracebacks"
     )
 
@@ -163,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fetch the rest of the image in the background, below reads in priority",
     )
+    p.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="write one JSON line per filesystem operation to FILE",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = cmd("index", "Build the random-access indexes of an image's gzip/zstd layers")
@@ -176,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("umount", "Unmount an imagefs mount (the daemon exits)")
     p.add_argument("mountpoint", type=Path)
+
+    p = cmd("stats", "Live statistics of a running mount (from its control socket)")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--json", action="store_true", help="the raw JSON document")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="SECONDS",
+        help="print again every SECONDS (default 1) until interrupted",
+    )
 
     p = cmd("mounts", "List active imagefs mounts")
     p.add_argument("--format", choices=["table", "json"], default="table")
@@ -452,6 +483,8 @@ def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[st
         argv += ["--cache-size", a.cache_size]
     if a.background_fetch:
         argv.append("--background-fetch")
+    if a.trace:
+        argv += ["--trace", str(a.trace.absolute())]
     for opt in a.options:
         argv += ["-o", opt]
     return [*argv, a.reference, str(mountpoint)]
@@ -479,6 +512,7 @@ async def cmd_mount(s: api.Session, a: argparse.Namespace) -> int:
             a.ready_fd,
             cache_size=_cache_size(a),
             background_fetch=a.background_fetch,
+            trace=a.trace.absolute() if a.trace else None,
         )
         return 0
     log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
@@ -552,6 +586,53 @@ async def cmd_umount(s: api.Session, a: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_stats(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs.fs.lifecycle import control_socket
+    from imagefs.lazy.telemetry import ask_stats
+
+    path = control_socket(s.store, a.mountpoint.absolute())
+    while True:
+        try:
+            stats = await trio.to_thread.run_sync(ask_stats, path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotFound(f"{a.mountpoint} is not an imagefs mount of {s.root}") from None
+        print(json.dumps(stats, indent=2) if a.json else format_stats(stats), flush=True)
+        if a.watch is None:
+            return 0
+        await trio.sleep(a.watch)
+
+
+def format_stats(st: dict[str, Any]) -> str:
+    lat = st["fetch_latency"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{1000 * v:.1f}ms"
+
+    src = st["served_from"]
+    lines = [
+        f"{st['image']} at {st['mountpoint']} (up {st['uptime']:.0f}s)",
+        f"served   {human_size(st['bytes_served'])} in {st['reads']} reads "
+        f"(memory {src['memory']}, cache {src['cache']}, registry {src['registry']}); "
+        f"{st['files_touched']} files touched",
+        f"fetched  {human_size(st['bytes_fetched'])} in {st['fetches']} fetches, "
+        f"{st['registry_requests']} registry requests; latency p50 {ms(lat['p50'])} "
+        f"p90 {ms(lat['p90'])} p99 {ms(lat['p99'])}",
+        f"cache    {st['cache']['hits']} hits, {st['cache']['misses']} misses",
+    ]
+    rows = [["LAYER", "SIZE", "FETCHED", "%", "TOC FROM"]]
+    for layer, source in zip(st["layers"], st["layer_sources"], strict=False):
+        rows.append(
+            [
+                str(layer["index"]),
+                human_size(layer["size"]),
+                human_size(layer["fetched"]),
+                f"{layer['fetched_pct']:.1f}",
+                source or "-",
+            ]
+        )
+    return "\n".join(lines) + "\n" + table(rows)
+
+
 async def cmd_mounts(s: api.Session, a: argparse.Namespace) -> int:
     found = await s.disk(s.store.active_mounts)
     if a.format == "json":
@@ -577,6 +658,7 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "index": cmd_index,
     "umount": cmd_umount,
     "mounts": cmd_mounts,
+    "stats": cmd_stats,
 }
 
 

@@ -19,12 +19,13 @@ import trio
 
 from imagefs import api
 from imagefs.errors import ImageFSError, UsageError
-from imagefs.fs.lifecycle import MountRegistration, report_ready
+from imagefs.fs.lifecycle import MountRegistration, control_socket, report_ready
 from imagefs.fs.operations import ImageOperations
 from imagefs.image import Layer, load_resolved
 from imagefs.indexes import RemoteIndexes
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, ChunkCache
 from imagefs.lazy.layers import LayerSet
+from imagefs.lazy.telemetry import Telemetry, serve_control
 from imagefs.oci.reference import Reference
 from imagefs.overlay import Overlay
 from imagefs.store import MountRecord
@@ -82,6 +83,7 @@ async def serve(
     *,
     cache_size: int = DEFAULT_CACHE_SIZE,
     background_fetch: bool = False,
+    trace: Path | None = None,
 ) -> None:
     store = session.store
     record = await session.disk(api.find_record, store, query)
@@ -114,19 +116,23 @@ async def serve(
         if source is not None
         else None
     )
+    tele = Telemetry([layer.size for layer in layers], trace_path=trace)
+    cache = ChunkCache(store.root, cache_size)
     layer_set = LayerSet(
         store,
         layers,
         fetch,
         fetch_range=fetch_range,
         remote_index=remote,
-        cache=ChunkCache(store.root, cache_size),
+        cache=cache,
+        on_fetch=lambda i, _start, n, seconds: tele.fetch(i, n, seconds),
     )
     # Directory link counts would need every layer of a directory's listing before its
     # first stat; like btrfs, report 1 ("unknown", which find(1) understands) and stay lazy.
     overlay = Overlay(len(layers), exact_dir_nlink=False)
     total = sum(layer.size for layer in layers)
     ops = ImageOperations(overlay, layer_set, total_size=total)
+    ops.telemetry = tele
     name = str(record.name or record.repo_digest or record.manifest.digest)
     with store.lease() as lease:
         lease.add(record.manifest.digest, image.id, *(layer.digest for layer in layers))
@@ -147,6 +153,26 @@ async def serve(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, signalled)
+
+                def snapshot() -> dict[str, object]:
+                    return tele.snapshot(
+                        {
+                            "image": name,
+                            "manifest_digest": str(record.manifest.digest),
+                            "mountpoint": str(mountpoint),
+                            "registry_requests": sum(
+                                c.requests_sent for c in session._clients.values()
+                            ),
+                            "cache": {
+                                "hits": cache.hits,
+                                "misses": cache.misses,
+                                "corrupt": cache.corrupt,
+                            },
+                            "layer_sources": [st.source for st in layer_set.stats],
+                        }
+                    )
+
+                nursery.start_soon(serve_control, control_socket(store, mountpoint), snapshot)
                 layer_set.nursery = nursery
                 if background_fetch:
                     nursery.start_soon(layer_set.fetch_everything)
@@ -154,6 +180,7 @@ async def serve(
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
+            tele.close()
             layer_set.close()
             registration.close()
             try:

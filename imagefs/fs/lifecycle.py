@@ -38,6 +38,11 @@ def mount_id(mountpoint: Path) -> str:
     return hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
 
 
+def control_socket(store: Store, mountpoint: Path) -> Path:
+    """Where a mount answers `imagefs stats`: beside its record, never inside the tree."""
+    return store.mounts_dir / f"{mount_id(mountpoint)}.sock"
+
+
 class MountRegistration:
     """The daemon's record in ROOT/mounts, locked for as long as the daemon lives."""
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from imagefs.errors import ImageFSError
+from imagefs.lazy import telemetry
 from imagefs.lazy.layers import LayerSet
 from imagefs.overlay import Attrs, NeedLayer, Overlay
 
@@ -44,7 +45,7 @@ class ImageOperations(pyfuse3.Operations):
         self.total_size = total_size
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
-        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        self.telemetry: telemetry.Telemetry | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class ImageOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         ino = await self._ask(self.overlay.lookup, parent_inode, bytes(name))
+        self._event("lookup", parent_inode, bytes(name))
         if ino is None:
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0  # a cached "no such entry"
@@ -130,12 +132,15 @@ class ImageOperations(pyfuse3.Operations):
         return self._entry(await self._ask(self.overlay.getattr, inode))
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self._ask(self.overlay.readlink, inode)
+        target = await self._ask(self.overlay.readlink, inode)
+        self._event("readlink", inode)
+        return target
 
     # -- directories ------------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         listing = await self._ask(self.overlay.readdir, inode)
+        self._event("readdir", inode)
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = listing  # a snapshot: offsets stay valid for this handle
@@ -163,6 +168,7 @@ class ImageOperations(pyfuse3.Operations):
         attrs = await self._ask(self.overlay.getattr, inode)
         if not stat.S_ISREG(attrs.mode):
             raise pyfuse3.FUSEError(errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL)
+        self._event("open", inode)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -172,14 +178,31 @@ class ImageOperations(pyfuse3.Operations):
         if off >= file_size:
             return b""
         n = min(size, file_size - off)
+        info = telemetry.ReadInfo()
+        token = telemetry.current.set(info)
         try:
-            return await self.layers.read(layer, toc.offset(entry) + off, n)
+            data = await self.layers.read(layer, toc.offset(entry) + off, n)
+            if self.telemetry is not None:
+                self.telemetry.read(fh, self.overlay.path(fh), layer, off, len(data), info)
+            return data
         except ImageFSError as exc:
             log.error("read %r at %d: %s", self.overlay.path(fh), off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("read %r at %d", self.overlay.path(fh), off)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            telemetry.current.reset(token)
+
+    def _event(self, op: str, ino: int, name: bytes | None = None) -> None:
+        if self.telemetry is not None:
+            try:
+                path = self.overlay.path(ino)
+            except ImageFSError:
+                path = b"?"
+            if name is not None:
+                path = path + b"/" + name if path else name
+            self.telemetry.event(op, path)
 
     async def release(self, fh: int) -> None:
         return None
@@ -191,6 +214,7 @@ class ImageOperations(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         value = await self._ask(self.overlay.getxattr, inode, bytes(name))
+        self._event("getxattr", inode)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value

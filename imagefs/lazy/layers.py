@@ -40,6 +40,7 @@ from imagefs.layers import chunks as chunk_tables
 from imagefs.layers import estargz, zstdchunked
 from imagefs.layers.index import IndexStore, LayerIndex, build_from_blob
 from imagefs.layers.seekindex import SeekIndex, read_at, verify_span
+from imagefs.lazy import telemetry
 from imagefs.lazy.cache import ChunkCache
 from imagefs.oci import mediatypes
 from imagefs.store import Store, fsutil
@@ -198,10 +199,12 @@ class LayerSet:
             data = await self.fetch_range(self.layers[i], start, end)
         if len(data) != end - start:
             raise IntegrityError(f"asked for {end - start} bytes at {start}, got {len(data)}")
+        seconds = time.monotonic() - began
         self.stats[i].fetched_bytes += len(data)
         self.stats[i].fetches += 1
+        telemetry.note_fetch(len(data), seconds)
         if self.on_fetch:
-            self.on_fetch(i, start, len(data), time.monotonic() - began)
+            self.on_fetch(i, start, len(data), seconds)
         return data
 
     async def _load_estargz(self, i: int, toc_digest: str) -> LayerIndex:
@@ -251,9 +254,14 @@ class LayerSet:
                 layer.digest.short,
                 layer.size,
             )
+            began = time.monotonic()
             await self.fetch_blob(layer)
+            seconds = time.monotonic() - began
             self.stats[i].fetched_bytes += layer.size
             self.stats[i].fetches += 1
+            telemetry.note_fetch(layer.size, seconds)
+            if self.on_fetch:
+                self.on_fetch(i, 0, layer.size, seconds)
             self._local[i] = True
         compression = mediatypes.layer_compression(layer.descriptor.media_type)
         blob = self.store.blobs.path(layer.digest)
@@ -286,6 +294,7 @@ class LayerSet:
         return fd
 
     def _pread(self, i: int, start: int, end: int) -> bytes:
+        telemetry.note_source("cache")
         return os.pread(self._fd(i), end - start, start)
 
     def _reader(self, i: int, fresh: dict[int, bytes]) -> Callable[[int, int], bytes]:
@@ -306,6 +315,7 @@ class LayerSet:
             got = cache.read(digest, a, b)
             if got is None:
                 raise _Gone(a, b)
+            telemetry.note_source("cache")
             return got
 
         return read
@@ -432,6 +442,7 @@ class LayerSet:
             return
 
         async def prefetch() -> None:
+            telemetry.current.set(None)  # read-ahead is nobody's read in a trace
             with contextlib.suppress(ImageFSError):
                 await self.prefetch(i, offset, READ_AHEAD)
 

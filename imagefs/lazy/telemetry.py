@@ -1,0 +1,221 @@
+"""What a mount observes about itself: trace events, live counters, and the control socket.
+
+Traces (`imagefs mount --trace FILE`) are JSON lines, one per filesystem operation:
+
+    {"t": ns since the mount started (monotonic), "op": "lookup|readdir|open|read|readlink|
+     getxattr", "path": "...", "layer": i, "offset": n, "length": n, "from": "memory|cache|
+     registry", "fetched": bytes fetched for it, "latency": seconds spent fetching}
+
+Paths are the image's raw bytes, decoded as UTF-8 with undecodable bytes escaped as `\\xNN`
+(Python's backslashreplace), so every line is valid JSON and the bytes can be recovered.
+
+`imagefs stats MOUNTPOINT` reads the counters through a unix socket in the store
+(`ROOT/mounts/<id>.sock`), never through a file inside the mounted tree: connect, send a line
+`stats`, read one JSON document.
+
+Which source served a read, and what it fetched, is collected through a context variable that
+`LayerSet` updates (`note_fetch`, `note_source`) while the FUSE handler's task runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+
+log = logging.getLogger("imagefs.telemetry")
+
+_SOURCES = {"memory": 0, "cache": 1, "registry": 2}
+
+
+@dataclass
+class ReadInfo:
+    source: str = "memory"
+    fetched: int = 0
+    latency: float = 0.0
+
+    def saw(self, source: str) -> None:
+        if _SOURCES[source] > _SOURCES[self.source]:
+            self.source = source
+
+
+current: contextvars.ContextVar[ReadInfo | None] = contextvars.ContextVar(
+    "imagefs_read", default=None
+)
+
+
+def note_source(source: str) -> None:
+    info = current.get()
+    if info is not None:
+        info.saw(source)
+
+
+def note_fetch(nbytes: int, seconds: float) -> None:
+    info = current.get()
+    if info is not None:
+        info.saw("registry")
+        info.fetched += nbytes
+        info.latency += seconds
+
+
+def escape(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class Telemetry:
+    layer_sizes: list[int]
+    trace_path: Path | None = None
+    started: float = field(default_factory=time.monotonic)
+    started_ns: int = field(default_factory=time.monotonic_ns)
+
+    def __post_init__(self) -> None:
+        self.bytes_served = 0
+        self.reads = 0
+        self.served_from = {"memory": 0, "cache": 0, "registry": 0}
+        self.fetched_per_layer = [0] * len(self.layer_sizes)
+        self.fetches = 0
+        self.latencies: deque[float] = deque(maxlen=10_000)
+        self.files: set[int] = set()
+        self.ops: dict[str, int] = {}
+        self._trace: BinaryIO | None = None
+        self._last_flush = time.monotonic()
+        if self.trace_path is not None:
+            self.trace_path.parent.mkdir(parents=True, exist_ok=True)
+            self._trace = open(self.trace_path, "ab", buffering=1 << 16)  # noqa: SIM115
+
+    # -- recording --------------------------------------------------------------------------
+
+    def fetch(self, layer: int, nbytes: int, seconds: float) -> None:
+        """Called by LayerSet for every range (or blob) that crossed the network."""
+        self.fetched_per_layer[layer] += nbytes
+        self.fetches += 1
+        self.latencies.append(seconds)
+
+    def event(self, op: str, path: bytes, **fields: Any) -> None:
+        self.ops[op] = self.ops.get(op, 0) + 1
+        if self._trace is None:
+            return
+        record = {
+            "t": time.monotonic_ns() - self.started_ns,
+            "op": op,
+            "path": escape(path),
+            **fields,
+        }
+        self._trace.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        now = time.monotonic()
+        if now - self._last_flush > 1.0:  # a trace is readable while the mount runs
+            self._trace.flush()
+            self._last_flush = now
+
+    def read(
+        self, ino: int, path: bytes, layer: int, offset: int, length: int, info: ReadInfo
+    ) -> None:
+        self.reads += 1
+        self.bytes_served += length
+        self.served_from[info.source] += 1
+        self.files.add(ino)
+        self.event(
+            "read",
+            path,
+            layer=layer,
+            offset=offset,
+            length=length,
+            **{"from": info.source},
+            fetched=info.fetched,
+            latency=round(info.latency, 6),
+        )
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def snapshot(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float | None:
+            if not lat:
+                return None
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 6)
+
+        layers = [
+            {
+                "index": i,
+                "size": size,
+                "fetched": fetched,
+                "fetched_pct": round(100 * fetched / size, 2) if size else 0.0,
+            }
+            for i, (size, fetched) in enumerate(
+                zip(self.layer_sizes, self.fetched_per_layer, strict=True)
+            )
+        ]
+        return {
+            "uptime": round(time.monotonic() - self.started, 3),
+            "bytes_served": self.bytes_served,
+            "reads": self.reads,
+            "served_from": dict(self.served_from),
+            "bytes_fetched": sum(self.fetched_per_layer),
+            "fetches": self.fetches,
+            "fetch_latency": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
+            "files_touched": len(self.files),
+            "operations": dict(self.ops),
+            "layers": layers,
+            **(extra or {}),
+        }
+
+
+async def serve_control(path: Path, snapshot: Any) -> None:
+    """Answer `stats` on a unix socket at `path` until cancelled. `snapshot()` -> dict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def handle(stream: trio.abc.Stream) -> None:
+                async with stream:
+                    try:
+                        with trio.move_on_after(5):
+                            request = (await stream.receive_some(256)).strip()
+                            if request == b"stats":
+                                body = json.dumps(snapshot()).encode()
+                            else:
+                                body = json.dumps({"error": "unknown request"}).encode()
+                            await stream.send_all(body + b"\n")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(handle, stream)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def ask_stats(path: Path) -> dict[str, Any]:
+    """Client side of the control socket (synchronous: used by the CLI)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(b"stats\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    return result
