@@ -182,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write one JSON line per filesystem operation to FILE",
     )
+    p.add_argument(
+        "--prefetch",
+        type=Path,
+        metavar="PROFILE",
+        help="fetch what PROFILE lists, in order, in the background after mounting",
+    )
+    p.add_argument(
+        "--no-prefetch-landmark",
+        action="store_true",
+        help="ignore eStargz .prefetch.landmark (honoured by default)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = cmd("index", "Build the random-access indexes of an image's gzip/zstd layers")
@@ -192,6 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish them next to the image (OCI artifact, referrers or tag)",
     )
     p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
+
+    p = cmd("profile", "Prefetch profiles: record what a workload reads; publish them")
+    psub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_Parser)
+    psub.required = True
+    pr = psub.add_parser(
+        "record",
+        help="mount REF, run COMMAND with $IMAGEFS_MOUNT set, write what it read to PROFILE",
+    )
+    _common(pr, top=False)
+    pr.add_argument("reference")
+    pr.add_argument("-o", "--output", type=Path, required=True, metavar="PROFILE")
+    pr.add_argument("--platform")
+    pr.set_defaults(workload=[])  # what follows `--` on the command line (see main)
+    pp = psub.add_parser("push", help="store PROFILE next to the image (OCI artifact)")
+    _common(pp, top=False)
+    pp.add_argument("reference")
+    pp.add_argument("profile", type=Path)
+    pl = psub.add_parser("pull", help="fetch the newest published profile of the image")
+    _common(pl, top=False)
+    pl.add_argument("reference")
+    pl.add_argument("-o", "--output", type=Path, required=True, metavar="PROFILE")
 
     p = cmd("umount", "Unmount an imagefs mount (the daemon exits)")
     p.add_argument("mountpoint", type=Path)
@@ -465,19 +497,7 @@ async def _ensure_local(s: api.Session, a: argparse.Namespace) -> None:
 
 
 def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[str]:
-    argv = ["--root", str(root)]
-    if a.config:
-        argv += ["--config", str(a.config)]
-    for host in a.insecure_registry:
-        argv += ["--insecure-registry", host]
-    for mirror in a.registry_mirror:
-        argv += ["--registry-mirror", mirror]
-    if a.debug:
-        argv.append("--debug")
-    if a.net_latency:
-        argv += ["--net-latency", str(a.net_latency)]
-    if a.net_bandwidth:
-        argv += ["--net-bandwidth", a.net_bandwidth]
+    argv = _global_argv(a, root)
     argv += ["mount", "-f"]
     if a.cache_size:
         argv += ["--cache-size", a.cache_size]
@@ -485,6 +505,10 @@ def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[st
         argv.append("--background-fetch")
     if a.trace:
         argv += ["--trace", str(a.trace.absolute())]
+    if a.prefetch:
+        argv += ["--prefetch", str(a.prefetch.absolute())]
+    if a.no_prefetch_landmark:
+        argv.append("--no-prefetch-landmark")
     for opt in a.options:
         argv += ["-o", opt]
     return [*argv, a.reference, str(mountpoint)]
@@ -513,12 +537,98 @@ async def cmd_mount(s: api.Session, a: argparse.Namespace) -> int:
             cache_size=_cache_size(a),
             background_fetch=a.background_fetch,
             trace=a.trace.absolute() if a.trace else None,
+            prefetch=_load_profile(a.prefetch) if a.prefetch else None,
+            landmarks=not a.no_prefetch_landmark,
         )
         return 0
     log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
     argv = _daemon_argv(a, s.root.absolute(), mountpoint)
     pid = await trio.to_thread.run_sync(lifecycle.spawn_daemon, argv, log_path, mountpoint)
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
+    return 0
+
+
+def _load_profile(path: Path) -> Any:
+    from imagefs.profiles import Profile
+
+    try:
+        return Profile.from_json(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise UsageError(f"cannot read profile {path}: {exc.strerror}") from None
+
+
+def _global_argv(a: argparse.Namespace, root: Path) -> list[str]:
+    argv = ["--root", str(root)]
+    if a.config:
+        argv += ["--config", str(a.config)]
+    for host in a.insecure_registry:
+        argv += ["--insecure-registry", host]
+    for mirror in a.registry_mirror:
+        argv += ["--registry-mirror", mirror]
+    if a.net_latency:
+        argv += ["--net-latency", str(a.net_latency)]
+    if a.net_bandwidth:
+        argv += ["--net-bandwidth", a.net_bandwidth]
+    if a.debug:
+        argv.append("--debug")
+    return argv
+
+
+async def cmd_profile(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs.artifacts import Payload, find_artifacts, push_artifact
+    from imagefs.image import load_resolved
+    from imagefs.oci.reference import Reference
+    from imagefs.profiles import ARTIFACT_TYPE, MEDIA_TYPE
+    from imagefs.record import record_profile
+
+    if a.profile_command == "record":
+        await _ensure_local(s, a)
+    record = await s.disk(api.find_record, s.store, a.reference)
+    image = await s.disk(load_resolved, s.store, record.manifest.digest, record.index_digest)
+    if a.profile_command == "record":
+        command = a.workload
+        result = await trio.to_thread.run_sync(
+            record_profile,
+            s.root.absolute(),
+            _global_argv(a, s.root.absolute()),
+            a.reference,
+            str(record.manifest.digest),
+            [str(layer.digest) for layer in image.layers],
+            a.output.absolute(),
+            command,
+        )
+        p = result.profile
+        print(
+            f"Recorded {len(p.files)} files, {human_size(p.total_bytes)} read, to "
+            f"{result.output} (command exited with {result.exit_code})",
+            file=sys.stderr,
+        )
+        return result.exit_code
+    ref = record.name or (Reference.parse(record.source) if record.source else None)
+    if ref is None:
+        raise NotFound(f"{a.reference}: no repository to keep the profile in")
+    client = s.client(ref)
+    if a.profile_command == "push":
+        data = await trio.Path(a.profile).read_bytes()
+        _load_profile(a.profile)  # refuse what is not a profile before uploading it
+        pushed = await push_artifact(
+            client,
+            ref.repository,
+            image.manifest_descriptor,
+            ARTIFACT_TYPE,
+            [Payload(MEDIA_TYPE, data, {})],
+        )
+        print(f"Pushed profile as {pushed.manifest_digest}")
+        return 0
+    found = await find_artifacts(client, ref.repository, image.manifest_digest, ARTIFACT_TYPE)
+    if not found or not found[-1].layers:
+        raise NotFound(f"no prefetch profile is published for {a.reference}")
+    blob = found[-1].layers[0]
+    data = await client.get_blob(ref.repository, blob.digest, blob.size)
+    from imagefs.store import fsutil
+
+    await s.disk(fsutil.atomic_write, a.output, data)
+    print(f"Wrote {a.output}")
     return 0
 
 
@@ -659,6 +769,7 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "umount": cmd_umount,
     "mounts": cmd_mounts,
     "stats": cmd_stats,
+    "profile": cmd_profile,
 }
 
 
@@ -695,7 +806,17 @@ async def _run(a: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `profile record REF -o P -- COMMAND ARGS...`: everything after `--` is the workload.
+    command: list[str] = []
+    if "--" in args:
+        cut = args.index("--")
+        args, command = args[:cut], args[cut + 1 :]
+    a = parser.parse_args(args)
+    if command:
+        if getattr(a, "profile_command", None) != "record":
+            parser.error("`-- COMMAND` is only for `imagefs profile record`")
+        a.workload = command
     logging.basicConfig(
         level=logging.DEBUG if a.debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

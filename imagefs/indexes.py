@@ -25,19 +25,17 @@ indexes do not depend on it.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import trio
 
-from imagefs.errors import ImageFSError, IntegrityError, ManifestUnknown
+from imagefs.artifacts import Payload, find_artifacts, push_artifact
+from imagefs.errors import ImageFSError, IntegrityError
 from imagefs.image import Layer, ResolvedImage
 from imagefs.layers.index import IndexStore, LayerIndex, build_from_blob
-from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
-from imagefs.oci.manifest import Descriptor, Index, Manifest, parse_manifest
+from imagefs.oci.manifest import Descriptor
 from imagefs.registry.client import RegistryClient
 
 log = logging.getLogger("imagefs.indexes")
@@ -45,7 +43,6 @@ log = logging.getLogger("imagefs.indexes")
 ARTIFACT_TYPE = "application/vnd.imagefs.layer-index.v1"
 INDEX_MEDIA_TYPE = "application/vnd.imagefs.layer-index.v1"
 LAYER_ANNOTATION = "dev.imagefs.layer.digest"
-EMPTY_JSON = b"{}"
 MAX_INDEX_BYTES = 256 << 20
 
 
@@ -55,14 +52,6 @@ def needs_index(layer: Layer) -> bool:
     if "containerd.io/snapshot/stargz/toc.digest" in ann:
         return False
     return not any(k.endswith("zstd-chunked.manifest-position") for k in ann)
-
-
-def fallback_tag(digest: Digest) -> str:
-    return f"{digest.algorithm}-{digest.hex}"
-
-
-async def _bytes_source(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 @dataclass(frozen=True)
@@ -78,96 +67,23 @@ async def push_indexes(
     image: ResolvedImage,
     indexes: list[LayerIndex],
 ) -> PushedIndexes:
-    """Upload the index blobs and the artifact manifest; update the fallback tag."""
-    empty = Digest.of(EMPTY_JSON)
-    blobs: list[tuple[Digest, bytes, Digest]] = []
-    for idx in indexes:
-        data = idx.to_bytes()
-        blobs.append((Digest.of(data), data, idx.digest))
-    for digest, data, _ in [(empty, EMPTY_JSON, empty), *blobs]:
-        if await client.blob_size(repository, digest) is None:
-            await client.upload_blob(repository, digest, len(data), lambda d=data: _bytes_source(d))  # type: ignore[misc]
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": mediatypes.OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": {"mediaType": mediatypes.OCI_EMPTY, "digest": str(empty), "size": 2},
-        "layers": [
-            {
-                "mediaType": INDEX_MEDIA_TYPE,
-                "digest": str(digest),
-                "size": len(data),
-                "annotations": {LAYER_ANNOTATION: str(layer)},
-            }
-            for digest, data, layer in blobs
-        ],
-        "subject": image.manifest_descriptor.to_json(),
-    }
-    raw = json.dumps(manifest, separators=(",", ":")).encode()
-    digest = await client.put_manifest(
-        repository, str(Digest.of(raw)), raw, mediatypes.OCI_MANIFEST
+    """Upload the index blobs and the artifact manifest (see imagefs.artifacts)."""
+    payloads = [
+        Payload(INDEX_MEDIA_TYPE, idx.to_bytes(), {LAYER_ANNOTATION: str(idx.digest)})
+        for idx in indexes
+    ]
+    pushed = await push_artifact(
+        client, repository, image.manifest_descriptor, ARTIFACT_TYPE, payloads
     )
-    via_tag = await client.get_referrers(repository, image.manifest_digest) is None
-    if via_tag:
-        await _add_to_fallback_tag(
-            client,
-            repository,
-            image.manifest_digest,
-            Descriptor(mediatypes.OCI_MANIFEST, digest, len(raw), artifact_type=ARTIFACT_TYPE),
-        )
-    return PushedIndexes(digest, len(blobs), via_tag)
-
-
-async def _add_to_fallback_tag(
-    client: RegistryClient, repository: str, subject: Digest, desc: Descriptor
-) -> None:
-    tag = fallback_tag(subject)
-    existing: list[dict[str, object]] = []
-    try:
-        got = await client.get_manifest(repository, tag)
-        parsed = parse_manifest(got.raw, got.media_type)
-        if isinstance(parsed, Index):
-            existing = [d.to_json() for d in parsed.manifests if d.digest != desc.digest]
-    except ManifestUnknown:
-        pass
-    index = {
-        "schemaVersion": 2,
-        "mediaType": mediatypes.OCI_INDEX,
-        "manifests": [*existing, desc.to_json()],
-    }
-    raw = json.dumps(index, separators=(",", ":")).encode()
-    await client.put_manifest(repository, tag, raw, mediatypes.OCI_INDEX)
+    return PushedIndexes(pushed.manifest_digest, pushed.blobs, pushed.via_tag)
 
 
 async def find_published(
     client: RegistryClient, repository: str, manifest_digest: Digest
 ) -> dict[str, Descriptor]:
     """Layer digest -> descriptor of its published index blob (empty when there is none)."""
-    raw = await client.get_referrers(repository, manifest_digest)
-    referrers: list[Descriptor] = []
-    if raw is not None:
-        parsed = parse_manifest(raw, mediatypes.OCI_INDEX)
-        if isinstance(parsed, Index):
-            referrers = list(parsed.manifests)
-    if not referrers:
-        try:
-            got = await client.get_manifest(repository, fallback_tag(manifest_digest))
-        except ManifestUnknown:
-            return {}
-        parsed = parse_manifest(got.raw, got.media_type)
-        if isinstance(parsed, Index):
-            referrers = list(parsed.manifests)
     found: dict[str, Descriptor] = {}
-    for ref in referrers:
-        if ref.artifact_type != ARTIFACT_TYPE:
-            continue
-        got = await client.get_manifest(repository, str(ref.digest), expected_size=ref.size)
-        artifact = parse_manifest(got.raw, got.media_type)
-        if not isinstance(artifact, Manifest):
-            continue
-        if artifact.subject is None or artifact.subject.digest != manifest_digest:
-            log.warning("index artifact %s names another subject; ignored", ref.digest.short)
-            continue
+    for artifact in await find_artifacts(client, repository, manifest_digest, ARTIFACT_TYPE):
         for blob in artifact.layers:
             layer = blob.annotations.get(LAYER_ANNOTATION)
             if blob.media_type == INDEX_MEDIA_TYPE and layer:

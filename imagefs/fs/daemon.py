@@ -28,6 +28,7 @@ from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.telemetry import Telemetry, serve_control
 from imagefs.oci.reference import Reference
 from imagefs.overlay import Overlay
+from imagefs.profiles import Profile
 from imagefs.store import MountRecord
 
 log = logging.getLogger("imagefs.fs")
@@ -84,6 +85,8 @@ async def serve(
     cache_size: int = DEFAULT_CACHE_SIZE,
     background_fetch: bool = False,
     trace: Path | None = None,
+    prefetch: Profile | None = None,
+    landmarks: bool = True,
 ) -> None:
     store = session.store
     record = await session.disk(api.find_record, store, query)
@@ -174,6 +177,11 @@ async def serve(
 
                 nursery.start_soon(serve_control, control_socket(store, mountpoint), snapshot)
                 layer_set.nursery = nursery
+                if prefetch is not None:
+                    plan = profile_plan(prefetch, record.manifest.digest, layers)
+                    nursery.start_soon(layer_set.prefetch_ranges, plan)
+                if landmarks:
+                    nursery.start_soon(layer_set.prefetch_landmarks)
                 if background_fetch:
                     nursery.start_soon(layer_set.fetch_everything)
                 report_ready(ready_fd)
@@ -198,3 +206,15 @@ async def _watch_signals(signalled: list[int]) -> None:
             signalled.append(signum)
             pyfuse3.terminate()
             return
+
+
+def profile_plan(
+    profile: Profile, manifest_digest: object, layers: list[Layer]
+) -> list[tuple[int, int, int]]:
+    """The profile's ranges as (layer, offset, length), if it was made for this image."""
+    if profile.image != str(manifest_digest) or list(profile.layers) != [
+        str(layer.digest) for layer in layers
+    ]:
+        log.warning("prefetch profile is for %s, not this image; ignored", profile.image)
+        return []
+    return [(f.layer, start, n) for f in profile.files for start, n in f.ranges]

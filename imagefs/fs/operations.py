@@ -183,7 +183,15 @@ class ImageOperations(pyfuse3.Operations):
         try:
             data = await self.layers.read(layer, toc.offset(entry) + off, n)
             if self.telemetry is not None:
-                self.telemetry.read(fh, self.overlay.path(fh), layer, off, len(data), info)
+                self.telemetry.read(
+                    fh,
+                    self.overlay.path(fh),
+                    layer,
+                    off,
+                    len(data),
+                    info,
+                    stream_offset=toc.offset(entry) + off,
+                )
             return data
         except ImageFSError as exc:
             log.error("read %r at %d: %s", self.overlay.path(fh), off, exc)

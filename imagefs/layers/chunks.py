@@ -14,6 +14,7 @@ digests. Pure: values in, values out.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import datetime as dt
 import hashlib
 import struct
@@ -30,7 +31,7 @@ from imagefs.layers import estargz, zstdchunked
 from imagefs.layers.tarscan import EntryType
 from imagefs.layers.toc import Toc, TocBuilder
 
-MAGIC = b"IFSCHNK1"
+MAGIC = b"IFSCHNK2"
 _TYPES = {
     "reg": EntryType.REG,
     "dir": EntryType.DIR,
@@ -66,6 +67,9 @@ class ChunkTable:
     inners: array[int]
     digests: bytes  # 32 bytes per chunk
     zeros: bytes  # one byte per chunk
+    # eStargz `.prefetch.landmark`: chunks stored before this blob offset are what the image
+    # builder wants fetched first; 0 when there is no landmark.
+    prefetch_until: int = 0
 
     def __len__(self) -> int:
         return len(self.voffsets)
@@ -110,7 +114,9 @@ class ChunkTable:
     def to_bytes(self) -> bytes:
         parts = [
             MAGIC,
-            struct.pack("<4sQ", self.codec.encode().ljust(4, b"\0"), len(self)),
+            struct.pack(
+                "<4sQQ", self.codec.encode().ljust(4, b"\0"), len(self), self.prefetch_until
+            ),
             self.voffsets.tobytes(),
             self.sizes.tobytes(),
             self.starts.tobytes(),
@@ -124,13 +130,13 @@ class ChunkTable:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ChunkTable:
-        if len(data) < 28 or not data.startswith(MAGIC):
+        if len(data) < 36 or not data.startswith(MAGIC):
             raise LayerFormatError("not an imagefs chunk table")
         body, (check,) = data[:-8], struct.unpack("<Q", data[-8:])
         if xxhash.xxh3_64_intdigest(body) != check:
             raise LayerFormatError("chunk table checksum mismatch (torn)")
-        codec_b, n = struct.unpack_from("<4sQ", body, len(MAGIC))
-        pos = len(MAGIC) + 12
+        codec_b, n, prefetch_until = struct.unpack_from("<4sQQ", body, len(MAGIC))
+        pos = len(MAGIC) + 20
         arrays = []
         for _ in range(5):
             a = array("Q")
@@ -143,7 +149,7 @@ class ChunkTable:
             raise LayerFormatError("chunk table is truncated")
         voffsets, sizes, starts, ends, inners = arrays
         codec = codec_b.rstrip(b"\0").decode()
-        return cls(codec, voffsets, sizes, starts, ends, inners, digests, zeros)
+        return cls(codec, voffsets, sizes, starts, ends, inners, digests, zeros, prefetch_until)
 
 
 def _mtime(modtime: str) -> tuple[int, int]:
@@ -282,7 +288,11 @@ def from_estargz(toc: estargz.TOC, toc_offset: int) -> tuple[Toc, ChunkTable, li
                 False,
             )
         )
-    return build_chunked(toc.entries, pieces, "gzip", estargz_layer=True)
+    t, table, warnings = build_chunked(toc.entries, pieces, "gzip", estargz_layer=True)
+    landmark = next((e.offset for e in toc.entries if e.name == estargz.PREFETCH_LANDMARK), 0)
+    if landmark:
+        table = dataclasses.replace(table, prefetch_until=landmark)
+    return t, table, warnings
 
 
 def from_zstd_chunked(toc: estargz.TOC) -> tuple[Toc, ChunkTable, list[str]]:

@@ -372,18 +372,24 @@ def write_estargz(
     level: int = 6,
     landmark: bool = True,
     legacy_footer: bool = False,
+    prefetch: int | None = None,
 ) -> EStargzBlob:
     """Write a minimal eStargz blob (for tests and tools; not an optimiser).
 
     Each non-empty regular file's data starts a gzip member, and so does every further
     ``chunk_size`` bytes of it; the TOC is the last tar entry in a member of its own; the
     footer follows. The result is also a plain tar.gz that any gzip/tar reads.
+    With `prefetch=N` a `.prefetch.landmark` follows the first N entries (they are what a
+    reader should fetch first); otherwise, with `landmark`, a `.no.prefetch.landmark` leads.
     """
     w = _MemberWriter(level)
     entries: list[dict[str, Any]] = []
     specs = list(files)
-    if landmark:
-        specs.append(FileSpec(NO_PREFETCH_LANDMARK, data=_LANDMARK_CONTENT))
+    if prefetch is not None:
+        # The first `prefetch` entries are the prefetch set: the landmark follows them.
+        specs.insert(prefetch, FileSpec(PREFETCH_LANDMARK, data=_LANDMARK_CONTENT))
+    elif landmark:
+        specs.insert(0, FileSpec(NO_PREFETCH_LANDMARK, data=_LANDMARK_CONTENT))
     for spec in specs:
         if spec.type not in _TAR_TYPES:
             raise ValueError(f"unknown entry type {spec.type!r}")

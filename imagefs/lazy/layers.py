@@ -480,6 +480,48 @@ class LayerSet:
                 log.warning("background fetch of layer %d (%s): %s", i, layer.digest.short, exc)
         log.info("background fetch finished")
 
+    async def prefetch_ranges(self, plan: Sequence[tuple[int, int, int]]) -> int:
+        """Fetch (layer, stream offset, length) ranges in order, in the background.
+
+        One piece at a time through the background limiter, so on-demand reads (which may
+        run several fetches at once) always get ahead. Returns the ranges done.
+        """
+        done = 0
+        for i, offset, length in plan:
+            if not 0 <= i < len(self.layers):
+                continue
+            try:
+                async with self._background:
+                    await self.prefetch(i, offset, length)
+                done += 1
+            except ImageFSError as exc:
+                log.warning("prefetch of layer %d at %d: %s", i, offset, exc)
+        return done
+
+    async def prefetch_landmarks(self) -> None:
+        """eStargz: fetch the chunks stored before `.prefetch.landmark`, as the image's
+        builder asked. Costs the TOC of each eStargz layer up front."""
+        for i, layer in enumerate(self.layers):
+            if ESTARGZ_TOC_DIGEST not in layer.descriptor.annotations or self._is_local(i):
+                continue
+            try:
+                async with self._background:
+                    idx = await self.ensure(i)
+                table = idx.chunks
+                if table is None or not table.prefetch_until:
+                    continue
+                ks = [
+                    k
+                    for k in range(len(table))
+                    if table.starts[k] < table.prefetch_until and not table.zeros[k]
+                ]
+                units = [(table.starts[k], table.ends[k]) for k in ks]
+                async with self._background:
+                    await self._ensure_units(i, units, self._chunk_verifier(i, table))
+                log.info("layer %d: prefetched %d chunks before the landmark", i, len(units))
+            except ImageFSError as exc:
+                log.warning("landmark prefetch of layer %d: %s", i, exc)
+
     def _span_verifier(self, seek: SeekIndex) -> Callable[[int, int, bytes], None]:
         by_start = {seek.span_range(k): k for k in range(len(seek.points))}
 

@@ -4,7 +4,8 @@ Traces (`imagefs mount --trace FILE`) are JSON lines, one per filesystem operati
 
     {"t": ns since the mount started (monotonic), "op": "lookup|readdir|open|read|readlink|
      getxattr", "path": "...", "layer": i, "offset": n, "length": n, "from": "memory|cache|
-     registry", "fetched": bytes fetched for it, "latency": seconds spent fetching}
+     registry", "fetched": bytes fetched for it, "latency": seconds spent fetching,
+     "stream_offset": where the read starts in the layer's (virtual) uncompressed stream}
 
 Paths are the image's raw bytes, decoded as UTF-8 with undecodable bytes escaped as `\\xNN`
 (Python's backslashreplace), so every line is valid JSON and the bytes can be recovered.
@@ -118,7 +119,14 @@ class Telemetry:
             self._last_flush = now
 
     def read(
-        self, ino: int, path: bytes, layer: int, offset: int, length: int, info: ReadInfo
+        self,
+        ino: int,
+        path: bytes,
+        layer: int,
+        offset: int,
+        length: int,
+        info: ReadInfo,
+        stream_offset: int = 0,
     ) -> None:
         self.reads += 1
         self.bytes_served += length
@@ -130,6 +138,7 @@ class Telemetry:
             layer=layer,
             offset=offset,
             length=length,
+            stream_offset=stream_offset,
             **{"from": info.source},
             fetched=info.fetched,
             latency=round(info.latency, 6),
