@@ -243,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("mounts", "List active imagefs mounts")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
+    p = cmd("check", "Verify every blob, cache piece and index of the store")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="delete what is damaged (it is fetched again when needed)",
+    )
+
     p = cmd("prune", "Remove blobs that no image references")
     p.add_argument("-q", "--quiet", action="store_true")
     return parser
@@ -471,6 +478,21 @@ async def cmd_logout(s: api.Session, a: argparse.Namespace) -> int:
     else:
         print(f"Not logged in to {host}")
     return 0
+
+
+async def cmd_check(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs.check import check_store
+
+    report = await trio.to_thread.run_sync(check_store, s.root, a.repair)
+    for problem in report.problems:
+        print(problem)
+    print(
+        f"Checked {report.blobs} blobs, {report.pieces} cache pieces, {report.indexes} "
+        f"indexes, {report.images} images: "
+        + ("all good" if report.ok else f"{len(report.problems)} problems")
+        + (f", {len(report.removed)} removed" if report.removed else "")
+    )
+    return 0 if report.ok or a.repair else 1
 
 
 async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
@@ -770,6 +792,7 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "mounts": cmd_mounts,
     "stats": cmd_stats,
     "profile": cmd_profile,
+    "check": cmd_check,
 }
 
 
