@@ -91,8 +91,27 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
         help="emulate a network: share RATE (e.g. 100mbit) among all downloads",
     )
     p.add_argument(
+        "--registry-timeout",
+        type=_seconds,
+        default=d(None),
+        metavar="SECONDS",
+        help="give up on a registry request (retries included) that has not answered within "
+        "SECONDS; a mount then answers EIO for the read that needed it (default: no overall "
+        "limit; 10s connect and 60s read timeouts, 5 attempts)",
+    )
+    p.add_argument(
         "--debug", action="store_true", default=d(False), help="log details and show tracebacks"
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"want 0 < SECONDS < 86400, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pl, top=False)
     pl.add_argument("reference")
     pl.add_argument("-o", "--output", type=Path, required=True, metavar="PROFILE")
+
+    p = cmd("trace", "Work with mount traces (mount --trace FILE)")
+    tsub = p.add_subparsers(dest="trace_command", metavar="ACTION", parser_class=_Parser)
+    tsub.required = True
+    tr = tsub.add_parser("report", help="an HTML report with plots of a trace")
+    _common(tr, top=False)
+    tr.add_argument("trace", type=Path)
+    tr.add_argument("-o", "--output", type=Path, help="default: TRACE with .html")
+    tr.add_argument(
+        "--image-json",
+        type=Path,
+        metavar="FILE",
+        help="`imagefs inspect REF` output, for image and layer sizes",
+    )
+
+    p = cmd("ls", "List a directory of an image without mounting it (fetches lazily)")
+    p.add_argument("reference")
+    p.add_argument("path", nargs="?", default="/")
+    p.add_argument("-l", dest="long", action="store_true", help="long listing (numeric ids)")
+    p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
+    p.add_argument("-A", dest="almost_all", action="store_true", help="show dotfiles")
+    p.add_argument("--platform")
+    p.add_argument("--cache-size", metavar="SIZE")
+
+    p = cmd("cat", "Print files of an image without mounting it (fetches only their pieces)")
+    p.add_argument("reference")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--platform")
+    p.add_argument("--cache-size", metavar="SIZE")
 
     p = cmd("umount", "Unmount an imagefs mount (the daemon exits)")
     p.add_argument("mountpoint", type=Path)
@@ -480,6 +528,46 @@ async def cmd_logout(s: api.Session, a: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_trace(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs.report import load_image_json, write_report
+
+    image = load_image_json(a.image_json) if a.image_json else None
+    output = a.output or a.trace.with_suffix(".html")
+    summary = await trio.to_thread.run_sync(write_report, a.trace, output, image)
+    del summary
+    print(f"Wrote {output}")
+    return 0
+
+
+async def cmd_ls(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import browse
+
+    platform = Platform.parse(a.platform) if a.platform else None
+    lines = await browse.ls(
+        s,
+        a.reference,
+        a.path,
+        long=a.long,
+        recursive=a.recursive,
+        almost_all=a.almost_all,
+        platform=platform,
+        cache_size=_cache_size(a),
+    )
+    for line in lines:
+        print(line)
+    return 0
+
+
+async def cmd_cat(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import browse
+
+    platform = Platform.parse(a.platform) if a.platform else None
+    await browse.cat(
+        s, a.reference, a.paths, sys.stdout.buffer, platform=platform, cache_size=_cache_size(a)
+    )
+    return 0
+
+
 async def cmd_check(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs.check import check_store
 
@@ -591,6 +679,8 @@ def _global_argv(a: argparse.Namespace, root: Path) -> list[str]:
         argv += ["--net-latency", str(a.net_latency)]
     if a.net_bandwidth:
         argv += ["--net-bandwidth", a.net_bandwidth]
+    if a.registry_timeout:
+        argv += ["--registry-timeout", str(a.registry_timeout)]
     if a.debug:
         argv.append("--debug")
     return argv
@@ -657,7 +747,7 @@ async def cmd_profile(s: api.Session, a: argparse.Namespace) -> int:
 def _cache_size(a: argparse.Namespace) -> int:
     from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, parse_size
 
-    value = a.cache_size
+    value = getattr(a, "cache_size", None)
     if value is None:
         cfg = load_file_config(a.config or default_config_dir()).extra.get("cache-size")
         value = str(cfg) if cfg is not None else None
@@ -793,6 +883,9 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "stats": cmd_stats,
     "profile": cmd_profile,
     "check": cmd_check,
+    "ls": cmd_ls,
+    "trace": cmd_trace,
+    "cat": cmd_cat,
 }
 
 
@@ -817,6 +910,7 @@ def session_from_args(a: argparse.Namespace) -> api.Session:
         mirrors=mirrors,
         config_dir=config_dir,
         link=link,
+        timeout=a.registry_timeout,
     )
     return api.Session(root=a.root or default_root(), options=options)
 

@@ -24,15 +24,21 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from imagefs.errors import NotFound, UsageError
 
 __all__ = [
+    "SOURCES",
+    "TOP_FILES",
+    "WATERFALL_LIMIT",
+    "CurvePoint",
     "Fetch",
     "FileStats",
+    "FirstRead",
     "ImageInfo",
     "LayerStats",
+    "ReadBin",
     "ReportSummary",
     "TraceEvent",
     "human_bytes",
@@ -460,7 +466,8 @@ def _layer_stats(
     extra = [i for i in indexes if i >= known]
     if info is not None and extra:
         warnings.append(
-            f"The trace reads layer {extra[0]} but the image JSON lists {known} layers: "
+            f"The trace reads layer {extra[0]} but the image JSON lists "
+            f"{_plural(known, 'layer')}: "
             "is it the image that was mounted?"
         )
     out = []
@@ -546,6 +553,10 @@ def human_duration(ns: float) -> str:
     return f"{hours} h {minutes} min"
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _pct(part: int, whole: int | None) -> str:
     if not whole:
         return "–"
@@ -575,38 +586,62 @@ def _nice_step(raw: float) -> float:
     return 10 * mag
 
 
-Kind = Literal["bytes", "time"]
-
-
-def _ticks(hi: float, kind: Kind, target: int = 6) -> tuple[float, list[tuple[float, str]]]:
-    """A nice axis maximum >= hi and its labelled ticks, in the largest unit that keeps
-    labels >= 1 (bytes: binary units; time: ns since mount start, shown in µs/ms/s/min)."""
-    if kind == "bytes":
-        k = 0
-        while k < len(_BYTE_UNITS) - 1 and hi >= 1024 ** (k + 1):
-            k += 1
-        div, unit = float(1024**k), _BYTE_UNITS[k]
-    else:
-        div, unit = next(
-            (d, u)
-            for limit, d, u in (
-                (1e3, 1.0, "ns"),
-                (1e6, 1e3, "µs"),
-                (1e9, 1e6, "ms"),
-                (180e9, 1e9, "s"),
-                (math.inf, 60e9, "min"),
-            )
-            if hi < limit
-        )
-    hi_units = max(hi / div, 1e-9)
-    step = _nice_step(hi_units / target)
-    count = max(1, math.ceil(hi_units / step - 1e-9))
-    ticks = []
-    for i in range(count + 1):
-        value = round(i * step, 6)
-        label = "0" if i == 0 else f"{value:g} {unit}"
-        ticks.append((value * div, label))
+def _byte_ticks(hi: float, target: int = 6) -> tuple[float, list[tuple[float, str]]]:
+    """A nice axis maximum >= hi and ticks from 0, labelled in the largest binary unit that
+    keeps them >= 1 ('0', '20 MiB', '40 MiB', ...)."""
+    k = 0
+    while k < len(_BYTE_UNITS) - 1 and hi >= 1024 ** (k + 1):
+        k += 1
+    div, unit = float(1024**k), _BYTE_UNITS[k]
+    step = _nice_step(max(hi / div, 1e-9) / target)
+    count = max(1, math.ceil(hi / div / step - 1e-9))
+    decimals = _decimals(step)
+    ticks = [
+        (i * step * div, "0" if i == 0 else f"{_fixed(i * step, decimals)} {unit}")
+        for i in range(count + 1)
+    ]
     return count * step * div, ticks
+
+
+def _decimals(step: float) -> int:
+    """Digits after the point that a tick step needs: 2.5 -> 1, 0.02 -> 2, 20 -> 0."""
+    for decimals in range(7):
+        if abs(round(step, decimals) - step) < 1e-9 * max(step, 1):
+            return decimals
+    return 6
+
+
+def _fixed(value: float, decimals: int) -> str:
+    """A tick value with the step's decimals, minus trailing zeros: 2.5, 5 (not 5.0), 7.5."""
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+_TIME_UNITS = (  # (below this many ns, divide by, unit)
+    (1e3, 1.0, "ns"),
+    (1e6, 1e3, "µs"),
+    (1e9, 1e6, "ms"),
+    (180e9, 1e9, "s"),
+    (math.inf, 60e9, "min"),
+)
+
+
+def _time_ticks(lo: float, hi: float, target: int = 7) -> list[tuple[float, str]]:
+    """Nice ticks within [lo, hi] (ns since mount start), labelled absolutely in one unit
+    chosen by `hi` ('0', '2.5 s', '5 s' or '10.02 s', '10.04 s'), so every time on the page
+    reads the same way."""
+    hi = max(hi, lo + 1)
+    div, unit = next((d, u) for limit, d, u in _TIME_UNITS if hi < limit)
+    step = _nice_step((hi - lo) / div / target)
+    decimals = _decimals(step)
+    first = math.ceil(lo / div / step - 1e-9)
+    ticks = []
+    i = first
+    while i * step <= hi / div * (1 + 1e-9):
+        value = i * step
+        ticks.append((value * div, "0" if i == 0 else f"{_fixed(value, decimals)} {unit}"))
+        i += 1
+    return ticks
 
 
 def _svg(width: int, height: int, label: str, body: Iterable[str]) -> str:
@@ -643,17 +678,30 @@ def _shorten(path: str, limit: int) -> str:
 
 
 def _comparison_chart(s: ReportSummary) -> str:
-    """Read vs fetched vs the whole image, on one linear scale: the headline in one picture."""
+    """Read vs fetched vs the whole image, on one linear scale: the headline in one picture.
+
+    Only fetched bytes get a percentage of the image: both are compressed layer bytes, while
+    bytes read are file contents after decompression, so "% of image" would compare unlike
+    things (a workload can read more than the image's size)."""
+    fetched_note = human_bytes(s.bytes_fetched)
+    if s.image_size:
+        fetched_note += f"  ·  {_pct(s.bytes_fetched, s.image_size)} of the image"
+    layers = sum(1 for layer in s.layers if layer.size is not None)
     rows: list[tuple[str, int | None, str, str]] = [
-        ("Read by the workload", s.bytes_read, _READ, ""),
-        ("Fetched for reads", s.bytes_fetched, _FETCHED, ""),
-        ("Image (compressed)", s.image_size, _IMAGE, ""),
+        ("Read by the workload", s.bytes_read, _READ, f"{human_bytes(s.bytes_read)} of file data"),
+        ("Fetched for reads", s.bytes_fetched, _FETCHED, fetched_note),
+        (
+            "Image (compressed)",
+            s.image_size,
+            _IMAGE,
+            f"{human_bytes(s.image_size or 0)} in {_plural(layers, 'layer')}",
+        ),
     ]
     width, label_w, value_w, row_h, top = 1100, 190, 270, 40, 10
     bar_w = width - label_w - value_w
     scale = max([v for _, v, _, _ in rows if v] or [1])
     out = []
-    for i, (label, value, colour, _) in enumerate(rows):
+    for i, (label, value, colour, note) in enumerate(rows):
         y = top + i * row_h
         out.append(_text(0, y + 21, label, "lbl"))
         out.append(_rect(label_w, y + 6, bar_w, 22, "#eef1f5", extra=' rx="4"'))
@@ -662,9 +710,6 @@ def _comparison_chart(s: ReportSummary) -> str:
             continue
         w = max(bar_w * value / scale, 2 if value else 0)
         out.append(_rect(label_w, y + 6, w, 22, colour, f"{value:,} bytes", ' rx="4"'))
-        note = human_bytes(value)
-        if s.image_size and label != "Image (compressed)":
-            note += f"  ·  {_pct(value, s.image_size)} of image"
         out.append(_text(label_w + bar_w + 14, y + 21, note, "val"))
     return _svg(width, top + len(rows) * row_h + 4, "bytes read, fetched and image size", out)
 
@@ -677,12 +722,13 @@ def _timeline_chart(s: ReportSummary) -> str:
     plot_bottom = 300
     strip_top, lane_h = plot_bottom + 12, 13
     axis_y = strip_top + 3 * lane_h + 4
-    x_max, x_ticks = _ticks(max(s.duration_ns, 1), "time", 8)
+    x_max = max(s.duration_ns, 1)
+    x_ticks = _time_ticks(0, x_max, 8)
     y_hi = max(s.bytes_read, s.bytes_fetched, 1)
     show_image = bool(s.image_size) and s.image_size is not None and s.image_size <= 2.5 * y_hi
     if show_image and s.image_size:
         y_hi = max(y_hi, s.image_size)
-    y_max, y_ticks = _ticks(y_hi, "bytes", 6)
+    y_max, y_ticks = _byte_ticks(y_hi, 6)
 
     def x(t: float) -> float:
         return left + (width - left - right) * t / x_max
@@ -795,7 +841,6 @@ def _timeline_chart(s: ReportSummary) -> str:
                     f' fill-opacity="{opacity:.2f}"',
                 )
             )
-    out.append(_text(left - 8, strip_top - 2, "reads", "lane b", "end"))
 
     # legend
     lx = left + 14
@@ -874,49 +919,52 @@ def _layer_chart(s: ReportSummary) -> str:
 def _waterfall_chart(fetches: Sequence[Fetch]) -> str:
     """One bar per read that waited for the registry, from when it started waiting to when
     it was answered: the critical path of a cold start, and any fetches that overlapped."""
-    width, label_w, value_w, top, row_h = 1100, 330, 150, 40, 17
-    plot_w = width - label_w - value_w
-    height = top + row_h * len(fetches) + 12
+    width, label_w, value_w, top, row_h = 1100, 330, 150, 44, 17
+    plot_w = width - label_w - value_w - 10
+    rows_bottom = top + row_h * len(fetches)
+    height = rows_bottom + 30
     lo = min(f.start_ns for f in fetches)
     hi = max(f.end_ns for f in fetches)
-    span, ticks = _ticks(max(hi - lo, 1), "time", 7)
+    if lo < (hi - lo) / 8:
+        lo = 0  # the fetches start soon after the mount: count from the mount, like the rest
+    span = max(hi - lo, 1)
 
     def x(t: float) -> float:
         return label_w + plot_w * (t - lo) / span
 
-    out = []
-    for value, label in ticks:
-        gx = x(lo + value)
+    out = [
+        _text(label_w - 10, 12, "file", "tick b", "end"),
+        _text(label_w, 12, "time since mount", "tick b"),
+        _text(width, 12, "waited · fetched", "tick b", "end"),
+    ]
+    for i in range(1, len(fetches), 2):  # zebra rows guide the eye from name to bar
+        out.append(_rect(0, top + i * row_h - 3, width, row_h, "#f6f7f9"))
+    for value, label in _time_ticks(lo, hi, 7):
+        gx = x(value)
         out.append(
-            f'<line x1="{_n(gx)}" x2="{_n(gx)}" y1="{top - 8}" y2="{height - 8}" class="grid"/>'
+            f'<line x1="{_n(gx)}" x2="{_n(gx)}" y1="{top - 10}" y2="{rows_bottom + 2}" '
+            'class="grid"/>'
         )
-        out.append(
-            _text(gx, top - 24, "+" + label if value else human_duration(lo), "tick", "middle")
-        )
-    out.append(_text(label_w - 10, top - 24, "file", "tick b", "end"))
-    out.append(_text(width, top - 24, "waited · fetched", "tick b", "end"))
+        out.append(_text(gx, top - 16, label, "tick", "middle"))
+        out.append(_text(gx, rows_bottom + 18, label, "tick", "middle"))
+    previous = None
     for i, f in enumerate(fetches):
         ry = top + i * row_h
-        if i % 2:
-            out.append(_rect(0, ry - 2, width, row_h, "#f7f8fa"))
         colour = _LAYER_COLOURS[(f.layer or 0) % len(_LAYER_COLOURS)]
-        out.append(_text(label_w - 10, ry + 10, _shorten(f.path, 46), "path", "end"))
+        # a run of fetches for one file names it once; the repeats are dimmed
+        cls = "path dim" if f.path == previous else "path"
+        previous = f.path
+        out.append(_text(label_w - 10, ry + 9, _shorten(f.path, 46), cls, "end"))
         x0, x1 = x(f.start_ns), x(f.end_ns)
+        waited = f.end_ns - f.start_ns
         title = (
-            f"{f.path}\nlayer {f.layer} · waited {human_duration(f.end_ns - f.start_ns)} "
-            f"from {human_duration(f.start_ns)} · fetched {f.fetched:,} bytes for a "
+            f"{f.path}\nlayer {f.layer} · waited {human_duration(waited)} from "
+            f"{human_duration(f.start_ns)} · fetched {f.fetched:,} bytes for a "
             f"{f.length:,}-byte read"
         )
-        out.append(_rect(x0, ry + 1, max(x1 - x0, 2), row_h - 5, colour, title, ' rx="2"'))
-        out.append(
-            _text(
-                width,
-                ry + 10,
-                f"{human_duration(f.end_ns - f.start_ns)} · {human_bytes(f.fetched)}",
-                "val sm",
-                "end",
-            )
-        )
+        out.append(_rect(x0, ry, max(x1 - x0, 3), row_h - 5, colour, title, ' rx="2"'))
+        detail = f"{human_duration(waited)} · {human_bytes(f.fetched)}"
+        out.append(_text(width, ry + 9, detail, "val sm", "end"))
     return _svg(width, height, "fetch waterfall", out)
 
 
@@ -967,6 +1015,7 @@ svg .mark, svg .ceil { font-size:12px; fill:var(--muted); font-weight:600; }
 svg .endlbl { font-size:13px; font-weight:700; }
 svg .endlbl.f { fill:var(--fetched); } svg .endlbl.r { fill:var(--read); }
 svg .path { font-size:12px; font-family:ui-monospace,"DejaVu Sans Mono",monospace; }
+svg .path.dim { fill:#a3aab5; }
 svg .grid { stroke:#e9ecf1; stroke-width:1; }
 svg .axis { stroke:#9ca3af; stroke-width:1; }
 svg .marker { stroke:#374151; stroke-width:1.2; stroke-dasharray:3 3; }
@@ -985,7 +1034,8 @@ tr:hover td { background:#fafbfc; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 td.path { font-family:ui-monospace,"DejaVu Sans Mono",monospace; font-size:13px;
   overflow-wrap:anywhere; }
-td.bar { width:150px; }
+td.path { width:100%; }
+td.bar { min-width:120px; }
 td.bar div { height:8px; border-radius:4px; background:var(--read); min-width:2px; }
 td.rank { color:var(--muted); width:28px; }
 .ops { display:flex; flex-wrap:wrap; gap:8px; margin-top:6px; }
@@ -1016,7 +1066,7 @@ def _cards(s: ReportSummary) -> str:
         _card(
             "Bytes read",
             human_bytes(s.bytes_read),
-            _e(f"{s.bytes_read:,} bytes in {s.reads:,} reads"),
+            _e(f"{s.bytes_read:,} bytes in {_plural(s.reads, 'read')}"),
             "read",
         ),
         _card(
@@ -1057,14 +1107,17 @@ def _cards(s: ReportSummary) -> str:
         _card(
             "Reads that fetched",
             f"{len(s.fetches):,}",
-            _e(f"of {s.reads:,} reads ({_pct(len(s.fetches), s.reads)})"),
+            _e(f"of {_plural(s.reads, 'read')} ({_pct(len(s.fetches), s.reads)})"),
         )
     )
     if s.latency_p50_ns is not None:
+        p50, p90 = human_duration(s.latency_p50_ns), human_duration(s.latency_p90_ns or 0)
+        unit50, unit90 = p50.split(" ", 1)[1], p90.split(" ", 1)[1]
+        value = f"{p50.split()[0]} / {p90}" if unit50 == unit90 else f"{p50} / {p90}"
         cards.append(
             _card(
                 "Fetch wait p50 / p90",
-                f"{human_duration(s.latency_p50_ns)} / {human_duration(s.latency_p90_ns or 0)}",
+                value,
                 _e(f"slowest {human_duration(s.latency_max_ns or 0)}"),
             )
         )
@@ -1081,13 +1134,13 @@ def _sources_bar(s: ReportSummary) -> str:
         n = s.reads_by_source.get(source, 0)
         b = s.bytes_by_source.get(source, 0)
         colour = _SOURCE_COLOURS[source]
-        tip = f"{n:,} reads ({b:,} bytes) from {source}"
+        tip = f"{_plural(n, 'read')} ({b:,} bytes) from {source}"
         segments.append(
             f'<span style="width:{100 * n / total:.3f}%;background:{colour}" '
             f'title="{_e(tip)}"></span>'
         )
         legend.append(
-            f'<span><i style="background:{colour}"></i><b>{_e(source)}</b> {n:,} reads · '
+            f'<span><i style="background:{colour}"></i><b>{_e(source)}</b> {_plural(n, "read")} · '
             f"{_e(human_bytes(b))} ({_pct(n, s.reads)})</span>"
         )
     return (

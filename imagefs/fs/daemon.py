@@ -22,11 +22,9 @@ from imagefs.errors import ImageFSError, UsageError
 from imagefs.fs.lifecycle import MountRegistration, control_socket, report_ready
 from imagefs.fs.operations import ImageOperations
 from imagefs.image import Layer, load_resolved
-from imagefs.indexes import RemoteIndexes
-from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, ChunkCache
-from imagefs.lazy.layers import LayerSet
+from imagefs.lazy.cache import DEFAULT_CACHE_SIZE
 from imagefs.lazy.telemetry import Telemetry, serve_control
-from imagefs.oci.reference import Reference
+from imagefs.lazy.wiring import lazy_layer_set
 from imagefs.overlay import Overlay
 from imagefs.profiles import Profile
 from imagefs.store import MountRecord
@@ -92,44 +90,16 @@ async def serve(
     record = await session.disk(api.find_record, store, query)
     image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)
     layers = image.layers
-    source = Reference.parse(record.source) if record.source else None
-
-    async def fetch(layer: Layer) -> None:
-        if source is None:
-            raise ImageFSError(
-                f"layer {layer.digest.short} is not local and the image has no "
-                "known source registry"
-            )
-        await api.fetch_blob(session, session.client(source), source.repository, layer.descriptor)
-
-    async def fetch_range(layer: Layer, start: int, end: int) -> bytes:
-        if source is None:
-            raise ImageFSError(
-                f"layer {layer.digest.short} is not local and the image has no "
-                "known source registry"
-            )
-        client = session.client(source)
-        data = await client.get_blob_range(source.repository, layer.digest, start, end)
-        if client.ignores_range:  # every range costs the whole blob: take it once, keep it
-            await fetch(layer)
-        return data
-
-    remote = (
-        RemoteIndexes(session.client(source), source.repository, record.manifest.digest)
-        if source is not None
-        else None
-    )
     tele = Telemetry([layer.size for layer in layers], trace_path=trace)
-    cache = ChunkCache(store.root, cache_size)
-    layer_set = LayerSet(
-        store,
+    layer_set = lazy_layer_set(
+        session,
+        record,
         layers,
-        fetch,
-        fetch_range=fetch_range,
-        remote_index=remote,
-        cache=cache,
+        cache_size=cache_size,
         on_fetch=lambda i, _start, n, seconds: tele.fetch(i, n, seconds),
     )
+    cache = layer_set.cache
+    assert cache is not None
     # Directory link counts would need every layer of a directory's listing before its
     # first stat; like btrfs, report 1 ("unknown", which find(1) understands) and stay lazy.
     overlay = Overlay(len(layers), exact_dir_nlink=False)

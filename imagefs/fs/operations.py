@@ -181,7 +181,8 @@ class ImageOperations(pyfuse3.Operations):
         info = telemetry.ReadInfo()
         token = telemetry.current.set(info)
         try:
-            data = await self.layers.read(layer, toc.offset(entry) + off, n)
+            start = toc.offset(entry)
+            data = await self.layers.read(layer, start + off, n, read_ahead_until=start + file_size)
             if self.telemetry is not None:
                 self.telemetry.read(
                     fh,

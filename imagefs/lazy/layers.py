@@ -396,15 +396,25 @@ class LayerSet:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def read(self, i: int, offset: int, length: int) -> bytes:
-        """`length` bytes of layer i's (virtual) uncompressed stream at `offset`."""
+    async def read(
+        self, i: int, offset: int, length: int, *, read_ahead_until: int | None = None
+    ) -> bytes:
+        """`length` bytes of layer i's (virtual) uncompressed stream at `offset`.
+
+        A read that continues the previous one is sequential: the pieces of the next
+        `READ_AHEAD` bytes are fetched in the background, up to `read_ahead_until` (the end
+        of the file being read, so that read-ahead does not run into the next file).
+        """
         idx = await self.ensure(i)
         sequential = self._last_end.get(i) == offset
         self._last_end[i] = offset + length
+        ahead = READ_AHEAD
+        if read_ahead_until is not None:
+            ahead = min(ahead, read_ahead_until - (offset + length))
         if idx.chunks is not None:
             data = await self._read_chunks(i, idx.chunks, offset, length)
-            if sequential:
-                self._read_ahead(i, offset + length)
+            if sequential and ahead > 0:
+                self._read_ahead(i, offset + length, ahead)
             return data
         assert idx.seek is not None
         seek = idx.seek
@@ -433,18 +443,18 @@ class LayerSet:
             data = await self._span(i, k, want_end - span_start, whole)
             out.append(data[pos - span_start : want_end - span_start])
             pos = want_end
-        if sequential and not local:
-            self._read_ahead(i, end)
+        if sequential and not local and ahead > 0:
+            self._read_ahead(i, end, ahead)
         return b"".join(out)
 
-    def _read_ahead(self, i: int, offset: int) -> None:
+    def _read_ahead(self, i: int, offset: int, length: int) -> None:
         if self.nursery is None:
             return
 
         async def prefetch() -> None:
             telemetry.current.set(None)  # read-ahead is nobody's read in a trace
             with contextlib.suppress(ImageFSError):
-                await self.prefetch(i, offset, READ_AHEAD)
+                await self.prefetch(i, offset, length)
 
         self.nursery.start_soon(prefetch)
 

@@ -38,6 +38,7 @@ from imagefs.registry import challenge, credentials
 from imagefs.registry.netem import EmulatedTransport
 from imagefs.registry.transport import (
     TransportOptions,
+    effective_timeouts,
     mirrors_for,
     plain_http_allowed,
     ssl_context,
@@ -49,6 +50,7 @@ MAX_MANIFEST_BYTES = 4 << 20
 MONOLITHIC_UPLOAD_MAX = 16 << 20
 UPLOAD_CHUNK = 16 << 20
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_UPLOAD_RETRY = _RETRY_STATUSES | {500}  # an upload session is restarted, not replayed
 _MAX_REDIRECTS = 5
 USER_AGENT = "imagefs/0.1"
 REDIRECT_TTL = 300.0  # signed storage URLs usually live 10-20 minutes; stay well inside
@@ -120,9 +122,8 @@ class RegistryClient:
         self._blob_urls: dict[tuple[str, str], tuple[str, float]] = {}
 
     def _make_client(self, host: str) -> httpx.AsyncClient:
-        timeout = httpx.Timeout(
-            self.options.read_timeout, connect=self.options.connect_timeout, pool=None
-        )
+        connect, read = effective_timeouts(self.options)
+        timeout = httpx.Timeout(read, connect=connect, pool=None)
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
         transport: httpx.AsyncBaseTransport | None = None
         if self.options.link is not None:
@@ -175,7 +176,7 @@ class RegistryClient:
         if not plain_http_allowed(ep.host, self.options):
             return https
         try:
-            resp = await ep.client.get(f"{https}/v2/", timeout=self.options.connect_timeout)
+            resp = await ep.client.get(f"{https}/v2/", timeout=effective_timeouts(self.options)[0])
             await resp.aclose()
             return https
         except httpx.ConnectError as exc:
@@ -210,9 +211,32 @@ class RegistryClient:
         """Send with auth, retries and redirects. The caller closes streamed responses.
 
         Returns any final response, error statuses included: the caller decides what an
-        error means (a 404 on HEAD is an answer, not a failure).
+        error means (a 404 on HEAD is an answer, not a failure). With `options.timeout`, the
+        whole exchange (retries included) gives up after that many seconds.
         """
         ep = endpoint or self._upstream
+        limit = self.options.timeout
+        if limit is None:
+            return await self._request_retrying(
+                method, path_or_url, scopes, headers, content, stream, ep, retry_body
+            )
+        with trio.move_on_after(limit):
+            return await self._request_retrying(
+                method, path_or_url, scopes, headers, content, stream, ep, retry_body
+            )
+        raise _timed_out(ep.host, method, path_or_url, limit)
+
+    async def _request_retrying(
+        self,
+        method: str,
+        path_or_url: str,
+        scopes: Sequence[str],
+        headers: Mapping[str, str] | None,
+        content: bytes | AsyncIterator[bytes] | None,
+        stream: bool,
+        ep: _Endpoint,
+        retry_body: bool,
+    ) -> httpx.Response:
         base = await self._base_url(ep)
         url = path_or_url if "://" in path_or_url else base + path_or_url
         policy = self.options.retry
@@ -603,6 +627,14 @@ class RegistryClient:
         """
         if end <= start:
             return b""
+        limit = self.options.timeout
+        if limit is None:
+            return await self._get_blob_range(repository, digest, start, end)
+        with trio.move_on_after(limit):
+            return await self._get_blob_range(repository, digest, start, end)
+        raise _timed_out(self._upstream.host, "GET", f"blob {digest.short} range", limit)
+
+    async def _get_blob_range(self, repository: str, digest: Digest, start: int, end: int) -> bytes:
         headers = {"Range": f"bytes={start}-{end - 1}"}
         cached = self._blob_urls.get((repository, str(digest)))
         if cached is not None and cached[1] > time.monotonic():
@@ -681,9 +713,13 @@ class RegistryClient:
             try:
                 await self._upload_once(repository, digest, size, open_source, scopes)
                 return
-            except RegistryUnreachable:
-                if attempt + 1 >= policy.attempts:
+            except RegistryError as exc:
+                # A broken connection or a server error in the middle of an upload session
+                # (whose PATCH/PUT bodies are not replayed): start a new session from byte 0.
+                transient = isinstance(exc, RegistryUnreachable) or exc.status in _UPLOAD_RETRY
+                if not transient or attempt + 1 >= policy.attempts:
                     raise
+                log.info("upload of %s: %s; starting over", digest.short, exc)
                 await trio.sleep(_jitter(policy.delay(attempt)))
 
     async def _upload_once(
@@ -810,6 +846,13 @@ def _retry_after(resp: httpx.Response) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _timed_out(host: str, method: str, what: str, limit: float) -> RegistryUnreachable:
+    path = urlsplit(what).path if "://" in what else what
+    return RegistryUnreachable(
+        f"{host}: {method} {path}: no answer within {limit:g}s (--registry-timeout)", host=host
+    )
 
 
 def _jitter(delay: float) -> float:

@@ -46,7 +46,22 @@ class TransportOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # `--registry-timeout`: give up on a registry request that has not answered within this
+    # many seconds, retries included (a range read: the whole body; a streamed download: its
+    # headers, then no more than this between two pieces of the body). None: only the
+    # connect/read timeouts and the retry policy bound a request.
+    timeout: float | None = None
     link: Link | None = None  # network emulation (experiments); None: the real network
+
+
+def effective_timeouts(options: TransportOptions) -> tuple[float, float]:
+    """(connect, read) socket timeouts, never longer than the overall `timeout`."""
+    if options.timeout is None:
+        return options.connect_timeout, options.read_timeout
+    return (
+        min(options.connect_timeout, options.timeout),
+        min(options.read_timeout, options.timeout),
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -2,30 +2,49 @@
 
 Requests are forwarded to the upstream registry unless a `Rule` matches (method + path
 regex, for its first `times` matches): then the rule's fault is injected instead — an error
-status (with `Retry-After`), a redirect to another host, a truncated or corrupted body, an
-ignored `Range` header, a wrong `Content-Length`, a connection reset, or a stall. Every
+status (with `Retry-After`), a redirect to another host, a redirect loop, a truncated or
+corrupted body, an ignored `Range` header, a wrong `Content-Length` (too long or too short),
+a connection reset, a stall before the answer, or a stall in the middle of the body. Every
 request is recorded with its headers, so tests can check what a client sent (for example
 that no Authorization header followed a redirect to another host).
+
+Also a command-line tool (`tools/faultproxy`, or `python -m imagefs.testing.proxy`):
+
+    tools/faultproxy --upstream http://127.0.0.1:5000 --rule 'GET /blobs/ flip flip_at=100' \
+        --rule 'GET /manifests/ status status=503 times=2' --port 5001
 
 Threaded stdlib `http.server`; bodies are buffered, which is fine for test-sized blobs.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import http.client
 import re
 import socket
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-Fault = (
-    str  # "status", "redirect", "truncate", "flip", "ignore_range", "bad_length", "reset", "stall"
+Fault = str
+FAULTS = (
+    "status",  # answer `status` (with `retry_after`) instead of forwarding
+    "redirect",  # 307 to `redirect_to` + the same path
+    "redirect_loop",  # 307 to itself (or `redirect_to`) with a toggled query: A->B->A...
+    "truncate",  # declare the full length, send `truncate_to` bytes, close
+    "flip",  # invert the byte at `flip_at`
+    "ignore_range",  # drop the Range header: the whole body comes back with 200
+    "bad_length",  # Content-Length off by `length_delta` (+: body ends early, -: extra bytes)
+    "reset",  # close the connection with RST before any answer
+    "stall",  # sleep `stall_seconds`, then forward as usual
+    "stall_body",  # send headers and `truncate_to` body bytes, sleep `stall_seconds`, send rest
 )
 
 
@@ -41,10 +60,40 @@ class Rule:
     truncate_to: int = 0
     flip_at: int = 0
     stall_seconds: float = 0.0
+    length_delta: int = 100
     hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r} (known: {', '.join(FAULTS)})")
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method in ("*", method)) and re.search(self.path, path) is not None
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        """`METHOD PATH-REGEX FAULT [key=value ...]`: `GET /blobs/ status status=503 times=2`."""
+        words = text.split()
+        if len(words) < 3:
+            raise ValueError(f"rule {text!r}: want METHOD PATH-REGEX FAULT [key=value ...]")
+        method, path, fault, *rest = words
+        kinds = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for item in rest:
+            key, sep, value = item.partition("=")
+            if not sep or key not in kinds or key in ("method", "path", "fault", "hits"):
+                raise ValueError(f"rule {text!r}: bad setting {item!r}")
+            kind = str(kinds[key])
+            try:
+                if kind == "int":
+                    values[key] = int(value)
+                elif kind == "float":
+                    values[key] = float(value)
+                else:
+                    values[key] = value
+            except ValueError:
+                raise ValueError(f"rule {text!r}: {key} wants a number, not {value!r}") from None
+        return cls(method.upper() if method != "*" else method, path, fault, **values)
 
 
 @dataclass(frozen=True)
@@ -55,11 +104,22 @@ class Recorded:
     status: int
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (as clients facing injected faults do) is not news."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handle_error(request, client_address)
+
+
 @dataclass
 class FaultProxy:
     upstream: str  # "http://127.0.0.1:PORT"
     require_basic: tuple[str, str] | None = None
     rules: list[Rule] = field(default_factory=list)
+    port: int = 0  # 0: any free port
+    # called with each request and the fault injected (the command-line tool prints them)
+    on_request: Callable[[Recorded, str], None] | None = None
 
     def __post_init__(self) -> None:
         self.recorded: list[Recorded] = []
@@ -96,7 +156,7 @@ class FaultProxy:
 
             do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -140,9 +200,12 @@ class FaultProxy:
                     return rule
         return None
 
-    def _record(self, h: BaseHTTPRequestHandler, status: int) -> None:
+    def _record(self, h: BaseHTTPRequestHandler, status: int, fault: str = "") -> None:
+        entry = Recorded(h.command, h.path, dict(h.headers.items()), status)
         with self._lock:
-            self.recorded.append(Recorded(h.command, h.path, dict(h.headers.items()), status))
+            self.recorded.append(entry)
+        if self.on_request is not None:
+            self.on_request(entry, fault)
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
@@ -154,8 +217,9 @@ class FaultProxy:
                 self._reply(h, 401, {"WWW-Authenticate": 'Basic realm="proxy"'}, b"")
                 return
         rule = self._rule_for(h.command, h.path)
+        fault = rule.fault if rule is not None else ""
         if rule is not None and rule.fault == "status":
-            self._record(h, rule.status)
+            self._record(h, rule.status, fault)
             headers = {"Retry-After": rule.retry_after} if rule.retry_after else {}
             self._reply(
                 h,
@@ -165,11 +229,19 @@ class FaultProxy:
             )
             return
         if rule is not None and rule.fault == "redirect":
-            self._record(h, 307)
+            self._record(h, 307, fault)
             self._reply(h, 307, {"Location": rule.redirect_to + h.path}, b"")
             return
+        if rule is not None and rule.fault == "redirect_loop":
+            self._record(h, 307, fault)
+            # toggle a query parameter so that every hop is a "new" URL: A -> B -> A -> ...
+            hop = "b" if "imagefs-loop=a" in h.path or "imagefs-loop" not in h.path else "a"
+            path = re.sub(r"[?&]imagefs-loop=[ab]", "", h.path)
+            path += ("&" if "?" in path else "?") + f"imagefs-loop={hop}"
+            self._reply(h, 307, {"Location": (rule.redirect_to or self.url) + path}, b"")
+            return
         if rule is not None and rule.fault == "reset":
-            self._record(h, 0)
+            self._record(h, 0, fault)
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
             h.connection.close()
             h.close_connection = True
@@ -183,8 +255,9 @@ class FaultProxy:
         }
         if rule is not None and rule.fault == "ignore_range":
             headers_out.pop("Range", None)
-        status, resp_headers, data = self._forward(h.command, h.path, headers_out, body)
-        self._record(h, status)
+        path = re.sub(r"[?&]imagefs-loop=[ab]$", "", h.path)
+        status, resp_headers, data = self._forward(h.command, path, headers_out, body)
+        self._record(h, status, fault)
         if rule is not None and rule.fault == "truncate":
             declared = len(data)
             data = data[: rule.truncate_to]
@@ -196,8 +269,17 @@ class FaultProxy:
             buf[min(rule.flip_at, len(buf) - 1)] ^= 0xFF
             data = bytes(buf)
         if rule is not None and rule.fault == "bad_length":
-            resp_headers["Content-Length"] = str(len(data) + 100)
+            resp_headers["Content-Length"] = str(max(0, len(data) + rule.length_delta))
             self._reply(h, status, resp_headers, data, close=True)
+            return
+        if rule is not None and rule.fault == "stall_body":
+            resp_headers["Content-Length"] = str(len(data))
+            cut = min(rule.truncate_to, len(data))
+            self._reply(h, status, resp_headers, data[:cut], close=True)
+            time.sleep(rule.stall_seconds)
+            with contextlib.suppress(OSError):  # the client may have given up meanwhile
+                h.wfile.write(data[cut:])
+                h.wfile.flush()
             return
         self._reply(h, status, resp_headers, data)
 
@@ -241,3 +323,44 @@ class FaultProxy:
         if h.command != "HEAD":
             h.wfile.write(data)
         h.wfile.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`tools/faultproxy`: run a fault proxy in front of a registry until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="tools/faultproxy",
+        description="An HTTP proxy in front of a registry that injects faults on purpose.",
+        epilog="RULE: 'METHOD PATH-REGEX FAULT [key=value ...]'; METHOD may be *. Faults: "
+        + ", ".join(FAULTS)
+        + ". Keys: times, status, retry_after, redirect_to, truncate_to, flip_at, "
+        "stall_seconds, length_delta.",
+    )
+    parser.add_argument("--upstream", required=True, help="registry base URL, http://HOST:PORT")
+    parser.add_argument("--rule", action="append", default=[], help="a fault rule (repeatable)")
+    parser.add_argument("--port", type=int, default=0, help="listen port (default: a free one)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not print each request")
+    a = parser.parse_args(argv)
+    try:
+        rules = [Rule.parse(text) for text in a.rule]
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def show(entry: Recorded, fault: str) -> None:
+        note = f"  [{fault}]" if fault else ""
+        print(f"{entry.method} {entry.path} -> {entry.status}{note}", flush=True)
+
+    proxy = FaultProxy(a.upstream, rules=rules, port=a.port, on_request=None if a.quiet else show)
+    with proxy:
+        print(f"fault proxy on {proxy.url} -> {a.upstream}; Ctrl-C to stop", flush=True)
+        for rule in rules:
+            print(f"  rule: {rule.method} {rule.path} {rule.fault}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -68,3 +68,30 @@ def test_stats_from_the_control_socket(
 def test_stats_of_a_non_mount_is_one_clear_error(tmp_path: Path) -> None:
     out = imagefs(tmp_path / "root", "stats", str(tmp_path), check=False)
     assert out.returncode == 1 and "is not an imagefs mount" in out.stderr
+
+
+def test_trace_report_of_a_real_trace(
+    tmp_path: Path, estargz_image: Published, registry: LocalRegistry
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    root = tmp_path / "root"
+    with mounted(
+        root, estargz_image.ref, tmp_path / "mnt", mount_args=["--trace", str(trace)]
+    ) as mnt:
+        (mnt / "data" / "big3.bin").read_bytes()
+    image_json = tmp_path / "image.json"
+    image_json.write_text(imagefs(root, "inspect", estargz_image.ref).stdout)
+    out = imagefs(
+        root,
+        "trace",
+        "report",
+        str(trace),
+        "-o",
+        str(tmp_path / "r.html"),
+        "--image-json",
+        str(image_json),
+    )
+    assert "Wrote" in out.stdout
+    html = (tmp_path / "r.html").read_text()
+    assert "data/big3.bin" in html and "<svg" in html
+    assert f"{len(BIG['data/big3.bin']):,}" in html  # bytes read, exactly
