@@ -1,0 +1,254 @@
+"""tools/bench: see `tools/bench --help`. Run it through tools/bench, not directly."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is tools/lib/bench
+
+from bench import images, profiling, report
+from bench.systems import SYSTEMS, Context, Phase, System
+from bench.util import BenchError, drop_caches, log, remove_tree, run
+from bench.workloads import WORKLOADS
+from imagefs.testing.registry import LocalRegistry
+
+REPO = Path(__file__).resolve().parents[3]
+PY_SPY = REPO / ".bench" / "venv" / "bin" / "py-spy"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tools/bench",
+        description="imagefs against a native extraction and ratarmount: medians of N runs, "
+        "written as a markdown table to docs/bench.md and stdout.",
+    )
+    p.add_argument("--quick", action="store_true", help="small image, 1 run: a smoke check")
+    p.add_argument("--runs", type=int, help="runs per system (default 3; 1 with --quick)")
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: all)",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from: {', '.join(WORKLOADS)} (default: all)",
+    )
+    p.add_argument("--phases", default="cold,warm", help="cold, warm or both (default)")
+    p.add_argument("--work", type=Path, default=REPO / ".bench", help="work and cache dir")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="markdown file to write (default: docs/bench.md; with --quick .bench/quick.md)",
+    )
+    p.add_argument("--ratarmount", type=Path, help="ratarmount binary (default: .bench venv)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the imagefs daemon during each workload (to .bench/profiles/); "
+        "timings are perturbed, so the table goes to .bench/profile.md",
+    )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="run imagefs from the work tree as it changes (default: a snapshot taken at start)",
+    )
+    return p.parse_args(argv)
+
+
+def snapshot_imagefs(dest: Path) -> str:
+    """Copy the imagefs package to `dest` and put it first on PYTHONPATH for every imagefs
+    process we start, so edits made to the work tree during a long run do not mix versions.
+    Returns a short hash of the copied sources."""
+    remove_tree(dest)
+    shutil.copytree(
+        REPO / "imagefs", dest / "imagefs", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    digest = hashlib.sha256()
+    for path in sorted((dest / "imagefs").rglob("*.py")):
+        digest.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(dest), os.environ.get("PYTHONPATH", "")) if p
+    )
+    return digest.hexdigest()[:12]
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def tool_versions(ratarmount: Path, sources: str) -> list[tuple[str, str]]:
+    def first(args: list[str]) -> str:
+        with contextlib.suppress(BenchError, OSError):
+            lines = run(args).strip().splitlines()
+            return lines[0] if lines else ""
+        return "?"
+
+    rev = first(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = first(["git", "-C", str(REPO), "status", "--porcelain", "--", "imagefs"])
+    return [
+        (
+            "imagefs",
+            f"commit {rev}{' + uncommitted changes in imagefs/' if dirty else ''}"
+            f" (sources {sources})",
+        ),
+        ("ratarmount", first([str(ratarmount), "--version"])),
+        ("umoci", first(["umoci", "--version"])),
+        ("skopeo", first(["skopeo", "--version"])),
+        ("registry", first(["docker-registry", "--version"])),
+    ]
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    runs = args.runs or (1 if args.quick else 3)
+    system_names = [s for s in args.systems.split(",") if s]
+    workload_names = [w for w in args.workloads.split(",") if w]
+    phases: list[Phase] = []
+    for ph in args.phases.split(","):
+        if ph not in ("cold", "warm"):
+            raise SystemExit(f"tools/bench: unknown phase {ph!r}")
+        phases.append("cold" if ph == "cold" else "warm")
+    for name in system_names:
+        if name not in SYSTEMS:
+            raise SystemExit(f"tools/bench: unknown system {name!r} (known: {', '.join(SYSTEMS)})")
+    for name in workload_names:
+        if name not in WORKLOADS:
+            raise SystemExit(f"tools/bench: unknown workload {name!r}")
+    work: Path = args.work.resolve()
+    default_output = (
+        work / "profile.md"
+        if args.profile
+        else work / "quick.md"
+        if args.quick
+        else REPO / "docs" / "bench.md"
+    )
+    output: Path = args.output or default_output
+    profile_dir = work / "profiles" if args.profile else None
+    ratarmount = args.ratarmount or REPO / ".bench" / "venv" / "bin" / "ratarmount"
+    imagefs_bin = Path(sys.executable).parent / "imagefs"
+    command = "tools/bench" + "".join(f" {shlex.quote(a)}" for a in argv)
+    if not drop_caches():
+        log("cannot drop the page cache (not root?): cold numbers will flatter everyone")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    recipe = images.QUICK if args.quick else images.FULL
+    built = images.build_image(recipe, work / "cache")
+    log(
+        f"image {recipe.name}: {len(built.layers)} layers, {built.merged.bytes / 1e6:,.0f} MB in "
+        f"{len(built.merged.files):,} files, {built.compressed_bytes / 1e6:,.0f} MB compressed"
+    )
+    results: report.Results = {}
+    started: list[System] = []
+    scratch = work / "run"
+    with contextlib.ExitStack() as stack:
+        remove_tree(scratch)
+        stack.callback(remove_tree, scratch)
+        sources = "live work tree" if args.live else snapshot_imagefs(scratch / "src")
+        registry = stack.enter_context(LocalRegistry(scratch / "registry"))
+        log(f"registry at {registry.url}; pushing")
+        pushed = images.VARIANTS["gzip"].push(built, registry)
+        ctx = Context(scratch, built, registry, pushed, imagefs_bin, ratarmount)
+        systems = [SYSTEMS[name](ctx) for name in system_names]
+        for system in systems:
+            stack.callback(system.teardown)
+            system.setup()
+            started.append(system)
+        for r in range(runs):
+            for system in systems:
+                _one_run(system, r, runs, phases, workload_names, built, results, profile_dir)
+                _save_raw(work / f"results-{output.stem}.json", results)
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = report.render(
+        results,
+        [(s.name, s.description) for s in started],
+        built,
+        runs,
+        command,
+        date,
+        tool_versions(ratarmount, sources),
+        report.NOTES,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    sys.stdout.write(text)
+    log(f"written to {output}")
+    return 0
+
+
+def _one_run(
+    system: System,
+    r: int,
+    runs: int,
+    phases: list[Phase],
+    workload_names: list[str],
+    built: images.BuiltImage,
+    results: report.Results,
+    profile_dir: Path | None,
+) -> None:
+    mine = results.setdefault(system.name, {})
+
+    def add(key: str, value: float) -> None:
+        mine.setdefault(key, []).append(value)
+
+    for phase in phases:
+        if phase == "cold":
+            for key, value in system.prepare_run().items():
+                add(f"prepare.cold.{key}", value)
+        else:
+            system.warm_up()
+        for name in workload_names:
+            workload = WORKLOADS[name]
+            if phase not in workload.phases:
+                continue
+            if phase == "cold":
+                drop_caches()
+            start = time.perf_counter()
+            try:
+                with system.session(phase) as tree, contextlib.ExitStack() as spy:
+                    if profile_dir is not None and tree.pid is not None:
+                        out = profile_dir / f"{system.name}-{phase}-{name}-run{r + 1}"
+                        spy.enter_context(profiling.py_spy(PY_SPY, tree.pid, out))
+                    metrics = workload.run(tree, built, phase)
+            except BenchError as e:
+                # One failed session costs its numbers, not the whole (long) bench.
+                log(f"run {r + 1}/{runs} {system.name} {phase} {name} FAILED: {e}")
+                add("failed_sessions", 1)
+                continue
+            if tree.ready_s is not None:
+                add(f"mount.{phase}.ready_s", tree.ready_s)
+            for key, value in metrics.items():
+                add(f"{name}.{phase}.{key}", value)
+            shown = ", ".join(f"{k}={v:,.3f}" for k, v in metrics.items())
+            log(
+                f"run {r + 1}/{runs} {system.name} {phase} {name}: {shown} "
+                f"(session {time.perf_counter() - start:.1f}s)"
+            )
+
+
+def _save_raw(path: Path, results: report.Results) -> None:
+    """Every run's raw numbers, rewritten after each system's run (a crash keeps them)."""
+    path.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        log("interrupted; mounts and the registry were cleaned up")
+        sys.exit(130)
+    except BenchError as e:
+        log(f"failed: {e}")
+        sys.exit(1)

@@ -1,0 +1,258 @@
+"""Medians, the issue's targets and the markdown report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.images import BuiltImage
+
+Results = dict[str, dict[str, list[float]]]
+"""system name -> metric key -> one value per run (or per session)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    key: str
+    fmt: str = "{:.2f}"
+    target: str = ""
+    scale: float = 1.0
+    total: bool = False
+    """Sum over runs instead of the median."""
+
+
+ROWS: tuple[Row, ...] = (
+    Row("pull + extract, whole image (s)", "prepare.cold.pull_extract_s"),
+    Row("mount ready, cold (s)", "mount.cold.ready_s", "{:.3f}"),
+    Row("mount ready, warm (s)", "mount.warm.ready_s", "{:.3f}", "imagefs ≤ 0.5 s"),
+    Row("`find -ls`, cold (s)", "find.cold.s"),
+    Row("`find -ls`, warm (s)", "find.warm.s", target="imagefs ≤ 2× native"),
+    Row("entries listed by `find`", "find.warm.entries", "{:,.0f}"),
+    Row("read-all, cold: tar only (MB/s)", "readall.cold.mbps", "{:.1f}"),
+    Row(
+        "read-all, cold: mount + tar (MB/s)",
+        "readall.cold.e2e_mbps",
+        "{:.1f}",
+        "imagefs ≥ 4× ratarmount",
+    ),
+    Row("read-all, cold (s)", "readall.cold.s"),
+    Row("read-all, warm (MB/s)", "readall.warm.mbps", "{:.1f}", "imagefs ≥ 400 MB/s"),
+    Row("read-all, warm (s)", "readall.warm.s"),
+    Row("bytes read by tar (MB)", "readall.warm.bytes", "{:,.1f}", scale=1e-6),
+    Row("largest file, cold (MB/s)", "largest.cold.mbps", "{:.1f}"),
+    Row("largest file, warm (MB/s)", "largest.warm.mbps", "{:.1f}"),
+    Row("random small files, cold (files/s)", "random.cold.files_per_s", "{:,.0f}"),
+    Row("random small files, cold p50 / p90 (ms)", "random.cold.p50_ms|random.cold.p90_ms"),
+    Row(
+        "random small files, warm (files/s)",
+        "random.warm.files_per_s",
+        "{:,.0f}",
+        "imagefs ≥ 10× ratarmount",
+    ),
+    Row("random small files, warm p50 / p90 (ms)", "random.warm.p50_ms|random.warm.p90_ms"),
+    Row("peak RSS after cold read-all (MB)", "readall.cold.rss_mb", "{:.0f}", "imagefs ≤ 150 MB"),
+    Row("peak RSS after warm read-all (MB)", "readall.warm.rss_mb", "{:.0f}", "imagefs ≤ 150 MB"),
+    Row("failed sessions, all runs (see the log)", "failed_sessions", "{:.0f}", total=True),
+)
+
+MB = 1_000_000
+
+
+def median(results: Results, system: str, key: str) -> float | None:
+    values = results.get(system, {}).get(key)
+    return statistics.median(values) if values else None
+
+
+def _cell(results: Results, system: str, row: Row) -> str:
+    parts = []
+    for key in row.key.split("|"):
+        values = results.get(system, {}).get(key)
+        value = sum(values) if row.total and values else median(results, system, key)
+        if value is None:
+            return "–"
+        parts.append(row.fmt.format(value * row.scale))
+    return " / ".join(parts)
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    check: Callable[[Results], tuple[str, bool | None]]
+
+
+def _ratio(
+    results: Results, key: str, other: Sequence[str], higher: bool, factor: float, unit: str
+) -> tuple[str, bool | None]:
+    mine = median(results, "imagefs", key)
+    ref_system = next((s for s in other if median(results, s, key) is not None), None)
+    if mine is None or ref_system is None:
+        return "not measured", None
+    ref = median(results, ref_system, key)
+    assert ref is not None
+    ratio = mine / ref if ref else float("inf")
+    shown = f"{mine:,.2f} vs {ref:,.2f} {unit} ({ref_system}): {ratio:.2f}×"
+    return shown, ratio >= factor if higher else ratio <= factor
+
+
+def _bound(
+    results: Results, key: str, limit: float, higher: bool, unit: str
+) -> tuple[str, bool | None]:
+    values = [v for k in key.split("|") if (v := median(results, "imagefs", k)) is not None]
+    if not values:
+        return "not measured", None
+    value = min(values) if higher else max(values)
+    return f"{value:,.3g} {unit}", value >= limit if higher else value <= limit
+
+
+RATARMOUNTS = ("ratarmount", "ratarmount-layer")
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "mount ready ≤ 0.5 s with cached indexes (warm)",
+        lambda r: _bound(r, "mount.warm.ready_s", 0.5, False, "s"),
+    ),
+    Target(
+        "warm `find -ls` ≤ 2× native",
+        lambda r: _ratio(r, "find.warm.s", ("native",), False, 2.0, "s"),
+    ),
+    Target(
+        "warm read-all ≥ 400 MB/s",
+        lambda r: _bound(r, "readall.warm.mbps", 400, True, "MB/s"),
+    ),
+    Target(
+        "cold read-all ≥ 4× ratarmount's throughput (mount + tar)",
+        lambda r: _ratio(r, "readall.cold.e2e_mbps", RATARMOUNTS, True, 4.0, "MB/s"),
+    ),
+    Target(
+        "random small files ≥ 10× ratarmount's rate (warm)",
+        lambda r: _ratio(r, "random.warm.files_per_s", RATARMOUNTS, True, 10.0, "files/s"),
+    ),
+    Target(
+        "RSS ≤ 150 MB after reading the image end to end",
+        lambda r: _bound(r, "readall.cold.rss_mb|readall.warm.rss_mb", 150, False, "MB"),
+    ),
+)
+
+
+def _verdict(ok: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "–"}[ok]
+
+
+def machine_facts() -> list[tuple[str, str]]:
+    mem = "?"
+    cpu = "?"
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return [
+        ("nproc", str(os.cpu_count())),
+        ("CPU", cpu),
+        ("memory", mem),
+        ("kernel", platform.release()),
+        ("python", sys.version.split()[0]),
+        ("load average (1, 5, 15 min) at the end", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+    ]
+
+
+def render(
+    results: Results,
+    systems: Sequence[tuple[str, str]],
+    image: BuiltImage,
+    runs: int,
+    command: str,
+    date: str,
+    tools: Sequence[tuple[str, str]],
+    notes: Sequence[str],
+) -> str:
+    names = [name for name, _ in systems]
+    lines = [
+        "# imagefs benchmark",
+        "",
+        f"Generated by `tools/bench` on {date}. Every number is the median of {runs} run(s).",
+        "",
+        "Reproduce (as root, on Debian bookworm; builds and caches the image under `.bench/`):",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+        "## Targets (issue 3)",
+        "",
+        "| target | measured (imagefs vs reference) | verdict |",
+        "|---|---|---|",
+    ]
+    for target in TARGETS:
+        shown, ok = target.check(results)
+        lines.append(f"| {target.text} | {shown} | {_verdict(ok)} |")
+    lines += [
+        "",
+        "## Measurements",
+        "",
+        "| metric | " + " | ".join(names) + " | target |",
+        "|---|" + "---:|" * len(names) + "---|",
+    ]
+    for row in ROWS:
+        cells = [_cell(results, name, row) for name in names]
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {row.target} |")
+    lines += ["", "Systems:", ""]
+    lines += [f"- **{name}**: {desc}" for name, desc in systems]
+    merged = image.merged
+    lines += [
+        "",
+        "## Image",
+        "",
+        f"- recipe `{image.recipe.name}`: {len(image.layers)} gzip layers built by umoci, "
+        f"{merged.bytes / MB:,.0f} MB in {len(merged.files):,} regular files "
+        f"({merged.entries:,} entries), {image.compressed_bytes / MB:,.0f} MB compressed",
+    ]
+    for i, layer in enumerate(image.layers):
+        lines.append(
+            f"- layer {i}: {layer.name}: {layer.size / MB:,.1f} MB compressed, "
+            f"{layer.catalog.bytes / MB:,.1f} MB in {len(layer.catalog.files):,} files"
+        )
+    lines += ["", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in [*machine_facts(), *tools]]
+    lines += ["", "## How it is measured", ""]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = (
+    "Each workload runs in its own session (a fresh mount), so none inherits the kernel's "
+    "FUSE caches from the one before. *Cold*: the page cache dropped "
+    "(`echo 3 > /proc/sys/vm/drop_caches`) and nothing local: a fresh imagefs store (the "
+    "layers come from the registry), no ratarmount index (it is built before the mount "
+    "answers), the native tree just pulled and extracted. *Warm*: a second mount on the "
+    "same store or index (imagefs: every layer fetched and indexed by a warm-up read-all), "
+    "its local files (store, index, tree) read into the page cache before each run's warm "
+    "sessions.",
+    "mount ready: from starting the command to the mount answering a stat of its root "
+    "(imagefs returns when its daemon answers statfs; ratarmount runs with `-f` and is "
+    "polled). The stat is part of it on purpose: it is what `ls MNT` needs, and on a cold "
+    "imagefs store that first stat of / is what fetches and indexes the layers.",
+    "read-all: `tar cf - . | wc -c` in the tree's root; MB/s counts tar's output bytes. "
+    '"mount + tar" divides by the mount-ready time plus the tar time, which is the fair '
+    "cold comparison: ratarmount decompresses everything to index before it mounts, imagefs "
+    "fetches and indexes a layer when first touched.",
+    "largest file: the view's largest regular file read sequentially in 1 MiB reads.",
+    "random small files: 2000 regular files of 1 B to 64 KiB, drawn with a fixed seed from "
+    "the image's catalog, each opened and read whole, one after another in one process.",
+    "peak RSS: VmHWM of the process serving the mount (the imagefs daemon from "
+    "`imagefs mounts --format json`, the ratarmount process), read right after read-all.",
+    "The registry is Debian's docker-registry on 127.0.0.1 (no network latency); "
+    "ratarmount reads the same gzip blobs from a local file, so its cold numbers include "
+    "no download at all.",
+    "ratarmount (all layers) union-mounts the layer blobs; it does not apply OCI whiteouts, "
+    "so its tree holds a few more files than the image.",
+)
