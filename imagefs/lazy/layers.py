@@ -52,7 +52,7 @@ FetchRange = Callable[[Layer, int, int], Awaitable[bytes]]
 RemoteIndex = Callable[[Layer], Awaitable[LayerIndex | None]]
 
 ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-SPAN_CACHE_BYTES = 48 << 20
+SPAN_CACHE_BYTES = 24 << 20  # inflated spans kept in memory (the RSS budget is ~150 MB)
 ZSTD_FLAT_THRESHOLD = 8 << 20  # single-frame zstd bigger than this: decompress once to a file
 TAIL_FETCH = 64 << 10  # first guess at footer + TOC size for eStargz
 # Chunks smaller than this are fetched together with their neighbours in one request: a round
@@ -133,8 +133,14 @@ class LayerSet:
                 continue  # loaded, or failed: then this caller tries (and reports) itself
             event = self._inflight[i] = trio.Event()
             try:
-                self._ready[i] = await self._load(i)
-                self.stats[i].ready = True
+                idx = await self._load(i)
+                # The same blob at other places of the stack (empty layers repeat in real
+                # images; a hostile manifest may list one blob 10,000 times): same index.
+                for j, layer in enumerate(self.layers):
+                    if layer.digest == self.layers[i].digest and self._ready[j] is None:
+                        self._ready[j] = idx
+                        self.stats[j].ready = True
+                        self.stats[j].source = self.stats[j].source or self.stats[i].source
             finally:
                 del self._inflight[i]
                 event.set()
