@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,7 +29,6 @@ from imagefs.errors import (
     unwrap_groups,
 )
 from imagefs.image import Layer, RegistrySource, ResolvedImage, load_resolved
-from imagefs.indexes import PushedIndexes
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.platform import Platform
@@ -38,6 +37,9 @@ from imagefs.registry import credentials
 from imagefs.registry.client import RegistryClient
 from imagefs.registry.transport import TransportOptions
 from imagefs.store import ImageRecord, Ingest, Store
+
+if TYPE_CHECKING:  # imported lazily: `imagefs mount` and friends start faster without it
+    from imagefs.indexes import PushedIndexes
 
 log = logging.getLogger("imagefs")
 

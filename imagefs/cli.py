@@ -15,11 +15,8 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import trio
-
-from imagefs import api
 from imagefs.config import (
     default_config_dir,
     default_root,
@@ -27,8 +24,11 @@ from imagefs.config import (
     parse_mirror_flag,
 )
 from imagefs.errors import ImageFSError, NotFound, UsageError, unwrap_groups
-from imagefs.oci.platform import Platform
-from imagefs.registry.transport import TransportOptions
+
+# trio, the registry client and the rest are imported where a command needs them: the CLI
+# module stays light so that `imagefs mount` can start its daemon without paying for them.
+if TYPE_CHECKING:
+    from imagefs import api
 
 PROG = "imagefs"
 
@@ -358,6 +358,9 @@ def cached_column(cached: int, size: int) -> str:
 
 
 async def cmd_pull(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+    from imagefs.oci.platform import Platform
+
     platform = Platform.parse(a.platform) if a.platform else None
     progress = None
     bars: Any = None
@@ -409,6 +412,8 @@ async def cmd_pull(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_push(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     def show(digest: Any, what: str) -> None:
         if not a.quiet:
             print(f"{digest.short}: {what}")
@@ -420,6 +425,8 @@ async def cmd_push(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_images(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     found = await api.images(s, a.reference, all_images=a.all)
     if a.quiet:
         seen = []
@@ -476,11 +483,15 @@ async def cmd_images(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_tag(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     await api.tag(s, a.source, a.target)
     return 0
 
 
 async def cmd_rmi(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     result = await api.rmi(s, a.references, force=a.force)
     for name in result.untagged:
         print(f"Untagged: {name}")
@@ -490,11 +501,15 @@ async def cmd_rmi(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_inspect(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     print(api.dump_json(await api.inspect(s, a.references)))
     return 0
 
 
 async def cmd_login(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     username = a.username
     if username is None:
         if not sys.stdin.isatty() or a.password_stdin:
@@ -520,6 +535,8 @@ async def cmd_login(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_logout(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     host = api.normalize_registry_host(a.registry)
     if await api.logout(s, a.registry):
         print(f"Removing login credentials for {host}")
@@ -529,6 +546,8 @@ async def cmd_logout(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_trace(s: api.Session, a: argparse.Namespace) -> int:
+    import trio
+
     from imagefs.report import load_image_json, write_report
 
     image = load_image_json(a.image_json) if a.image_json else None
@@ -541,6 +560,7 @@ async def cmd_trace(s: api.Session, a: argparse.Namespace) -> int:
 
 async def cmd_ls(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs import browse
+    from imagefs.oci.platform import Platform
 
     platform = Platform.parse(a.platform) if a.platform else None
     lines = await browse.ls(
@@ -560,6 +580,7 @@ async def cmd_ls(s: api.Session, a: argparse.Namespace) -> int:
 
 async def cmd_cat(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs import browse
+    from imagefs.oci.platform import Platform
 
     platform = Platform.parse(a.platform) if a.platform else None
     await browse.cat(
@@ -569,6 +590,8 @@ async def cmd_cat(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_check(s: api.Session, a: argparse.Namespace) -> int:
+    import trio
+
     from imagefs.check import check_store
 
     report = await trio.to_thread.run_sync(check_store, s.root, a.repair)
@@ -584,6 +607,8 @@ async def cmd_check(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+
     result = await api.prune(s)
     if not a.quiet:
         for digest, _ in result.blobs:
@@ -599,6 +624,9 @@ async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
 
 async def _ensure_local(s: api.Session, a: argparse.Namespace) -> None:
     """`imagefs mount alpine DIR` works alone: pull the metadata when the image is not local."""
+    from imagefs import api
+    from imagefs.oci.platform import Platform
+
     try:
         await s.disk(api.find_record, s.store, a.reference)
     except NotFound:
@@ -625,35 +653,52 @@ def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[st
 
 
 async def cmd_mount(s: api.Session, a: argparse.Namespace) -> int:
+    """The foreground mount: `mount -f` by a user, or the daemon `mount_detached` starts."""
     from imagefs.fs import lifecycle
-    from imagefs.fs.daemon import MountOptions, serve
+    from imagefs.fs.daemon import serve
 
     mountpoint = a.mountpoint.absolute()
-    options = MountOptions.parse(a.options)
+    options = lifecycle.MountOptions.parse(a.options)
     lifecycle.check_mountpoint(mountpoint, s.store)
     await _ensure_local(s, a)
-    if a.foreground:
-        log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
-        if a.ready_fd is None:  # a daemon's stderr already is this log file
-            _log_to_file(log_path, a.debug)
-        else:
-            logging.getLogger("imagefs").setLevel(logging.DEBUG if a.debug else logging.INFO)
-        await serve(
-            s,
-            a.reference,
-            mountpoint,
-            options,
-            a.ready_fd,
-            cache_size=_cache_size(a),
-            background_fetch=a.background_fetch,
-            trace=a.trace.absolute() if a.trace else None,
-            prefetch=_load_profile(a.prefetch) if a.prefetch else None,
-            landmarks=not a.no_prefetch_landmark,
-        )
-        return 0
     log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
-    argv = _daemon_argv(a, s.root.absolute(), mountpoint)
-    pid = await trio.to_thread.run_sync(lifecycle.spawn_daemon, argv, log_path, mountpoint)
+    if a.ready_fd is None:  # a daemon's stderr already is this log file
+        _log_to_file(log_path, a.debug)
+    else:
+        logging.getLogger("imagefs").setLevel(logging.DEBUG if a.debug else logging.INFO)
+    await serve(
+        s,
+        a.reference,
+        mountpoint,
+        options,
+        a.ready_fd,
+        cache_size=_cache_size(a),
+        background_fetch=a.background_fetch,
+        trace=a.trace.absolute() if a.trace else None,
+        prefetch=_load_profile(a.prefetch) if a.prefetch else None,
+        landmarks=not a.no_prefetch_landmark,
+    )
+    return 0
+
+
+def mount_detached(a: argparse.Namespace) -> int:
+    """`imagefs mount` without -f: check, start the daemon, return once the mount answers.
+
+    Synchronous and light on purpose (no trio, no registry client here): the daemon does
+    the rest — including pulling the image's metadata when it is not local — and reports a
+    startup error back through a pipe, which `spawn_daemon` raises here.
+    """
+    from imagefs.fs import lifecycle
+    from imagefs.store import Store
+
+    root = (a.root or default_root()).absolute()
+    mountpoint = a.mountpoint.absolute()
+    lifecycle.MountOptions.parse(a.options)  # a bad -o fails here, before any process starts
+    lifecycle.check_mountpoint(mountpoint, Store(root))
+    if a.cache_size:
+        _cache_size(a)
+    log_path = root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
+    pid = lifecycle.spawn_daemon(_daemon_argv(a, root, mountpoint), log_path, mountpoint)
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0
 
@@ -687,6 +732,9 @@ def _global_argv(a: argparse.Namespace, root: Path) -> list[str]:
 
 
 async def cmd_profile(s: api.Session, a: argparse.Namespace) -> int:
+    import trio
+
+    from imagefs import api
     from imagefs.artifacts import Payload, find_artifacts, push_artifact
     from imagefs.image import load_resolved
     from imagefs.oci.reference import Reference
@@ -769,6 +817,9 @@ def _log_to_file(path: Path, debug: bool) -> None:
 
 
 async def cmd_index(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs import api
+    from imagefs.oci.platform import Platform
+
     platform = Platform.parse(a.platform) if a.platform else None
     result = await api.index(s, a.reference, push=a.push, platform=platform)
     rows = [["LAYER", "ENTRIES", "SPANS", "COMPRESSED", "UNCOMPRESSED", "BUILD", "MB/s"]]
@@ -802,6 +853,8 @@ async def cmd_index(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_umount(s: api.Session, a: argparse.Namespace) -> int:
+    import trio
+
     from imagefs.fs import lifecycle
 
     await trio.to_thread.run_sync(lifecycle.unmount, a.mountpoint, s.store)
@@ -809,6 +862,8 @@ async def cmd_umount(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_stats(s: api.Session, a: argparse.Namespace) -> int:
+    import trio
+
     from imagefs.fs.lifecycle import control_socket
     from imagefs.lazy.telemetry import ask_stats
 
@@ -890,6 +945,9 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
 
 
 def session_from_args(a: argparse.Namespace) -> api.Session:
+    from imagefs import api
+    from imagefs.registry.transport import TransportOptions
+
     config_dir = a.config or default_config_dir()
     file_cfg = load_file_config(config_dir)
     mirrors: dict[str, list[str]] = {k: list(v) for k, v in file_cfg.mirrors.items()}
@@ -922,6 +980,8 @@ async def _run(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import trio
+
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     # `profile record REF -o P -- COMMAND ARGS...`: everything after `--` is the workload.
@@ -943,6 +1003,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         with unwrap_groups():
+            if a.command == "mount" and not a.foreground:
+                return mount_detached(a)
             return trio.run(_run, a)
     except ImageFSError as exc:
         if a.debug:

@@ -11,15 +11,14 @@ import errno
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from imagefs import api
-from imagefs.errors import ImageFSError, UsageError
-from imagefs.fs.lifecycle import MountRegistration, control_socket, report_ready
+from imagefs.errors import ImageFSError
+from imagefs.fs.lifecycle import MountOptions, MountRegistration, control_socket, report_ready
 from imagefs.fs.operations import ImageOperations
 from imagefs.image import Layer, load_resolved
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE
@@ -30,47 +29,6 @@ from imagefs.profiles import Profile
 from imagefs.store import MountRecord
 
 log = logging.getLogger("imagefs.fs")
-
-
-@dataclass(frozen=True)
-class MountOptions:
-    allow_other: bool = False
-    suid: bool = False
-    dev: bool = False
-
-    @classmethod
-    def parse(cls, values: list[str]) -> MountOptions:
-        """`-o` values, comma separated, as mount(8) takes them."""
-        allow_other = suid = dev = False
-        for value in values:
-            for opt in filter(None, (o.strip() for o in value.split(","))):
-                if opt == "allow_other":
-                    allow_other = True
-                elif opt in ("suid", "nosuid"):
-                    suid = opt == "suid"
-                elif opt in ("dev", "nodev"):
-                    dev = opt == "dev"
-                elif opt in ("ro", "default_permissions"):
-                    pass  # always so
-                elif opt == "rw":
-                    raise UsageError("imagefs mounts are read-only: -o rw is not possible")
-                else:
-                    raise UsageError(
-                        f"unknown mount option {opt!r} (known: allow_other, "
-                        "suid, nosuid, dev, nodev, ro)"
-                    )
-        return cls(allow_other, suid, dev)
-
-    def as_list(self) -> list[str]:
-        return [",".join(o for o in self.fuse_options() if o != "default_permissions")]
-
-    def fuse_options(self) -> set[str]:
-        opts = {"ro", "default_permissions", "fsname=imagefs", "subtype=imagefs"}
-        opts.add("suid" if self.suid else "nosuid")
-        opts.add("dev" if self.dev else "nodev")
-        if self.allow_other:
-            opts.add("allow_other")
-        return opts
 
 
 async def serve(

@@ -25,10 +25,53 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from imagefs.errors import ImageFSError, ImageInUse, NotFound, UsageError
 from imagefs.store import MountRecord, Store
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    allow_other: bool = False
+    suid: bool = False
+    dev: bool = False
+
+    @classmethod
+    def parse(cls, values: list[str]) -> MountOptions:
+        """`-o` values, comma separated, as mount(8) takes them."""
+        allow_other = suid = dev = False
+        for value in values:
+            for opt in filter(None, (o.strip() for o in value.split(","))):
+                if opt == "allow_other":
+                    allow_other = True
+                elif opt in ("suid", "nosuid"):
+                    suid = opt == "suid"
+                elif opt in ("dev", "nodev"):
+                    dev = opt == "dev"
+                elif opt in ("ro", "default_permissions"):
+                    pass  # always so
+                elif opt == "rw":
+                    raise UsageError("imagefs mounts are read-only: -o rw is not possible")
+                else:
+                    raise UsageError(
+                        f"unknown mount option {opt!r} (known: allow_other, "
+                        "suid, nosuid, dev, nodev, ro)"
+                    )
+        return cls(allow_other, suid, dev)
+
+    def as_list(self) -> list[str]:
+        return [",".join(o for o in self.fuse_options() if o != "default_permissions")]
+
+    def fuse_options(self) -> set[str]:
+        opts = {"ro", "default_permissions", "fsname=imagefs", "subtype=imagefs"}
+        opts.add("suid" if self.suid else "nosuid")
+        opts.add("dev" if self.dev else "nodev")
+        if self.allow_other:
+            opts.add("allow_other")
+        return opts
+
 
 READY = b"READY\n"
 STARTUP_TIMEOUT = 120.0
