@@ -83,8 +83,10 @@ class ImageOperations(pyfuse3.Operations):
         except Exception:
             log.exception("layer %d (%s): unexpected failure", index, self._layer_name(index))
             raise pyfuse3.FUSEError(errno.EIO) from None
-        if not self.overlay.has_layer(index):
-            self.overlay.set_layer(index, idx.toc)
+        digest = self.layers.layers[index].digest
+        for j, layer in enumerate(self.layers.layers):  # the same blob elsewhere in the stack
+            if layer.digest == digest and not self.overlay.has_layer(j):
+                self.overlay.set_layer(j, idx.toc)
 
     def _layer_name(self, index: int) -> str:
         return str(self.layers.layers[index].digest)

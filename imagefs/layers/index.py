@@ -93,6 +93,18 @@ class LayerIndex:
         return cls(digest, toc, seek=seek)
 
 
+# A layer may inflate to at most this many times its compressed size (beyond a floor that
+# every honest small layer stays under). Real layers inflate 2-10x; a gzip bomb ~1000x and a
+# zstd one far more. Beyond the CPU time, indexing holds memory in proportion to the
+# uncompressed size (rapidgzip's chunk bookkeeping), so the bound matters for the daemon.
+MAX_INFLATE_RATIO = 100
+INFLATE_FLOOR = 1 << 30
+
+
+def inflate_limit(compressed_size: int) -> int:
+    return max(INFLATE_FLOOR, MAX_INFLATE_RATIO * compressed_size)
+
+
 def build_from_blob(
     blob: Path,
     digest: Digest,
@@ -104,8 +116,17 @@ def build_from_blob(
     """Scan a verified, local layer blob into a LayerIndex (CPU-bound: run in a thread)."""
     scanner = TarScanner()
     builder = TocBuilder(estargz=estargz)
+    limit = inflate_limit(blob.stat().st_size)
+    inflated = 0
 
     def feed(data: bytes) -> None:
+        nonlocal inflated
+        inflated += len(data)
+        if inflated > limit:
+            raise LayerFormatError(
+                f"layer {digest.short} inflates to more than {limit} bytes from "
+                f"{blob.stat().st_size}: refused as a decompression bomb"
+            )
         for entry in scanner.feed(data):
             builder.add_tar_entry(entry)
 
