@@ -106,7 +106,7 @@ def test_mount_is_lazy_and_reuses_indexes(
         assert not _fetched_layers(registry, layers)  # mounting fetched no layer
         # every step of this path is decided by the top layer: nothing below is fetched
         assert (mnt / "opt" / "lazy" / "top.txt").read_bytes() == b"top\n"
-        assert _fetched_layers(registry, layers) == [layers[-1]]
+        assert set(_fetched_layers(registry, layers)) == {layers[-1]}
         # etc/hello.txt is in layer 1, but etc/ there is only implied (no entry of its
         # own), so etc's attributes come from layer 0: every layer is needed for this one
         assert (mnt / "etc" / "hello.txt").read_bytes() == sample_image.files["etc/hello.txt"]

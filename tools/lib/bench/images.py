@@ -21,11 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.convert import estargz_layout
 from bench.util import BenchError, log, remove_tree, run
-from imagefs.testing.images import LayoutImage, PushedImage, build_umoci_image, push
+from imagefs.testing.images import (
+    Compression,
+    LayoutImage,
+    PushedImage,
+    build_umoci_image,
+    push,
+    scratch_dir,
+)
 from imagefs.testing.registry import LocalRegistry
 
 DEBOOTSTRAP = "debootstrap:bookworm-minbase"
+DEBOOTSTRAP_PYTHON = "debootstrap:bookworm-minbase+python3"
+"""A minbase root with python3 installed: copied over DEBOOTSTRAP, its diff is one layer."""
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -90,6 +100,30 @@ FULL = Recipe(
         ),
     ),
 )
+
+LAZY = Recipe(
+    "debian-py",
+    (
+        LayerSpec("debian bookworm minbase (debootstrap)", (DEBOOTSTRAP,)),
+        LayerSpec(
+            "python3 (apt, as debootstrap --include=python3 installs it)", (DEBOOTSTRAP_PYTHON,)
+        ),
+        LayerSpec(
+            "/usr/share subset",
+            tuple(f"/usr/share/{d}" for d in ("vim", "perl", "i18n", "mime", "zoneinfo")),
+        ),
+        LayerSpec(
+            "/usr/lib subset",
+            (
+                "/usr/lib/git-core",
+                "/usr/lib/node_modules",
+                "/usr/lib/gcc/x86_64-linux-gnu/12/cc1plus",
+            ),
+        ),
+        LayerSpec("clean-up (whiteouts)", delete=("usr/share/doc", "usr/share/vim/vim90/doc")),
+    ),
+)
+"""The lazy-loading experiments' image: ~300 MB in 5 layers, a Debian that runs python3."""
 
 QUICK = Recipe(
     "quick",
@@ -164,15 +198,21 @@ class BuiltImage:
 # building
 
 
-def debootstrap_root(cache: Path) -> Path:
-    """A Debian bookworm minbase root, made once (apt caches and lists removed, as images do)."""
-    root = cache / "bookworm-minbase"
+def debootstrap_root(cache: Path, include: tuple[str, ...] = ()) -> Path:
+    """A Debian bookworm minbase root (plus `include` packages), made once (apt caches and
+    lists removed, as images do)."""
+    name = "bookworm-minbase" + "".join(f"-{p}" for p in include)
+    root = cache / name
     if (root / "etc" / "debian_version").exists():
         return root
-    tmp = cache / "bookworm-minbase.tmp"
+    tmp = cache / f"{name}.tmp"
     remove_tree(tmp)
-    log(f"debootstrap --variant=minbase bookworm {tmp} (a few minutes, once)")
-    run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), DEBIAN_MIRROR], timeout=3600)
+    extra = [f"--include={','.join(include)}"] if include else []
+    log(f"debootstrap --variant=minbase {' '.join(extra)} bookworm {tmp} (minutes, once)")
+    run(
+        ["debootstrap", "--variant=minbase", *extra, "bookworm", str(tmp), DEBIAN_MIRROR],
+        timeout=3600,
+    )
     for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for entry in (tmp / sub).glob("*"):
             if entry.is_file():
@@ -197,6 +237,8 @@ def _mutation(spec: LayerSpec, cache: Path) -> Callable[[Path], None]:
         for src in spec.sources:
             if src == DEBOOTSTRAP:
                 _copy(debootstrap_root(cache), rootfs, ".")
+            elif src == DEBOOTSTRAP_PYTHON:
+                _copy(debootstrap_root(cache, ("python3",)), rootfs, ".")
             elif os.path.lexists(src):
                 _copy(Path(src), rootfs, src.lstrip("/"))
             else:
@@ -317,20 +359,47 @@ def _load(recipe: Recipe, home: Path) -> BuiltImage:
 
 @dataclass(frozen=True)
 class Variant:
-    """How the image is stored in the registry. Today: the gzip layers as built.
+    """How the image is stored in the registry.
 
-    Later formats (eStargz, zstd:chunked) become more variants: `push` converts and pushes,
-    and each imagefs system names the variant it mounts.
+    * `gzip`: the gzip layers as umoci built them (imagefs fetches a layer whole on first
+      need, then indexes it);
+    * `gzip+index`: the same, plus an imagefs layer index published next to it
+      (`imagefs --root R index --push REF` once, on a throwaway root), so reads are ranges;
+    * `estargz`: every layer's tar rewritten as eStargz by imagefs's writer
+      (`bench.convert`), with the `containerd.io/snapshot/stargz/toc.digest` annotation;
+    * `zstd:chunked`: skopeo's zstd:chunked conversion of the gzip image.
     """
 
     name: str
-    compression: str | None = None
+    compression: Compression | None = None
+    estargz: bool = False
+    publish_index: bool = False
 
-    def push(self, built: BuiltImage, registry: LocalRegistry) -> PushedImage:
-        repo_tag = f"bench/{built.recipe.name}:{self.name}"
-        if self.compression is not None:
-            raise BenchError(f"variant {self.name}: conversion is not implemented yet")
-        return push(built.image, registry, repo_tag)
+    def push(
+        self, built: BuiltImage, registry: LocalRegistry, imagefs_bin: Path | None = None
+    ) -> PushedImage:
+        repo_tag = f"bench/{built.recipe.name}:{self.name.replace('+', '-').replace(':', '-')}"
+        if self.estargz:
+            return push(
+                estargz_layout(built.image, f"{built.recipe.name}-estargz"), registry, repo_tag
+            )
+        pushed = push(built.image, registry, repo_tag, compression=self.compression)
+        if self.publish_index:
+            if imagefs_bin is None:
+                raise BenchError(f"variant {self.name}: needs the imagefs binary to index")
+            with scratch_dir("bench-indexer-") as root:
+                run(
+                    [str(imagefs_bin), "--root", str(root), "index", "--push", pushed.ref], cwd=root
+                )
+        return pushed
 
 
-VARIANTS = {"gzip": Variant("gzip")}
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("gzip"),
+        Variant("gzip+index", publish_index=True),
+        Variant("estargz", estargz=True),
+        Variant("zstd:chunked", compression="zstd:chunked"),
+    )
+}

@@ -22,6 +22,7 @@ from bench import images, profiling, report
 from bench.systems import SYSTEMS, Context, Phase, System
 from bench.util import BenchError, drop_caches, log, remove_tree, run
 from bench.workloads import WORKLOADS
+from imagefs.testing.images import PushedImage
 from imagefs.testing.registry import LocalRegistry
 
 REPO = Path(__file__).resolve().parents[3]
@@ -33,6 +34,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="tools/bench",
         description="imagefs against a native extraction and ratarmount: medians of N runs, "
         "written as a markdown table to docs/bench.md and stdout.",
+    )
+    p.add_argument(
+        "--experiment",
+        choices=("issue3", "lazy", "slacker"),
+        default="issue3",
+        help="issue3: the systems and workloads below (default); lazy: an uncached image per "
+        "lazy format against pull-and-extract, loopback and emulated WAN (a section of "
+        "docs/bench.md); slacker: real workloads, lazy / profile / pull-and-extract "
+        "(docs/slacker.md and docs/slacker.svg)",
+    )
+    p.add_argument(
+        "--nets", default="loopback,wan", help="lazy/slacker: loopback, wan or both (default)"
+    )
+    p.add_argument(
+        "--variants",
+        default="estargz,gzip+index",
+        help="slacker: image variants for the lazy runs, the first one is the headline "
+        "(default: estargz,gzip+index)",
     )
     p.add_argument("--quick", action="store_true", help="small image, 1 run: a smoke check")
     p.add_argument("--runs", type=int, help="runs per system (default 3; 1 with --quick)")
@@ -113,6 +132,8 @@ def tool_versions(ratarmount: Path, sources: str) -> list[tuple[str, str]]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.experiment != "issue3":
+        return lazy_main(args, argv)
     runs = args.runs or (1 if args.quick else 3)
     system_names = [s for s in args.systems.split(",") if s]
     workload_names = [w for w in args.workloads.split(",") if w]
@@ -182,10 +203,113 @@ def main(argv: list[str]) -> int:
         report.NOTES,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists():  # keep the lazy-loading section another experiment wrote
+        text += lazy_section(output.read_text())
     output.write_text(text)
     sys.stdout.write(text)
     log(f"written to {output}")
     return 0
+
+
+LAZY_BEGIN = "<!-- tools/bench --experiment lazy: begin -->"
+LAZY_END = "<!-- tools/bench --experiment lazy: end -->"
+
+
+def lazy_section(text: str) -> str:
+    """The marked lazy-loading section of docs/bench.md ("" when there is none)."""
+    start, end = text.find(LAZY_BEGIN), text.find(LAZY_END)
+    if start < 0 or end < start:
+        return ""
+    return "\n" + text[start : end + len(LAZY_END)] + "\n"
+
+
+def lazy_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--experiment lazy` and `--experiment slacker`."""
+    from bench import lazy, slacker
+    from bench.lazyrun import NETS, Imagefs, check_loopback_clean
+
+    runs = args.runs or (1 if args.quick else 3)
+    nets = [NETS[n] for n in args.nets.split(",") if n]
+    work: Path = args.work.resolve()
+    imagefs_bin = Path(sys.executable).parent / "imagefs"
+    command = "tools/bench" + "".join(f" {shlex.quote(a)}" for a in argv)
+    if any(n.shaped for n in nets):
+        check_loopback_clean()
+    if not drop_caches():
+        raise SystemExit("tools/bench: the lazy experiments need root (drop_caches, chroot, tc)")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    built = images.build_image(images.LAZY, work / "cache")
+    log(
+        f"image {built.recipe.name}: {len(built.layers)} layers, "
+        f"{built.merged.bytes / 1e6:,.0f} MB in {len(built.merged.files):,} files, "
+        f"{built.compressed_bytes / 1e6:,.0f} MB compressed"
+    )
+    scratch = work / f"run-{args.experiment}"
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    with contextlib.ExitStack() as stack:
+        remove_tree(scratch)
+        stack.callback(remove_tree, scratch)
+        sources = "live work tree" if args.live else snapshot_imagefs(scratch / "src")
+        tools = [t for t in tool_versions(Path("ratarmount"), sources) if t[0] != "ratarmount"]
+        tools += report.machine_facts()
+        registry = stack.enter_context(LocalRegistry(scratch / "registry"))
+        fs = Imagefs(imagefs_bin, scratch / "imagefs")
+        if args.experiment == "lazy":
+            names = ["gzip+index", "estargz", "zstd:chunked"]
+            pushed = lazy.push_variants(built, registry, imagefs_bin, names)
+            setup = lazy.Setup(built, registry, pushed, fs, scratch)
+            differences = lazy.compare_trees(setup, "estargz", "gzip+index")
+            log(f"treecmp: {len(differences)} difference(s)")
+            for line in differences[:20]:
+                log(f"  {line}")
+            results: lazy.Results = {}
+            lazy.run_experiment(setup, nets, runs, results)
+            _save_raw(work / "results-lazy.json", results)  # type: ignore[arg-type]
+            section = lazy.render(results, setup, nets, runs, command, date, tools, differences)
+            output: Path = args.output or REPO / "docs" / "bench.md"
+            old = output.read_text() if output.exists() else ""
+            block = f"{LAZY_BEGIN}\n{section}{LAZY_END}"
+            start, end = old.find(LAZY_BEGIN), old.find(LAZY_END)
+            if start >= 0 and end > start:
+                new = old[:start] + block + old[end + len(LAZY_END) :]
+            else:
+                new = old.rstrip("\n") + "\n\n" + block + "\n"
+            output.write_text(new)
+            sys.stdout.write(section)
+            log(f"written to {output}")
+            return 0
+        variants = [v for v in args.variants.split(",") if v]
+        pushed = slacker_push(built, registry, imagefs_bin, variants)
+        toc = {
+            v: slacker.lazy_toc_bytes(built, v, f"{built.recipe.name}-estargz") for v in variants
+        }
+        setup_s = slacker.Setup(built, registry, pushed, fs, scratch, toc)
+        sresults: slacker.Results = {}
+        try:
+            slacker.run_experiment(setup_s, variants, nets, runs, sresults)
+        finally:
+            _save_raw(work / "results-slacker.json", sresults)  # type: ignore[arg-type]
+        output = args.output or REPO / "docs" / "slacker.md"
+        plot = output.with_suffix(".svg")
+        slacker.plot(sresults, variants[0], nets, plot)
+        text = slacker.render(
+            sresults, setup_s, variants, nets, runs, command, date, tools, plot.name
+        )
+        output.write_text(text)
+        sys.stdout.write(text)
+        log(f"written to {output} and {plot}")
+    return 0
+
+
+def slacker_push(
+    built: images.BuiltImage, registry: LocalRegistry, imagefs_bin: Path, variants: list[str]
+) -> dict[str, PushedImage]:
+    """The lazy variants, and plain gzip for pull-and-extract (shares gzip+index's blobs)."""
+    out = {}
+    for name in dict.fromkeys([*variants, "gzip"]):
+        log(f"pushing the {name} variant")
+        out[name] = images.VARIANTS[name].push(built, registry, imagefs_bin)
+    return out
 
 
 def _one_run(
