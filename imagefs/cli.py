@@ -637,6 +637,8 @@ async def _ensure_local(s: api.Session, a: argparse.Namespace) -> None:
 def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[str]:
     argv = _global_argv(a, root)
     argv += ["mount", "-f"]
+    if a.platform:  # the daemon pulls the image's metadata when it is not local
+        argv += ["--platform", a.platform]
     if a.cache_size:
         argv += ["--cache-size", a.cache_size]
     if a.background_fetch:

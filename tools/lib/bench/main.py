@@ -215,12 +215,23 @@ LAZY_BEGIN = "<!-- tools/bench --experiment lazy: begin -->"
 LAZY_END = "<!-- tools/bench --experiment lazy: end -->"
 
 
+NOTES_MARK = "<!-- hand-written notes: kept when tools/bench rewrites this file -->"
+
+
 def lazy_section(text: str) -> str:
-    """The marked lazy-loading section of docs/bench.md ("" when there is none)."""
-    start, end = text.find(LAZY_BEGIN), text.find(LAZY_END)
-    if start < 0 or end < start:
+    """The lazy-loading section of docs/bench.md, from its begin marker to the end of the
+    file (its hand-written notes follow the end marker); "" when there is none."""
+    start = text.find(LAZY_BEGIN)
+    if start < 0:
         return ""
-    return "\n" + text[start : end + len(LAZY_END)] + "\n"
+    return "\n" + text[start:].rstrip("\n") + "\n"
+
+
+def kept_notes(path: Path) -> str:
+    """What follows NOTES_MARK in `path` (hand-written analysis), mark included."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find(NOTES_MARK)
+    return "" if at < 0 else "\n" + text[at:].rstrip("\n") + "\n"
 
 
 def lazy_main(args: argparse.Namespace, argv: list[str]) -> int:
@@ -295,7 +306,7 @@ def lazy_main(args: argparse.Namespace, argv: list[str]) -> int:
         text = slacker.render(
             sresults, setup_s, variants, nets, runs, command, date, tools, plot.name
         )
-        output.write_text(text)
+        output.write_text(text + kept_notes(output))
         sys.stdout.write(text)
         log(f"written to {output} and {plot}")
     return 0
