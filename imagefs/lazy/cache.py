@@ -59,7 +59,7 @@ def parse_size(text: str) -> int:
 class _LayerPieces:
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
-    scanned_at: float = 0.0
+    dir_mtime_ns: int = -1  # the layer directory's mtime when it was listed
 
 
 class ChunkCache:
@@ -84,7 +84,14 @@ class ChunkCache:
     def _piece_path(self, layer: Digest, start: int, end: int) -> Path:
         return self._layer_dir(layer) / f"{start}-{end}"
 
+    def _dir_mtime(self, layer: Digest) -> int:
+        try:
+            return os.stat(self._layer_dir(layer)).st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
     def _scan(self, layer: Digest) -> _LayerPieces:
+        mtime = self._dir_mtime(layer)
         pieces: list[tuple[int, int]] = []
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self._layer_dir(layer)):
@@ -92,12 +99,15 @@ class ChunkCache:
                 if m:
                     pieces.append((int(m.group(1)), int(m.group(2))))
         pieces.sort()
-        return _LayerPieces([s for s, _ in pieces], [e for _, e in pieces], time.monotonic())
+        return _LayerPieces([s for s, _ in pieces], [e for _, e in pieces], mtime)
 
     def _pieces(self, layer: Digest, rescan: bool = False) -> _LayerPieces:
+        """The pieces of a layer. On a miss (`rescan`) the directory is listed again only if
+        its mtime changed — another process added or evicted pieces — so that a layer with
+        thousands of pieces does not cost a listing per missing piece."""
         with self._lock:
             got = self._layers.get(layer.hex)
-        if got is None or rescan:
+        if got is None or (rescan and self._dir_mtime(layer) != got.dir_mtime_ns):
             got = self._scan(layer)
             with self._lock:
                 self._layers[layer.hex] = got
@@ -179,12 +189,14 @@ class ChunkCache:
         except Exception as exc:  # a full disk must not fail the read that fetched this
             log.warning("cannot cache %s: %s", path, exc)
             return
+        mtime = self._dir_mtime(layer)
         with self._lock:
             p = self._layers.get(layer.hex)
             if p is not None:
                 i = bisect.bisect_left(p.starts, start)
                 p.starts.insert(i, start)
                 p.ends.insert(i, end)
+                p.dir_mtime_ns = mtime  # our own write; others' show as a later change
             if self._total is not None:
                 self._total += len(data) + _HEADER.size
         if self._total is None or self._total > self.cap:
