@@ -7,5 +7,11 @@ Run it through `tools/bench` (which installs what it needs). Modules:
 * `systems`   what is measured: imagefs, a native extraction, ratarmount (pluggable)
 * `workloads` what is done to each system: find, read-all, largest file, random reads
 * `report`    medians, targets and the markdown table
-* `main`      argument parsing and the run loop
+* `main`      argument parsing and the run loop (`--experiment issue3|lazy|slacker`)
+* `convert`   gzip tar layers to eStargz (tar entries to imagefs's eStargz writer)
+* `lazyrun`   shared by the lazy experiments: networks, fresh mounts, pull-and-extract
+* `shaper`    a shaping TCP proxy (RTT + shared rate) for when tc netem is unavailable
+* `lazy`      `--experiment lazy`: first byte and read-all, per lazy format (docs/bench.md)
+* `slacker`   `--experiment slacker`: real workloads, lazy/profile/pull (docs/slacker.md)
+* `svgplot`   grouped log-scale bar charts as SVG (no matplotlib)
 """
