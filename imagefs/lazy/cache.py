@@ -69,6 +69,7 @@ class ChunkCache:
         self.dir = root / "cache" / "chunks"
         self.cap = cap
         self._layers: dict[str, _LayerPieces] = {}
+        self._own: dict[str, set[tuple[int, int]]] = {}  # pieces this process wrote
         self._lock = threading.Lock()
         self._total: int | None = None
         self._touched: dict[str, float] = {}
@@ -104,12 +105,21 @@ class ChunkCache:
     def _pieces(self, layer: Digest, rescan: bool = False) -> _LayerPieces:
         """The pieces of a layer. On a miss (`rescan`) the directory is listed again only if
         its mtime changed — another process added or evicted pieces — so that a layer with
-        thousands of pieces does not cost a listing per missing piece."""
+        thousands of pieces does not cost a listing per missing piece.
+
+        A listing can race with this process's own `put` (and a directory mtime is coarse),
+        so the pieces this process wrote since are merged into every new listing."""
         with self._lock:
             got = self._layers.get(layer.hex)
         if got is None or (rescan and self._dir_mtime(layer) != got.dir_mtime_ns):
             got = self._scan(layer)
             with self._lock:
+                own = self._own.get(layer.hex, set())
+                known = set(zip(got.starts, got.ends, strict=True))
+                for piece in sorted(own - known):
+                    i = bisect.bisect_left(got.starts, piece[0])
+                    got.starts.insert(i, piece[0])
+                    got.ends.insert(i, piece[1])
                 self._layers[layer.hex] = got
         return got
 
@@ -191,6 +201,7 @@ class ChunkCache:
             return
         mtime = self._dir_mtime(layer)
         with self._lock:
+            self._own.setdefault(layer.hex, set()).add((start, end))
             p = self._layers.get(layer.hex)
             if p is not None:
                 i = bisect.bisect_left(p.starts, start)
@@ -207,6 +218,7 @@ class ChunkCache:
             p = self._layers.get(layer.hex)
             if p is None:
                 return
+            self._own.get(layer.hex, set()).discard(piece)
             for i, (s, e) in enumerate(zip(p.starts, p.ends, strict=True)):
                 if (s, e) == piece:
                     del p.starts[i], p.ends[i]
@@ -254,6 +266,7 @@ class ChunkCache:
                     freed += size
             with self._lock:
                 self._layers.clear()  # rescan lazily
+                self._own.clear()
         with self._lock:
             self._total = total - freed
         if freed:
@@ -272,6 +285,7 @@ class ChunkCache:
             d.rmdir()
         with self._lock:
             self._layers.pop(layer.hex, None)
+            self._own.pop(layer.hex, None)
             self._total = None
         return freed
 

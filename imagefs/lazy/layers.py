@@ -109,7 +109,11 @@ class LayerSet:
         self._local: dict[int, bool] = {}
         self._last_end: dict[int, int] = {}
         self.stats = [LayerStats() for _ in self.layers]
-        self._background = trio.CapacityLimiter(1)
+        # Background fetches (prefetch profiles, landmarks, --background-fetch) take at most
+        # 2 of the 8 network slots, so on-demand reads always find room; 2 rather than 1
+        # because one piece at a time pays a full round trip per piece on a WAN.
+        self._background = trio.CapacityLimiter(2)
+        self._verifier_maps: dict[int, dict[tuple[int, int], int]] = {}
 
     # -- indexes ----------------------------------------------------------------------------
 
@@ -338,9 +342,16 @@ class LayerSet:
         assert self.cache is not None
         digest = self.layers[i].digest
         fresh: dict[int, bytes] = {}
+        cache = self.cache
+
+        def absent(pieces: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+            return [u for u in pieces if cache.covering(digest, *u) is None]
+
         while True:
-            missing = await trio.to_thread.run_sync(
-                lambda: [u for u in units if self.cache.covering(digest, *u) is None]  # type: ignore[union-attr]
+            # Neighbours come along only if not cached: checked here, before the in-flight
+            # check below, so that no await separates that check from registering our fetches.
+            missing, company = await trio.to_thread.run_sync(
+                lambda: (absent(units), absent(neighbours))
             )
             if not missing:
                 return fresh
@@ -351,7 +362,8 @@ class LayerSet:
                 await waiting[0].wait()
                 continue
             break
-        plan = _plan(missing, neighbours, self.min_fetch)
+        company = [n for n in company if (i, n[0]) not in self._unit_inflight]
+        plan = _plan(missing, company, self.min_fetch)
         events = {u: trio.Event() for group in plan for u in group}
         for u, ev in events.items():
             self._unit_inflight[(i, u[0])] = ev
@@ -499,19 +511,25 @@ class LayerSet:
     async def prefetch_ranges(self, plan: Sequence[tuple[int, int, int]]) -> int:
         """Fetch (layer, stream offset, length) ranges in order, in the background.
 
-        One piece at a time through the background limiter, so on-demand reads (which may
-        run several fetches at once) always get ahead. Returns the ranges done.
+        Through the background limiter (first come, first served, so the order of the plan
+        is kept): on-demand reads always find network slots free. Returns the ranges done.
         """
         done = 0
-        for i, offset, length in plan:
-            if not 0 <= i < len(self.layers):
-                continue
+
+        async def one(i: int, offset: int, length: int) -> None:
+            nonlocal done
             try:
                 async with self._background:
                     await self.prefetch(i, offset, length)
                 done += 1
             except ImageFSError as exc:
                 log.warning("prefetch of layer %d at %d: %s", i, offset, exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, offset, length in plan:
+                if 0 <= i < len(self.layers):
+                    nursery.start_soon(one, i, offset, length)
+                    await trio.lowlevel.checkpoint()  # tasks queue on the limiter in order
         return done
 
     async def prefetch_landmarks(self) -> None:
@@ -539,22 +557,30 @@ class LayerSet:
                 log.warning("landmark prefetch of layer %d: %s", i, exc)
 
     def _span_verifier(self, seek: SeekIndex) -> Callable[[int, int, bytes], None]:
-        by_start = {seek.span_range(k): k for k in range(len(seek.points))}
+        by_start = self._verifier_maps.get(id(seek))
+        if by_start is None:  # built once per index: a layer may have thousands of pieces
+            by_start = {seek.span_range(k): k for k in range(len(seek.points))}
+            self._verifier_maps[id(seek)] = by_start
+        pieces = by_start
 
         def verify(start: int, end: int, data: bytes) -> None:
-            verify_span(seek, by_start[(start, end)], data)
+            verify_span(seek, pieces[(start, end)], data)
 
         return verify
 
     def _chunk_verifier(
         self, i: int, table: chunk_tables.ChunkTable
     ) -> Callable[[int, int, bytes], None]:
-        by_start: dict[tuple[int, int], int] = {}
-        for k in range(len(table)):
-            by_start.setdefault((table.starts[k], table.ends[k]), k)
+        by_start = self._verifier_maps.get(id(table))
+        if by_start is None:
+            by_start = {}
+            for k in range(len(table)):
+                by_start.setdefault((table.starts[k], table.ends[k]), k)
+            self._verifier_maps[id(table)] = by_start
+        pieces = by_start
 
         def verify(start: int, end: int, data: bytes) -> None:
-            k = by_start.get((start, end))
+            k = pieces.get((start, end))
             if k is not None:
                 table.decode(k, data)
 
