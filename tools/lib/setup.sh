@@ -7,7 +7,6 @@ IMAGEFS_DEBIAN_PACKAGES=(
     docker-registry   # the CNCF distribution registry the tests and the demo run on loopback
     skopeo umoci      # independent image producers and the reference extractor
     tar gzip zstd     # GNU tar writes test layers; zstd for hand-made layers
-    chromium          # headless screenshots of `imagefs trace report` pages in the tests
 )
 
 _missing_packages() {
