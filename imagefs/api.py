@@ -12,7 +12,7 @@ import datetime as dt
 import getpass
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -860,11 +860,6 @@ def normalize_registry_host(value: str) -> str:
 
 def read_password_interactively(prompt: str = "Password: ") -> str:
     return getpass.getpass(prompt)
-
-
-@contextlib.contextmanager
-def _noop() -> Iterator[None]:
-    yield
 
 
 def dump_json(obj: Any) -> str:

@@ -14,22 +14,17 @@ are a valid prefix stay: the next pull resumes them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from imagefs.errors import ImageFSError
 from imagefs.layers.index import IndexStore, LayerIndex
-from imagefs.lazy.cache import _HEADER, MAGIC
+from imagefs.lazy.cache import piece_payload, piece_range
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
 from imagefs.store import Store, fsutil, locks
-
-_PIECE = re.compile(r"^(\d+)-(\d+)$")
+from imagefs.store.blobs import sha256_file
 
 
 @dataclass
@@ -44,14 +39,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_store(root: Path, repair: bool = False) -> CheckReport:
@@ -73,29 +60,19 @@ def check_store(root: Path, repair: bool = False) -> CheckReport:
                     bad(f"leftover temporary file {path}", path)
                     continue
                 report.blobs += 1
-                if alg_dir.name != "sha256" or _sha256(path) != path.name:
+                if alg_dir.name != "sha256" or sha256_file(path) != f"sha256:{path.name}":
                     bad(f"blob {alg_dir.name}:{path.name} does not match its digest", path)
 
         chunks = root / "cache" / "chunks"
         if chunks.is_dir():
             for layer_dir in sorted(chunks.iterdir()):
                 for path in sorted(layer_dir.iterdir()):
-                    m = _PIECE.match(path.name)
-                    if not m:
+                    piece = piece_range(path.name)
+                    if piece is None:
                         bad(f"stray file in the cache: {path}", path)
                         continue
                     report.pieces += 1
-                    raw = path.read_bytes()
-                    ok = len(raw) >= _HEADER.size
-                    if ok:
-                        magic, check = _HEADER.unpack_from(raw)
-                        payload = raw[_HEADER.size :]
-                        ok = (
-                            magic == MAGIC
-                            and len(payload) == int(m.group(2)) - int(m.group(1))
-                            and xxhash.xxh3_64_intdigest(payload) == check
-                        )
-                    if not ok:
+                    if piece_payload(path.read_bytes(), *piece) is None:
                         bad(f"cache piece {path} is damaged", path)
 
         indexes = IndexStore(root)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -36,6 +37,7 @@ from imagefs.image import Layer, ResolvedImage
 from imagefs.layers.index import IndexStore, LayerIndex, build_from_blob
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
+from imagefs.oci.mediatypes import layer_compression
 from imagefs.registry.client import RegistryClient
 
 log = logging.getLogger("imagefs.indexes")
@@ -137,13 +139,8 @@ class RemoteIndexes:
         return await fetch_published(self.client, self.repository, desc, layer)
 
 
-def build_local(store_root: object, blob: object, layer: Layer) -> LayerIndex:
-    """Build (or load) a layer's index from its local blob; run in a thread."""
-    from pathlib import Path
-
-    from imagefs.oci.mediatypes import layer_compression
-
-    assert isinstance(store_root, Path) and isinstance(blob, Path)
+def build_local(store_root: Path, blob: Path, layer: Layer) -> LayerIndex:
+    """Load a layer's seek-point index, or build it from the local blob; run in a thread."""
     indexes = IndexStore(store_root)
     idx = indexes.load(layer.digest)
     if idx is None or idx.seek is None:

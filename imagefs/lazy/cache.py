@@ -55,6 +55,24 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def piece_payload(raw: bytes, start: int, end: int) -> bytes | None:
+    """The payload of a cache piece file holding blob bytes [start, end), or None when the
+    file is torn or rotten (header, length or xxh3 checksum do not match)."""
+    if len(raw) < _HEADER.size:
+        return None
+    magic, check = _HEADER.unpack_from(raw)
+    payload = raw[_HEADER.size :]
+    if magic != MAGIC or len(payload) != end - start or xxhash.xxh3_64_intdigest(payload) != check:
+        return None
+    return payload
+
+
+def piece_range(name: str) -> tuple[int, int] | None:
+    """`<start>-<end>` -> (start, end); None for a name that is not a piece."""
+    m = _NAME.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 @dataclass
 class _LayerPieces:
     starts: list[int] = field(default_factory=list)
@@ -96,9 +114,9 @@ class ChunkCache:
         pieces: list[tuple[int, int]] = []
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self._layer_dir(layer)):
-                m = _NAME.match(name)
-                if m:
-                    pieces.append((int(m.group(1)), int(m.group(2))))
+                piece = piece_range(name)
+                if piece is not None:
+                    pieces.append(piece)
         pieces.sort()
         return _LayerPieces([s for s, _ in pieces], [e for _, e in pieces], mtime)
 
@@ -171,17 +189,8 @@ class ChunkCache:
         return payload[start - piece[0] : end - piece[0]]
 
     def _check(self, path: Path, raw: bytes, piece: tuple[int, int]) -> bytes | None:
-        if len(raw) < _HEADER.size:
-            payload, ok = b"", False
-        else:
-            magic, check = _HEADER.unpack_from(raw)
-            payload = raw[_HEADER.size :]
-            ok = (
-                magic == MAGIC
-                and len(payload) == piece[1] - piece[0]
-                and xxhash.xxh3_64_intdigest(payload) == check
-            )
-        if ok:
+        payload = piece_payload(raw, *piece)
+        if payload is not None:
             return payload
         self.corrupt += 1
         log.warning("cache piece %s is damaged (torn write or rot); dropping it", path)

@@ -209,13 +209,16 @@ class LayerSet:
             data = await self.fetch_range(self.layers[i], start, end)
         if len(data) != end - start:
             raise IntegrityError(f"asked for {end - start} bytes at {start}, got {len(data)}")
-        seconds = time.monotonic() - began
-        self.stats[i].fetched_bytes += len(data)
-        self.stats[i].fetches += 1
-        telemetry.note_fetch(len(data), seconds)
-        if self.on_fetch:
-            self.on_fetch(i, start, len(data), seconds)
+        self._account(i, start, len(data), time.monotonic() - began)
         return data
+
+    def _account(self, i: int, start: int, nbytes: int, seconds: float) -> None:
+        """Every fetch from the registry, counted once: layer stats, trace, telemetry."""
+        self.stats[i].fetched_bytes += nbytes
+        self.stats[i].fetches += 1
+        telemetry.note_fetch(nbytes, seconds)
+        if self.on_fetch:
+            self.on_fetch(i, start, nbytes, seconds)
 
     async def _load_estargz(self, i: int, toc_digest: str) -> LayerIndex:
         layer = self.layers[i]
@@ -266,12 +269,7 @@ class LayerSet:
             )
             began = time.monotonic()
             await self.fetch_blob(layer)
-            seconds = time.monotonic() - began
-            self.stats[i].fetched_bytes += layer.size
-            self.stats[i].fetches += 1
-            telemetry.note_fetch(layer.size, seconds)
-            if self.on_fetch:
-                self.on_fetch(i, 0, layer.size, seconds)
+            self._account(i, 0, layer.size, time.monotonic() - began)
             self._local[i] = True
         compression = mediatypes.layer_compression(layer.descriptor.media_type)
         blob = self.store.blobs.path(layer.digest)
