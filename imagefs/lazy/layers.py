@@ -107,6 +107,7 @@ class LayerSet:
         self._flat: dict[int, Path] = {}
         self._fds: dict[int, int] = {}
         self._local: dict[int, bool] = {}
+        self._local_checked: dict[int, float] = {}
         self._last_end: dict[int, int] = {}
         self.stats = [LayerStats() for _ in self.layers]
         # Background fetches (prefetch profiles, landmarks, --background-fetch) take at most
@@ -210,6 +211,7 @@ class LayerSet:
         if len(data) != end - start:
             raise IntegrityError(f"asked for {end - start} bytes at {start}, got {len(data)}")
         self._account(i, start, len(data), time.monotonic() - began)
+        self._local_checked.pop(i, None)  # a fetch may have stored the whole blob: look again
         return data
 
     def _account(self, i: int, start: int, nbytes: int, seconds: float) -> None:
@@ -283,9 +285,14 @@ class LayerSet:
     # -- where compressed bytes come from ---------------------------------------------------
 
     def _is_local(self, i: int) -> bool:
+        """Whether the whole blob is in the store. A "no" is asked again at most once a
+        second (a `pull --full` may land meanwhile), not on every read of a lazy layer."""
         if not self._local.get(i):
-            self._local[i] = self.store.blobs.has(self.layers[i].digest)
-        return self._local[i]
+            now = time.monotonic()
+            if now - self._local_checked.get(i, -1.0) >= 1.0:
+                self._local_checked[i] = now
+                self._local[i] = self.store.blobs.has(self.layers[i].digest)
+        return self._local.get(i, False)
 
     def _fd(self, i: int) -> int:
         fd = self._fds.get(i)
