@@ -183,30 +183,62 @@ async def fetch_blob(
             return False
         if ingest.offset and on_bytes:
             on_bytes(ingest.offset)
-
-        buf = bytearray()
-
-        async def restart(_: int) -> None:  # the source ignored Range: start over
-            buf.clear()
-            await session.disk(ingest.reset)
-
+        out = _Batches(session, ingest)
         async for chunk in client.stream_blob(
             repository,
             descriptor.digest,
             descriptor.size,
             offset=ingest.offset,
-            on_restart=restart,
+            on_restart=out.restart,  # the source ignored Range: start over
         ):
-            buf += chunk
+            await out.add(chunk)
             if on_bytes:
                 on_bytes(len(chunk))
-            if len(buf) >= 4 << 20:  # batch: one thread hop per 4 MiB of hashing + writing
-                await session.disk(ingest.write, bytes(buf))
-                buf.clear()
-        if buf:
-            await session.disk(ingest.write, bytes(buf))
-        await session.disk(ingest.commit)
+        await out.commit()
         return True
+
+
+async def keep_whole_blob(
+    session: Session, descriptor: Descriptor, chunks: AsyncIterator[bytes]
+) -> bool:
+    """Store a blob that arrives whole, from byte 0 (a registry answered a Range request
+    with all of it), through the same verified ingest as a pull. False, with `chunks` left
+    unread, when the blob is stored already."""
+    async with _ingesting(session, descriptor.digest, descriptor.size) as ingest:
+        if ingest is None:
+            return False
+        out = _Batches(session, ingest)
+        if ingest.offset:  # an earlier partial download: this body starts at 0
+            await out.restart(0)
+        async for chunk in chunks:
+            await out.add(chunk)
+        await out.commit()
+        return True
+
+
+@dataclass
+class _Batches:
+    """Hashing and writing an ingest in 4 MiB batches: one thread hop per batch."""
+
+    session: Session
+    ingest: Ingest
+    buf: bytearray = field(default_factory=bytearray)
+
+    async def add(self, chunk: bytes) -> None:
+        self.buf += chunk
+        if len(self.buf) >= 4 << 20:
+            await self.session.disk(self.ingest.write, bytes(self.buf))
+            self.buf.clear()
+
+    async def restart(self, _offset: int) -> None:
+        self.buf.clear()
+        await self.session.disk(self.ingest.reset)
+
+    async def commit(self) -> None:
+        if self.buf:
+            await self.session.disk(self.ingest.write, bytes(self.buf))
+            self.buf.clear()
+        await self.session.disk(self.ingest.commit)
 
 
 async def pull(

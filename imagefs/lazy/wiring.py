@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+
+import trio
 
 from imagefs import api
-from imagefs.errors import ImageFSError
+from imagefs.errors import ImageFSError, IntegrityError
 from imagefs.image import Layer
 from imagefs.indexes import RemoteIndexes
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, ChunkCache
 from imagefs.lazy.layers import LayerSet
+from imagefs.oci.digest import Digest
 from imagefs.oci.reference import Reference
-from imagefs.store import ImageRecord
+from imagefs.store import ImageRecord, Store
 
 
 def lazy_layer_set(
@@ -40,21 +44,54 @@ def lazy_layer_set(
             raise no_source(layer)
         await api.fetch_blob(session, session.client(source), source.repository, layer.descriptor)
 
+    # The first range of a blob goes alone: if the answer is the whole blob (a registry that
+    # ignores Range, a pull-through mirror that has not cached it yet), it is stored, and
+    # every range of it from then on is read from the store, never fetched a second time.
+    first_answer: dict[Digest, trio.Event] = {}
+
     async def fetch_range(layer: Layer, start: int, end: int) -> bytes:
         if source is None:
             raise no_source(layer)
-        client = session.client(source)
-        data = await client.get_blob_range(source.repository, layer.digest, start, end)
-        if client.ignores_range:  # every range costs the whole blob: take it once, keep it
-            await fetch(layer)
-        return data
+        gate = first_answer.get(layer.digest)
+        if gate is None:
+            first_answer[layer.digest] = gate = trio.Event()
+            try:
+                return await fetch_or_keep(source, layer, start, end)
+            finally:
+                gate.set()
+        await gate.wait()
+        return await fetch_or_keep(source, layer, start, end)
+
+    async def fetch_or_keep(source: Reference, layer: Layer, start: int, end: int) -> bytes:
+        if await session.disk(store.blobs.has, layer.digest):  # the whole blob came meanwhile
+            stored: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
+            return stored
+        began = time.monotonic()
+
+        async def keep(chunks: AsyncIterator[bytes]) -> None:
+            await api.keep_whole_blob(session, layer.descriptor, chunks)
+
+        answer = await session.client(source).get_blob_range(
+            source.repository, layer.digest, start, end, size=layer.size, on_whole_blob=keep
+        )
+        if isinstance(answer, bytes):
+            return answer
+        # LayerSet counts the `end - start` it asked for; the rest of the blob came too.
+        extra = answer.nbytes - (end - start)
+        if extra > 0:
+            layer_set._account(positions[layer.digest], 0, extra, time.monotonic() - began)
+        kept: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
+        return kept
 
     remote = (
         RemoteIndexes(session.client(source), source.repository, record.manifest.digest)
         if source is not None
         else None
     )
-    return LayerSet(
+    positions: dict[Digest, int] = {}
+    for i, layer in enumerate(layers):
+        positions.setdefault(layer.digest, i)
+    layer_set = LayerSet(
         store,
         layers,
         fetch,
@@ -63,3 +100,14 @@ def lazy_layer_set(
         cache=ChunkCache(store.root, cache_size),
         on_fetch=on_fetch,
     )
+    return layer_set
+
+
+def _read_stored(store: Store, digest: Digest, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a stored (verified) blob."""
+    with open(store.blobs.path(digest), "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise IntegrityError(f"stored blob {digest.short} is shorter than {end} bytes")
+    return data

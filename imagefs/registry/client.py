@@ -11,14 +11,15 @@ handing it on.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import logging
+import math
 import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
@@ -34,7 +35,7 @@ from imagefs.errors import (
 )
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
-from imagefs.registry import challenge, credentials
+from imagefs.registry import bodies, challenge, credentials
 from imagefs.registry.netem import EmulatedTransport
 from imagefs.registry.transport import (
     TransportOptions,
@@ -56,6 +57,8 @@ USER_AGENT = "imagefs/0.1"
 REDIRECT_TTL = 300.0  # signed storage URLs usually live 10-20 minutes; stay well inside
 
 CredentialLookup = Callable[[str], credentials.Credentials | None]
+# Takes a whole blob's body (a server answered a Range request with 200), e.g. into the store.
+WholeBlobSink = Callable[[AsyncIterator[bytes]], Awaitable[None]]
 
 
 @dataclass
@@ -82,6 +85,15 @@ class ManifestResponse:
     raw: bytes
     media_type: str | None
     digest: Digest
+
+
+@dataclass(frozen=True)
+class WholeBlob:
+    """`get_blob_range`'s answer when the server sent the whole blob instead of the range
+    (a registry ignoring Range, a pull-through mirror that has not cached the blob yet): the
+    body went to the caller's sink, which verifies and keeps it."""
+
+    nbytes: int  # what came over the wire (and the sink took)
 
 
 class RegistryClient:
@@ -176,8 +188,11 @@ class RegistryClient:
         if not plain_http_allowed(ep.host, self.options):
             return https
         try:
-            resp = await ep.client.get(f"{https}/v2/", timeout=effective_timeouts(self.options)[0])
-            await resp.aclose()
+            probe = ep.client.build_request(
+                "GET", f"{https}/v2/", timeout=effective_timeouts(self.options)[0]
+            )
+            resp = await ep.client.send(probe, stream=True)
+            await resp.aclose()  # the answer is that TLS worked; its body is of no interest
             return https
         except httpx.ConnectError as exc:
             if _is_certificate_error(exc):
@@ -207,23 +222,27 @@ class RegistryClient:
         stream: bool = False,
         endpoint: _Endpoint | None = None,
         retry_body: bool = True,
+        body_cap: int | None = None,
     ) -> httpx.Response:
         """Send with auth, retries and redirects. The caller closes streamed responses.
 
         Returns any final response, error statuses included: the caller decides what an
-        error means (a 404 on HEAD is an answer, not a failure). With `options.timeout`, the
-        whole exchange (retries included) gives up after that many seconds.
+        error means (a 404 on HEAD is an answer, not a failure). Unless `stream`, the body is
+        read into memory with a bound: a success body over `body_cap` is refused (None: it is
+        not used, only its first 64 KiB are read), an error body is cut at 64 KiB. With
+        `options.timeout`, the whole exchange (retries included) gives up after that many
+        seconds.
         """
         ep = endpoint or self._upstream
         limit = self.options.timeout
-        if limit is None:
-            return await self._request_retrying(
+        with trio.move_on_after(math.inf if limit is None else limit):
+            resp = await self._request_retrying(
                 method, path_or_url, scopes, headers, content, stream, ep, retry_body
             )
-        with trio.move_on_after(limit):
-            return await self._request_retrying(
-                method, path_or_url, scopes, headers, content, stream, ep, retry_body
-            )
+            if not stream:
+                resp = await bodies.loaded(resp, body_cap, f"{ep.host}: {method} {path_or_url}")
+            return resp
+        assert limit is not None
         raise _timed_out(ep.host, method, path_or_url, limit)
 
     async def _request_retrying(
@@ -242,9 +261,12 @@ class RegistryClient:
         policy = self.options.retry
         auth_retried = False
         attempt = 0
+        # Credentials are for the registry as it is addressed (scheme, host, port), and for
+        # nothing else a Location header may name: an upload URL on another host gets none.
+        home = _same_origin(url, base)
         while True:
             req_headers = dict(headers or {})
-            auth = await self._auth_header(ep, scopes)
+            auth = await self._auth_header(ep, scopes) if home else None
             if auth:
                 req_headers["Authorization"] = auth
             try:
@@ -264,9 +286,18 @@ class RegistryClient:
             self.requests_sent += 1
             if resp.status_code == 401:
                 www = resp.headers.get("WWW-Authenticate", "")
-                if not stream:
-                    await resp.aread()
-                await resp.aclose()
+                resp = await bodies.loaded(resp, None, "401")
+                if not _same_origin(str(resp.url), base):
+                    # A redirect target asking for credentials is a stranger asking for ours
+                    # (the class of CVE-2020-15157): they never leave the registry they are
+                    # for, not even to fetch a token from a realm the stranger names.
+                    raise Unauthorized(
+                        f"{ep.host}: {method} {urlsplit(url).path}: redirected to "
+                        f"{_origin_text(str(resp.url))}, which asks for credentials; "
+                        f"credentials for {ep.host} are never sent to another host",
+                        host=ep.host,
+                        status=401,
+                    )
                 if not auth_retried and await self._learn_auth(ep, www, scopes):
                     auth_retried = True
                     continue
@@ -290,21 +321,22 @@ class RegistryClient:
         content: bytes | AsyncIterator[bytes] | None,
         stream: bool,
     ) -> httpx.Response:
-        origin = urlsplit(url).netloc
+        """The final answer, streamed (unread): the caller reads it with a bound."""
+        origin = url
         for _ in range(_MAX_REDIRECTS + 1):
             request = ep.client.build_request(method, url, headers=headers, content=content)
             resp = await ep.client.send(request, stream=True)
             if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                await resp.aclose()
+                await resp.aclose()  # a redirect's body is never read
                 url = urljoin(url, resp.headers["Location"])
-                if urlsplit(url).netloc != origin:
-                    # Object storage behind a redirect must never see our registry token.
+                if not _same_origin(url, origin):
+                    # Object storage behind a redirect must never see our registry token:
+                    # another scheme, host or port is another origin (and stays one, even
+                    # if a later hop comes back).
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 if resp.status_code == 303:
                     method, content = "GET", None
                 continue
-            if not stream:
-                await resp.aread()
             return resp
         raise RegistryError(f"{ep.host}: too many redirects for {method} {url}", host=ep.host)
 
@@ -350,11 +382,17 @@ class RegistryClient:
                     "service": ch.params.get("service", ""),
                     "scope": " ".join(s for k, s in params if k == "scope"),
                 }
-                resp = await ep.client.post(realm, data=form)
+                request = ep.client.build_request("POST", realm, data=form)
             else:
                 if creds is not None:
                     headers["Authorization"] = _basic(creds)
-                resp = await ep.client.get(f"{realm}?{urlencode(params)}", headers=headers)
+                request = ep.client.build_request(
+                    "GET", f"{realm}?{urlencode(params)}", headers=headers
+                )
+            resp = await ep.client.send(request, stream=True)
+            resp = await bodies.loaded(
+                resp, bodies.TOKEN_BODY_CAP, f"{ep.host}: token server {urlsplit(realm).netloc}"
+            )
         except httpx.TransportError as exc:
             raise RegistryUnreachable(
                 f"{ep.host}: token server {urlsplit(realm).netloc}: {_root_cause(exc)}",
@@ -381,7 +419,7 @@ class RegistryClient:
     async def _unauthorized(
         self, ep: _Endpoint, resp: httpx.Response, scopes: Sequence[str]
     ) -> Unauthorized:
-        code, message = _error_body(resp)
+        code, message = bodies.error_code(resp)
         detail = f" ({code}: {message})" if code else ""
         has_creds = await self._credentials(ep.host) is not None
         hint = (
@@ -398,8 +436,9 @@ class RegistryClient:
     # -- errors -----------------------------------------------------------------------------
 
     def _error(self, resp: httpx.Response, what: str, ep: _Endpoint | None = None) -> RegistryError:
+        """The error for a loaded (`bodies.loaded`) response."""
         host = (ep or self._upstream).host
-        code, message = _error_body(resp)
+        code, message = bodies.error_code(resp)
         detail = f": {code}: {message}" if code else ""
         text = f"{host}: {what}: HTTP {resp.status_code}{detail}"
         if resp.status_code in (401, 403):
@@ -455,17 +494,17 @@ class RegistryClient:
         )
         try:
             if not resp.is_success:
-                await resp.aread()
+                resp = await bodies.loaded(resp, None, "manifest")
                 if resp.status_code == 404:
                     raise ManifestUnknown(
                         f"{ep.host}: manifest for {repository}:{reference} not found"
                         + _detail(resp),
                         host=ep.host,
                         status=404,
-                        code=_error_body(resp)[0],
+                        code=bodies.error_code(resp)[0],
                     )
                 raise self._error(resp, f"GET manifest {repository}:{reference}", ep)
-            raw = await _read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {reference}")
+            raw = await bodies.read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {reference}")
         finally:
             await resp.aclose()
         if reference.startswith(("sha256:", "sha512:")):
@@ -519,14 +558,15 @@ class RegistryClient:
         path = f"/v2/{repository}/referrers/{digest}"
         scopes = [challenge.scope_for(repository, ["pull"])]
         resp, ep = await self._read(
-            "GET", path, scopes=scopes, headers={"Accept": mediatypes.OCI_INDEX}
+            "GET", path, scopes=scopes, headers={"Accept": mediatypes.OCI_INDEX}, stream=True
+        )
+        resp = await bodies.loaded(
+            resp, bodies.REFERRERS_BODY_CAP, f"{ep.host}: referrers of {digest.short}"
         )
         if resp.status_code in (404, 405, 400):
             return None
         if not resp.is_success:
             raise self._error(resp, f"GET referrers of {digest.short}", ep)
-        if len(resp.content) > MAX_MANIFEST_BYTES:
-            raise IntegrityError(f"referrers of {digest.short}: response too large")
         return resp.content
 
     # -- blobs: reads -----------------------------------------------------------------------
@@ -581,18 +621,19 @@ class RegistryClient:
             resp, ep = await self._read("GET", path, scopes=scopes, headers=headers, stream=True)
             try:
                 if not resp.is_success:
-                    await resp.aread()
-                    raise self._error(resp, f"GET blob {digest}", ep)
+                    raise self._error(
+                        await bodies.loaded(resp, None, "blob"), f"GET blob {digest}", ep
+                    )
                 if pos and resp.status_code == 200:
                     pos = 0  # Range ignored: we get the whole blob again
                     if on_restart is not None:
                         await on_restart(0)
                 elif resp.status_code == 206:
-                    start = _content_range_start(resp)
-                    if start != pos:
+                    first, last, total = bodies.content_range(resp)
+                    if first != pos or last != size - 1 or total not in (None, size):
                         raise IntegrityError(
                             f"{ep.host}: asked for blob {digest.short} from byte {pos}, "
-                            f"got a range starting at {start}"
+                            f"got bytes {first}-{last}/{total}"
                         )
                 async for chunk in resp.aiter_raw():  # as it arrives: a break loses nothing
                     if pos + len(chunk) > size:
@@ -618,8 +659,24 @@ class RegistryClient:
             finally:
                 await resp.aclose()
 
-    async def get_blob_range(self, repository: str, digest: Digest, start: int, end: int) -> bytes:
+    async def get_blob_range(
+        self,
+        repository: str,
+        digest: Digest,
+        start: int,
+        end: int,
+        *,
+        size: int | None = None,
+        on_whole_blob: WholeBlobSink | None = None,
+    ) -> bytes | WholeBlob:
         """Bytes [start, end) of a blob. The caller verifies them against its own digests.
+
+        A 206 must say (`Content-Range`) that it carries exactly the bytes asked for, and at
+        most that many are read. A 200 is the whole blob (`size` bytes, when known): with
+        `on_whole_blob` its body is streamed to that sink (which verifies and keeps it) and
+        `WholeBlob` is returned — the caller takes its range from what the sink kept, and the
+        blob never needs fetching again; without a sink, the body is read up to `end` and the
+        connection dropped. Nothing is buffered beyond the range.
 
         Registries usually redirect blob GETs to object storage with a signed URL; the URL is
         remembered and reused for the next ranges of the same blob (no auth, no registry
@@ -628,47 +685,108 @@ class RegistryClient:
         if end <= start:
             return b""
         limit = self.options.timeout
-        if limit is None:
-            return await self._get_blob_range(repository, digest, start, end)
-        with trio.move_on_after(limit):
-            return await self._get_blob_range(repository, digest, start, end)
-        raise _timed_out(self._upstream.host, "GET", f"blob {digest.short} range", limit)
+        # The range (request and body) within `--registry-timeout`; a whole blob's body is a
+        # download: once its headers came, it is bounded by the read timeout between pieces.
+        with trio.move_on_after(math.inf if limit is None else limit):
+            answer = await self._get_blob_range(repository, digest, start, end)
+        if answer is None:
+            assert limit is not None
+            raise _timed_out(self._upstream.host, "GET", f"blob {digest.short} range", limit)
+        if isinstance(answer, bytes):
+            return answer
+        resp, host = answer
+        try:
+            return await self._whole_blob(resp, host, digest, start, end, size, on_whole_blob)
+        finally:
+            await resp.aclose()
 
-    async def _get_blob_range(self, repository: str, digest: Digest, start: int, end: int) -> bytes:
+    async def _get_blob_range(
+        self, repository: str, digest: Digest, start: int, end: int
+    ) -> bytes | tuple[httpx.Response, str] | None:
+        """The range's bytes, or an open 200 answer (the whole blob) and who sent it."""
         headers = {"Range": f"bytes={start}-{end - 1}"}
-        cached = self._blob_urls.get((repository, str(digest)))
+        key = (repository, str(digest))
+        cached = self._blob_urls.get(key)
         if cached is not None and cached[1] > time.monotonic():
-            try:
-                resp = await self._upstream.client.get(cached[0], headers=headers)
+            resp = None
+            with contextlib.suppress(httpx.TransportError):
+                request = self._upstream.client.build_request("GET", cached[0], headers=headers)
+                resp = await self._upstream.client.send(request, stream=True)
+            if resp is not None:
                 if resp.status_code in (200, 206):
-                    return self._range_body(resp, start, end, urlsplit(cached[0]).netloc)
-            except httpx.TransportError:
-                pass
-            self._blob_urls.pop((repository, str(digest)), None)  # expired or gone: ask again
+                    return await self._range_answer(resp, urlsplit(cached[0]).netloc, start, end)
+                await resp.aclose()
+            self._blob_urls.pop(key, None)  # expired or gone: ask again
         path = f"/v2/{repository}/blobs/{digest}"
         scopes = [challenge.scope_for(repository, ["pull"])]
-        resp, ep = await self._read("GET", path, scopes=scopes, headers=headers)
+        resp, ep = await self._read("GET", path, scopes=scopes, headers=headers, stream=True)
         if resp.status_code in (200, 206):
             final = str(resp.url)
             if urlsplit(final).netloc != urlsplit(ep.base_url or "").netloc:
-                self._blob_urls[(repository, str(digest))] = (
-                    final,
-                    time.monotonic() + REDIRECT_TTL,
-                )
-            return self._range_body(resp, start, end, ep.host)
+                self._blob_urls[key] = (final, time.monotonic() + REDIRECT_TTL)
+            return await self._range_answer(resp, ep.host, start, end)
+        resp = await bodies.loaded(resp, None, "blob range")
         raise self._error(resp, f"GET blob {digest.short} range {start}-{end - 1}", ep)
 
-    def _range_body(self, resp: httpx.Response, start: int, end: int, host: str) -> bytes:
-        if resp.status_code == 206:
-            got = _content_range_start(resp)
-            if got != start:
-                raise IntegrityError(f"{host}: range for {start} started at {got}")
-            return resp.content[: end - start]
-        # 200: the server ignored Range; cut our piece from the whole body
+    async def _range_answer(
+        self, resp: httpx.Response, host: str, start: int, end: int
+    ) -> bytes | tuple[httpx.Response, str]:
+        if resp.status_code == 200:
+            return resp, host
+        try:
+            first, last, _ = bodies.content_range(resp)
+        except IntegrityError as exc:
+            await resp.aclose()
+            raise IntegrityError(f"{host}: range {start}-{end - 1}: {exc}") from None
+        if (first, last) != (start, end - 1):
+            await resp.aclose()
+            raise IntegrityError(
+                f"{host}: asked for bytes {start}-{end - 1}, the answer says {first}-{last}"
+            )
+        return await bodies.read_capped(resp, end - start, f"{host}: range {start}-{end - 1}")
+
+    async def _whole_blob(
+        self,
+        resp: httpx.Response,
+        host: str,
+        digest: Digest,
+        start: int,
+        end: int,
+        size: int | None,
+        sink: WholeBlobSink | None,
+    ) -> bytes | WholeBlob:
+        """A 200 to a Range request: the whole blob, never more than `size` bytes of it."""
         if not self.ignores_range:
-            log.warning("%s ignores Range requests; whole blobs will be fetched", host)
+            log.info("%s answered a Range request with the whole blob %s", host, digest.short)
         self.ignores_range = True
-        return resp.content[start:end]
+        length = resp.headers.get("Content-Length")
+        if size is not None and length and length.isdigit() and int(length) != size:
+            raise IntegrityError(
+                f"{host}: blob {digest.short} is {size} bytes, the answer to a range request "
+                f"declares {length}"
+            )
+        taken = 0
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal taken
+            async for chunk in resp.aiter_raw():
+                if size is not None and taken + len(chunk) > size:
+                    raise IntegrityError(
+                        f"{host}: blob {digest.short} is longer than the declared {size} bytes"
+                    )
+                taken += len(chunk)
+                yield chunk
+
+        if sink is not None:
+            await sink(body())
+            return WholeBlob(taken)
+        piece = bytearray()
+        async for chunk in body():  # no sink: keep [start, end), hang up at `end`
+            at = taken - len(chunk)  # where this chunk starts in the blob
+            piece += chunk[max(0, start - at) : max(0, end - at)]
+            if taken >= end:
+                break
+        return bytes(piece)
 
     # -- blobs: writes ----------------------------------------------------------------------
 
@@ -800,39 +918,32 @@ def _with_query(url: str, params: Mapping[str, str]) -> str:
     return url + ("&" if "?" in url else "?") + urlencode(params)
 
 
-async def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
-    length = resp.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > cap:
-        raise IntegrityError(f"{what}: {length} bytes is over the {cap}-byte limit")
-    buf = bytearray()
-    async for chunk in resp.aiter_raw():
-        buf += chunk
-        if len(buf) > cap:
-            raise IntegrityError(f"{what}: over the {cap}-byte limit")
-    return bytes(buf)
-
-
-def _error_body(resp: httpx.Response) -> tuple[str | None, str | None]:
-    """The distribution spec's `{"errors": [{"code", "message"}]}`, if that is what came."""
-    try:
-        obj: Any = resp.json()
-        err = obj["errors"][0]
-        return str(err.get("code")), str(err.get("message", ""))
-    except Exception:
-        return None, None
-
-
 def _detail(resp: httpx.Response) -> str:
-    code, message = _error_body(resp)
+    code, message = bodies.error_code(resp)
     return f" ({code}: {message})" if code else ""
 
 
-def _content_range_start(resp: httpx.Response) -> int:
-    value = resp.headers.get("Content-Range", "")
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what credentials and
+    an Authorization header are bound to, as the registry is addressed."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
     try:
-        return int(value.split()[1].split("-")[0])
-    except (IndexError, ValueError):
-        raise IntegrityError(f"bad Content-Range header {value!r}") from None
+        port = parts.port
+    except ValueError:
+        port = -1  # a malformed port is nobody's origin
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _same_origin(a: str, b: str) -> bool:
+    return _origin(a) == _origin(b)
+
+
+def _origin_text(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -905,4 +1016,4 @@ def _is_refused(exc: BaseException) -> bool:
     )
 
 
-__all__ = ["ManifestResponse", "NotFound", "RegistryClient"]
+__all__ = ["ManifestResponse", "NotFound", "RegistryClient", "WholeBlob", "WholeBlobSink"]
