@@ -687,6 +687,7 @@ class RegistryClient:
         limit = self.options.timeout
         # The range (request and body) within `--registry-timeout`; a whole blob's body is a
         # download: once its headers came, it is bounded by the read timeout between pieces.
+        answer: bytes | tuple[httpx.Response, str] | None = None
         with trio.move_on_after(math.inf if limit is None else limit):
             answer = await self._get_blob_range(repository, digest, start, end)
         if answer is None:
