@@ -4,9 +4,13 @@ Requests are forwarded to the upstream registry unless a `Rule` matches (method 
 regex, for its first `times` matches): then the rule's fault is injected instead — an error
 status (with `Retry-After`), a redirect to another host, a redirect loop, a truncated or
 corrupted body, an ignored `Range` header, a wrong `Content-Length` (too long or too short),
-a connection reset, a stall before the answer, or a stall in the middle of the body. Every
-request is recorded with its headers, so tests can check what a client sent (for example
-that no Authorization header followed a redirect to another host).
+a connection reset, a stall before the answer, or a stall in the middle of the body — and the
+lies a real registry never tells: a body that never ends (`endless_body`, counting what it
+managed to send before the client hung up), a `Content-Range` shifted from what was asked, a
+`401` whose Bearer realm is this proxy itself (`challenge`: put it behind a `redirect` and it
+is a stranger asking for the registry's credentials). Every request is recorded with its
+headers, so tests can check what a client sent (for example that no Authorization header
+followed a redirect to another host).
 
 Also a command-line tool (`tools/faultproxy`, or `python -m imagefs.testing.proxy`):
 
@@ -45,7 +49,11 @@ FAULTS = (
     "reset",  # close the connection with RST before any answer
     "stall",  # sleep `stall_seconds`, then forward as usual
     "stall_body",  # send headers and `truncate_to` body bytes, sleep `stall_seconds`, send rest
+    "endless_body",  # answer `status` with a body that never ends (`declared`: Content-Length)
+    "shift_content_range",  # forward; a 206's Content-Range says `shift` bytes further on
+    "challenge",  # 401 with `WWW-Authenticate: Bearer realm="<this proxy>/token"`
 )
+ENDLESS_CHUNK = 64 << 10
 
 
 @dataclass
@@ -61,7 +69,11 @@ class Rule:
     flip_at: int = 0
     stall_seconds: float = 0.0
     length_delta: int = 100
+    declared: int = -1  # endless_body: the Content-Length to claim; -1: none (read to close)
+    endless_max: int = 1 << 30  # endless_body: give up after this many bytes all the same
+    shift: int = 1  # shift_content_range: how far
     hits: int = 0
+    sent: int = 0  # endless_body: body bytes written before the client hung up
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -81,7 +93,7 @@ class Rule:
         values: dict[str, Any] = {}
         for item in rest:
             key, sep, value = item.partition("=")
-            if not sep or key not in kinds or key in ("method", "path", "fault", "hits"):
+            if not sep or key not in kinds or key in ("method", "path", "fault", "hits", "sent"):
                 raise ValueError(f"rule {text!r}: bad setting {item!r}")
             kind = str(kinds[key])
             try:
@@ -240,6 +252,16 @@ class FaultProxy:
             path += ("&" if "?" in path else "?") + f"imagefs-loop={hop}"
             self._reply(h, 307, {"Location": (rule.redirect_to or self.url) + path}, b"")
             return
+        if rule is not None and rule.fault == "endless_body":
+            self._record(h, rule.status, fault)
+            self._endless(h, rule)
+            return
+        if rule is not None and rule.fault == "challenge":
+            self._record(h, 401, fault)
+            realm = f'Bearer realm="{self.url}/token",service="stranger"'
+            body = b'{"errors":[{"code":"UNAUTHORIZED","message":"injected by the test proxy"}]}'
+            self._reply(h, 401, {"WWW-Authenticate": realm}, body)
+            return
         if rule is not None and rule.fault == "reset":
             self._record(h, 0, fault)
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
@@ -272,6 +294,10 @@ class FaultProxy:
             resp_headers["Content-Length"] = str(max(0, len(data) + rule.length_delta))
             self._reply(h, status, resp_headers, data, close=True)
             return
+        if rule is not None and rule.fault == "shift_content_range" and status == 206:
+            first, last, total = re.findall(r"\d+|\*", resp_headers.get("Content-Range", ""))[:3]
+            d = rule.shift
+            resp_headers["Content-Range"] = f"bytes {int(first) + d}-{int(last) + d}/{total}"
         if rule is not None and rule.fault == "stall_body":
             resp_headers["Content-Length"] = str(len(data))
             cut = min(rule.truncate_to, len(data))
@@ -282,6 +308,30 @@ class FaultProxy:
                 h.wfile.flush()
             return
         self._reply(h, status, resp_headers, data)
+
+    def _endless(self, h: BaseHTTPRequestHandler, rule: Rule) -> None:
+        """Headers, then body bytes until the client hangs up (or `endless_max`)."""
+        h.send_response(rule.status)
+        if rule.declared >= 0:
+            h.send_header("Content-Length", str(rule.declared))
+        if rule.status == 206:  # the range asked for, so that the client reads the body
+            asked = re.match(r"bytes=(\d+)-(\d*)", h.headers.get("Range", "")) or None
+            first, last = (asked.group(1), asked.group(2)) if asked else ("0", "")
+            h.send_header("Content-Range", f"bytes {first}-{last or first}/*")
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Connection", "close")
+        h.close_connection = True
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        chunk = b'{"errors":[' + b" " * (ENDLESS_CHUNK - 11)
+        try:
+            while rule.sent < rule.endless_max:
+                h.wfile.write(chunk)
+                with self._lock:
+                    rule.sent += len(chunk)
+        except OSError:
+            pass  # the client hung up: what we want it to do
 
     def _forward(
         self, method: str, path: str, headers: dict[str, str], body: bytes
@@ -333,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="RULE: 'METHOD PATH-REGEX FAULT [key=value ...]'; METHOD may be *. Faults: "
         + ", ".join(FAULTS)
         + ". Keys: times, status, retry_after, redirect_to, truncate_to, flip_at, "
-        "stall_seconds, length_delta.",
+        "stall_seconds, length_delta, declared, endless_max, shift.",
     )
     parser.add_argument("--upstream", required=True, help="registry base URL, http://HOST:PORT")
     parser.add_argument("--rule", action="append", default=[], help="a fault rule (repeatable)")
