@@ -109,3 +109,12 @@ def repo_name(request: pytest.FixtureRequest) -> str:
     """A repository name no other test uses, readable in registry logs: `test/<name>-<n>`."""
     base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:60] or "t"
     return f"test/{base}-{next(_counter)}"
+
+
+@pytest.fixture
+def pull_through_mirror(registry: LocalRegistry, tmp_path: Path) -> Iterator[LocalRegistry]:
+    """A cold pull-through cache of `registry` (distribution's `proxy.remoteurl` mode), as
+    users put behind `--registry-mirror`. Its request log shows what it sent a client."""
+    mirror = LocalRegistry(tmp_path / "mirror", proxy_remote=registry.url)
+    with _started(mirror):
+        yield mirror

@@ -10,6 +10,9 @@ Three modes:
 * htpasswd basic auth (usually over TLS with a throwaway `trustme` CA);
 * token auth, with a small docker-token-protocol issuer (`TokenIssuer`) running in a thread.
 
+Any of them may be a pull-through cache of another registry (`proxy_remote=URL`), the mirror
+a `--registry-mirror` points at.
+
 distribution 2.8 writes one JSON line per request to stderr when `log.formatter: json`; we
 capture it to a file so tests can count what a client really fetched (`requests()`).
 """
@@ -460,6 +463,7 @@ class LocalRegistry:
         token_expires_in: int = 300,
         port: int | None = None,
         binary: str = REGISTRY_BINARY,
+        proxy_remote: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.tls = tls
@@ -467,6 +471,9 @@ class LocalRegistry:
         self.users: dict[str, str] = dict(users or {})
         self.anonymous_pull = anonymous_pull
         self.delete_enabled = delete_enabled
+        # A pull-through cache (`proxy.remoteurl`) of that registry, as `--registry-mirror`
+        # users run one: it answers reads itself, fetching from the remote what it lacks.
+        self.proxy_remote = proxy_remote
         self._binary = binary
         self._port_fixed = port is not None
         self._port = port if port is not None else 0
@@ -673,6 +680,8 @@ class LocalRegistry:
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
         }
+        if self.proxy_remote is not None:
+            config["proxy"] = {"remoteurl": self.proxy_remote}
         if self.tls:
             tls_dir = self.root / "tls"
             config["http"]["tls"] = {
