@@ -10,6 +10,7 @@ still reading.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from imagefs.registry.client import RegistryClient, WholeBlob
 from imagefs.registry.credentials import Credentials
 from imagefs.registry.transport import RetryPolicy, TransportOptions
 from imagefs.testing.images import SampleImage
+from imagefs.testing.mounts import mounted
 from imagefs.testing.proxy import FaultProxy, Rule
 from imagefs.testing.registry import LocalRegistry
+from tests.integration.test_lazy_ranges import BIG, SMALL, Published, estargz_image
+
+__all__ = ["estargz_image"]
 
 FAST = TransportOptions(retry=RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.1))
 ENDLESS_MAX = 256 << 20  # where the proxy gives up; an unbounded client reads all of it
@@ -181,6 +186,23 @@ async def test_whole_blob_for_a_range_goes_to_the_sink_once(
         assert s.store.blobs.read(digest) == sample_image.layout.blob(str(digest))
     gets = [r for r in proxy.recorded if digest.hex in r.path and r.method == "GET"]
     assert len(gets) == 1
+
+
+def test_shifted_content_range_in_a_mount_is_eio_and_the_mount_stays(
+    tmp_path: Path, estargz_image: Published, registry: LocalRegistry
+) -> None:
+    """Issue 9.8's trigger: a range that is not the one asked for is an IntegrityError, so
+    the read that needed it gets EIO; the mount stays up and serves what it can."""
+    with FaultProxy(registry.url) as proxy:
+        ref = estargz_image.ref.replace(estargz_image.ref.split("/")[0], proxy.host, 1)
+        with mounted(tmp_path / "root", ref, tmp_path / "mnt") as mnt:
+            assert (mnt / "etc" / "motd").read_bytes() == SMALL["etc/motd"]
+            proxy.add(Rule("GET", r"/blobs/sha256:", "shift_content_range", shift=4096))
+            with pytest.raises(OSError) as info:
+                (mnt / "data" / "big3.bin").read_bytes()
+            assert info.value.errno == errno.EIO
+            proxy.clear()
+            assert (mnt / "data" / "big3.bin").read_bytes() == BIG["data/big3.bin"]
 
 
 # -- credentials never leave their registry ----------------------------------------------------
