@@ -159,6 +159,22 @@ async def test_token_auth_push_needs_login_then_asks_pull_push(
     assert skopeo_inspect(token_registry, "tok/dst:v1", creds=ALICE)["Digest"] == sample.digest
 
 
+async def test_token_realm_on_another_host_gets_the_registrys_credentials(
+    tmp_path: Path, token_registry: LocalRegistry
+) -> None:
+    """The registry's *own* challenge names its token realm on another port (as Docker Hub
+    names auth.docker.io): that realm gets the registry's credentials (docker's rule)."""
+    sample = small_sample_image(tmp_path / "b", token_registry, "tok/realm:v1", creds=ALICE)
+    issuer = token_registry.token_issuer
+    assert issuer is not None and issuer.port != token_registry.port
+    issuer.clear()
+    creds = credentials.Credentials(*ALICE)
+    async with api.Session(root=tmp_path / "root", credential_lookup=lambda host: creds) as s:
+        await api.pull(s, sample.ref)
+    seen = issuer.requests()
+    assert seen and all(r.authenticated and r.account == ALICE[0] for r in seen)
+
+
 async def test_credential_helper_is_used(
     tmp_path: Path,
     tls_registry: LocalRegistry,
