@@ -48,6 +48,7 @@ def lazy_layer_set(
     # ignores Range, a pull-through mirror that has not cached it yet), it is stored, and
     # every range of it from then on is read from the store, never fetched a second time.
     first_answer: dict[Digest, trio.Event] = {}
+    kept: set[Digest] = set()
 
     async def fetch_range(layer: Layer, start: int, end: int) -> bytes:
         if source is None:
@@ -63,7 +64,7 @@ def lazy_layer_set(
         return await fetch_or_keep(source, layer, start, end)
 
     async def fetch_or_keep(source: Reference, layer: Layer, start: int, end: int) -> bytes:
-        if await session.disk(store.blobs.has, layer.digest):  # the whole blob came meanwhile
+        if layer.digest in kept:  # an earlier answer was the whole blob
             stored: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
             return stored
         began = time.monotonic()
@@ -76,12 +77,14 @@ def lazy_layer_set(
         )
         if isinstance(answer, bytes):
             return answer
-        # LayerSet counts the `end - start` it asked for; the rest of the blob came too.
+        kept.add(layer.digest)
+        # LayerSet counts the `end - start` it asked for; the rest of the blob came too, and
+        # stats must show what crossed the wire (LayerSet's one accounting path).
         extra = answer.nbytes - (end - start)
         if extra > 0:
             layer_set._account(positions[layer.digest], 0, extra, time.monotonic() - began)
-        kept: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
-        return kept
+        data: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
+        return data
 
     remote = (
         RemoteIndexes(session.client(source), source.repository, record.manifest.digest)
