@@ -372,6 +372,19 @@ class RegistryClient:
         realm = ch.params["realm"]
         params = challenge.token_request_params(ch, scopes)
         creds = await self._credentials(ep.host)
+        realm_host = urlsplit(realm).netloc
+        if (
+            creds is not None
+            and urlsplit(realm).scheme.lower() != "https"
+            and not plain_http_allowed(realm_host, self.options)
+        ):
+            # Credentials in clear text to a non-local host: plain HTTP is for loopback and
+            # --insecure-registry hosts only, for a token realm as for a registry.
+            raise Unauthorized(
+                f"{ep.host}: its token realm {realm[:200]} is not HTTPS; credentials are not "
+                f"sent over plain HTTP (name {realm_host} with --insecure-registry to allow it)",
+                host=ep.host,
+            )
         headers: dict[str, str] = {}
         try:
             if creds is not None and creds.identity_token:

@@ -173,3 +173,30 @@ async def test_a_strangers_challenge_after_a_redirect_is_refused() -> None:
     strangers = [r for r in seen if r.url.host == "b.example"]
     assert strangers and all("Authorization" not in r.headers for r in strangers)
     assert not [r for r in strangers if r.url.path == "/token"]
+
+
+@pytest.mark.parametrize("creds", [True, False], ids=["with-credentials", "anonymous"])
+async def test_credentials_never_go_to_a_plain_http_token_realm(creds: bool) -> None:
+    """Registry A's own challenge names `http://auth.example/token`: a login would cross the
+    network in clear text. Refused with credentials; an anonymous token is fine."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "auth.example":
+            return httpx.Response(200, stream=Once(b'{"token": "t"}'))
+        if request.headers.get("Authorization") != "Bearer t":
+            realm = 'Bearer realm="http://auth.example/token",service="a"'
+            return httpx.Response(401, headers={"WWW-Authenticate": realm}, stream=Once())
+        return httpx.Response(200, stream=Once(BLOB))
+
+    client = client_with(handler)
+    if not creds:
+        client._lookup = lambda host: None
+    async with client:
+        if creds:
+            with pytest.raises(Unauthorized, match="not HTTPS"):
+                await client.get_blob("r", DIGEST, len(BLOB))
+            assert not [r for r in seen if r.url.host == "auth.example"]
+        else:
+            assert await client.get_blob("r", DIGEST, len(BLOB)) == BLOB
