@@ -41,7 +41,9 @@ from imagefs.registry.transport import (
     TransportOptions,
     effective_timeouts,
     mirrors_for,
+    origin_text,
     plain_http_allowed,
+    same_origin,
     ssl_context,
 )
 
@@ -263,7 +265,7 @@ class RegistryClient:
         attempt = 0
         # Credentials are for the registry as it is addressed (scheme, host, port), and for
         # nothing else a Location header may name: an upload URL on another host gets none.
-        home = _same_origin(url, base)
+        home = same_origin(url, base)
         while True:
             req_headers = dict(headers or {})
             auth = await self._auth_header(ep, scopes) if home else None
@@ -287,13 +289,13 @@ class RegistryClient:
             if resp.status_code == 401:
                 www = resp.headers.get("WWW-Authenticate", "")
                 resp = await bodies.loaded(resp, None, "401")
-                if not _same_origin(str(resp.url), base):
+                if not same_origin(str(resp.url), base):
                     # A redirect target asking for credentials is a stranger asking for ours
                     # (the class of CVE-2020-15157): they never leave the registry they are
                     # for, not even to fetch a token from a realm the stranger names.
                     raise Unauthorized(
                         f"{ep.host}: {method} {urlsplit(url).path}: redirected to "
-                        f"{_origin_text(str(resp.url))}, which asks for credentials; "
+                        f"{origin_text(str(resp.url))}, which asks for credentials; "
                         f"credentials for {ep.host} are never sent to another host",
                         host=ep.host,
                         status=401,
@@ -329,7 +331,7 @@ class RegistryClient:
             if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 await resp.aclose()  # a redirect's body is never read
                 url = urljoin(url, resp.headers["Location"])
-                if not _same_origin(url, origin):
+                if not same_origin(url, origin):
                     # Object storage behind a redirect must never see our registry token:
                     # another scheme, host or port is another origin (and stays one, even
                     # if a later hop comes back).
@@ -935,29 +937,6 @@ def _with_query(url: str, params: Mapping[str, str]) -> str:
 def _detail(resp: httpx.Response) -> str:
     code, message = bodies.error_code(resp)
     return f" ({code}: {message})" if code else ""
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the scheme's default port filled in: what credentials and
-    an Authorization header are bound to, as the registry is addressed."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1  # a malformed port is nobody's origin
-    if port is None:
-        port = {"http": 80, "https": 443}.get(scheme)
-    return scheme, (parts.hostname or "").lower(), port
-
-
-def _same_origin(a: str, b: str) -> bool:
-    return _origin(a) == _origin(b)
-
-
-def _origin_text(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

@@ -1,7 +1,9 @@
 """Transport policy: which scheme, which certificates, which mirrors, how often to retry.
 
-Docker's rules: plain HTTP only for loopback registries (`localhost`, `127.0.0.0/8`, `::1`) and
-registries named with `--insecure-registry`; everything else is TLS, verified against the
+Docker's rules: credentials and the Authorization header belong to one origin (scheme, host,
+port as the registry is addressed; `same_origin`); plain HTTP only for loopback registries
+(`localhost`, `127.0.0.0/8`, `::1`) and registries named with `--insecure-registry`;
+everything else is TLS, verified against the
 system roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`) plus a per-registry CA in
 `certs.d/HOST[:PORT]/*.crt` (client certificates as `*.cert` + `*.key`), looked up under the
 imagefs config directory and under `/etc/docker/certs.d`. A loopback registry that speaks TLS is
@@ -17,6 +19,7 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import certifi
 
@@ -118,3 +121,26 @@ def ssl_context(host: str, options: TransportOptions) -> ssl.SSLContext:
 
 def mirrors_for(registry: str, options: TransportOptions) -> list[str]:
     return [m.rstrip("/") for m in options.mirrors.get(registry, ())]
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what credentials and
+    an Authorization header are bound to, as the registry is addressed."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # a malformed port is nobody's origin
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def same_origin(a: str, b: str) -> bool:
+    return _origin(a) == _origin(b)
+
+
+def origin_text(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
