@@ -70,10 +70,10 @@ class Rule:
     stall_seconds: float = 0.0
     length_delta: int = 100
     declared: int = -1  # endless_body: the Content-Length to claim; -1: none (read to close)
-    endless_max: int = 1 << 30  # endless_body: give up after this many bytes all the same
+    endless_max: int = 1 << 30  # endless_body: end an answer after this many bytes all the same
     shift: int = 1  # shift_content_range: how far
     hits: int = 0
-    sent: int = 0  # endless_body: body bytes written before the client hung up
+    sent: int = 0  # endless_body: body bytes written (all answers) before clients hung up
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -325,9 +325,11 @@ class FaultProxy:
         if h.command == "HEAD":
             return
         chunk = b'{"errors":[' + b" " * (ENDLESS_CHUNK - 11)
+        here = 0
         try:
-            while rule.sent < rule.endless_max:
+            while here < rule.endless_max:
                 h.wfile.write(chunk)
+                here += len(chunk)
                 with self._lock:
                     rule.sent += len(chunk)
         except OSError:
