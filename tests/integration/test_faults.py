@@ -18,6 +18,7 @@ from imagefs import api
 from imagefs.errors import IntegrityError, RegistryError, RegistryUnreachable
 from imagefs.oci.digest import Digest
 from imagefs.registry import client as client_module
+from imagefs.registry import connection
 from imagefs.registry.transport import RetryPolicy, TransportOptions
 from imagefs.testing.images import SampleImage, skopeo_inspect
 from imagefs.testing.mounts import imagefs, mounted
@@ -117,7 +118,7 @@ async def test_redirect_loop_on_one_host_is_a_clear_error(
     assert time.monotonic() - started < 10
     assert "too many redirects" in str(info.value) and proxy.host in str(info.value)
     hops = [r for r in proxy.recorded if "/manifests/" in r.path]
-    assert len(hops) == client_module._MAX_REDIRECTS + 1  # followed a few times, not retried
+    assert len(hops) == connection.MAX_REDIRECTS + 1  # followed a few times, not retried
 
 
 async def test_redirect_loop_between_two_hosts_is_a_clear_error(
@@ -134,7 +135,7 @@ async def test_redirect_loop_between_two_hosts_is_a_clear_error(
         assert "too many redirects" in str(info.value)
         assert a.recorded and b.recorded
         # the other host never saw our credentials (there are none here) nor looped forever
-        assert len([r for r in b.recorded if layer in r.path]) <= client_module._MAX_REDIRECTS
+        assert len([r for r in b.recorded if layer in r.path]) <= connection.MAX_REDIRECTS
 
 
 # -- wrong Content-Length ---------------------------------------------------------------------
