@@ -365,39 +365,47 @@ class ImageSummary:
 
 
 def layer_cached_bytes(store: Store, layer: Layer) -> int:
-    """How much of a layer is local: the whole blob, or the verified pieces in the cache."""
+    """How much of a layer is local, in compressed bytes: the whole blob, or the compressed
+    ranges whose verified pieces are in the piece cache (known once the layer's index is:
+    pieces are named by content, not by layer)."""
     if store.blobs.has(layer.digest):
         return layer.size
-    from imagefs.lazy.cache import ChunkCache
+    from imagefs.lazy.cached import cached_bytes
 
-    return min(layer.size, ChunkCache(store.root).present_bytes(layer.digest))
+    return min(layer.size, cached_bytes(store.root, layer))
 
 
 def sweep_derived(store: Store) -> int:
-    """Drop cache pieces, layer indexes and flattened layers of layers no image uses.
-
-    Hold `store.locked()`. Returns the bytes freed.
-    """
+    """Drop layer indexes, manifest-bound indexes, referrer records and flattened layers of
+    layers (manifests) no image uses, and the caches of earlier versions (`cache/chunks`,
+    `indexes/sha256`). Pieces are content-addressed and shared: the cache cap's LRU
+    eviction bounds them. Hold `store.locked()`. Returns the bytes freed."""
     import shutil
 
     keep = {Digest.parse(d).hex for d in store.reachable(store.records()) if ":" in d}
     freed = 0
+    for old in (store.root / "cache" / "chunks", store.root / "indexes" / "sha256"):
+        if old.is_dir() and not old.is_symlink():
+            freed += sum(f.stat().st_size for f in old.rglob("*") if f.is_file())
+            shutil.rmtree(old, ignore_errors=True)
     for area in (
-        store.root / "cache" / "chunks",
-        store.root / "indexes" / "sha256",
+        store.root / "indexes" / "layer" / "sha256",
+        store.root / "indexes" / "bound" / "sha256",
+        store.root / "indexes" / "referrers" / "sha256",
+        store.root / "indexes" / "refused",
         store.root / "cache" / "flat",
     ):
-        if not area.is_dir():
+        if not area.is_dir() or area.is_symlink():
             continue
         for entry in area.iterdir():
-            name = entry.name
+            name = entry.name.split("-", 1)[0]  # refused/<layer hex>-<kind>-<verifier hex>
             if name in keep or name.startswith("."):
                 continue
-            if entry.is_dir():
+            if entry.is_dir() and not entry.is_symlink():
                 freed += sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
                 shutil.rmtree(entry, ignore_errors=True)
             else:
-                freed += entry.stat().st_size
+                freed += entry.lstat().st_size
                 entry.unlink(missing_ok=True)
     return freed
 
@@ -794,7 +802,7 @@ async def index(
     import time
 
     from imagefs.indexes import build_local, needs_index, push_indexes
-    from imagefs.layers.index import IndexStore
+    from imagefs.layers.indexstore import IndexStore
 
     store = session.store
     try:
@@ -814,7 +822,9 @@ async def index(
         if not needs_index(layer):
             skipped.append(layer)
             continue
-        existing = await session.disk(indexes.load, layer.digest)
+        # Only the layer-bound index (built here from the verified blob) is ever published:
+        # never a TOC or a published index this store was handed for some image.
+        existing = await session.disk(indexes.load_layer, layer.digest)
         began = time.monotonic()
         if existing is None or existing.seek is None:
             if not store.blobs.has(layer.digest):

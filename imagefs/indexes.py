@@ -15,12 +15,12 @@ found by a later mount through the referrers API, or, where the registry lacks i
 listing the referrers.
 
 Trust: the index blob is verified against its digest; it is used only for the layer whose
-digest it names (its seek index records the blob digest it was built from), and every
-compressed span it leads a read to is checked against the span's sha256 before use, so an
-index can never make imagefs serve bytes that are not in the verified layer. What the index
-itself asserts (where each file starts) is as trustworthy as the repository that serves it,
-like the tag that named the image; `imagefs pull --full` and a mount without published
-indexes do not depend on it.
+digest it names (its seek index records the blob digest it was built from), and every span
+it leads a read to is checked against the span's sha256 (compressed, then uncompressed)
+before use. What the index asserts about where each file starts is only as trustworthy as
+the manifest whose referrers led to it, so it is kept bound to that manifest (see
+`layers.indexstore`) and used by no other image; `imagefs pull --full` and `imagefs index`
+never use it, and `imagefs index --push` publishes only indexes built here from the blob.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from pathlib import Path
 import trio
 
 from imagefs.artifacts import Payload, find_artifacts, push_artifact
-from imagefs.errors import ImageFSError, IntegrityError
+from imagefs.errors import ImageFSError
 from imagefs.image import Layer, ResolvedImage
-from imagefs.layers.index import IndexStore, LayerIndex, build_from_blob
+from imagefs.layers.index import LayerIndex, build_from_blob
+from imagefs.layers.indexstore import PUBLISHED, Bound, IndexStore, derive
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.mediatypes import layer_compression
@@ -93,36 +94,40 @@ async def find_published(
     return found
 
 
-async def fetch_published(
-    client: RegistryClient, repository: str, desc: Descriptor, layer: Layer
-) -> LayerIndex:
-    data = await client.get_blob(repository, desc.digest, desc.size, max_bytes=MAX_INDEX_BYTES)
-
-    def parse() -> LayerIndex:
-        idx = LayerIndex.from_bytes(layer.digest, data)
-        if idx.seek is None or idx.seek.blob_digest != str(layer.digest):
-            raise IntegrityError(
-                f"published index {desc.digest.short} is not for layer {layer.digest.short}"
-            )
-        if idx.seek.compressed_size != layer.size:
-            raise IntegrityError(f"published index {desc.digest.short}: blob size mismatch")
-        return idx
-
-    return await trio.to_thread.run_sync(parse)
-
-
 class RemoteIndexes:
-    """What a mount asks when a layer has no local index: one lookup per mount."""
+    """The published indexes of one manifest M, as a mount asks for them layer by layer.
 
-    def __init__(self, client: RegistryClient, repository: str, manifest_digest: Digest) -> None:
+    Only what M's own referrers lead to is used. The first lookup asks the registry once per
+    mount and remembers, under M, which index blob each layer's referrer named
+    (`IndexStore.remember_referrers`); the verified blob is kept bound to (layer, its
+    digest). An offline remount of M finds them again through that record; another
+    image sharing the layer never does.
+    """
+
+    def __init__(
+        self,
+        client: RegistryClient | None,
+        repository: str,
+        manifest_digest: Digest,
+        store: IndexStore,
+    ) -> None:
         self.client = client
         self.repository = repository
         self.manifest_digest = manifest_digest
+        self.store = store
         self._found: dict[str, Descriptor] | None = None
         self._lock = trio.Lock()
 
     async def __call__(self, layer: Layer) -> LayerIndex | None:
         if not needs_index(layer):
+            return None
+        known = await trio.to_thread.run_sync(self.store.referrers, self.manifest_digest)
+        if str(layer.digest) in known:
+            bound = Bound(layer.digest, PUBLISHED, Digest.parse(known[str(layer.digest)]))
+            idx = await trio.to_thread.run_sync(self.store.load_bound, bound)
+            if idx is not None:
+                return idx
+        if self.client is None:
             return None
         async with self._lock:
             if self._found is None:
@@ -133,17 +138,33 @@ class RemoteIndexes:
                 except ImageFSError as exc:
                     log.info("no published indexes (%s)", exc)
                     self._found = {}
+                if self._found:
+                    record = {k: str(v.digest) for k, v in self._found.items()}
+                    await trio.to_thread.run_sync(
+                        self.store.remember_referrers, self.manifest_digest, record
+                    )
         desc = self._found.get(str(layer.digest))
         if desc is None:
             return None
-        return await fetch_published(self.client, self.repository, desc, layer)
+        bound = Bound(layer.digest, PUBLISHED, desc.digest)
+        idx = await trio.to_thread.run_sync(self.store.load_bound, bound)
+        if idx is not None:
+            return idx
+        data = await self.client.get_blob(
+            self.repository, desc.digest, desc.size, max_bytes=MAX_INDEX_BYTES
+        )
+        params = {"layer_size": layer.size}
+        idx = await trio.to_thread.run_sync(derive, bound, params, data)
+        await trio.to_thread.run_sync(self.store.save_bound, bound, params, data, idx)
+        return idx
 
 
 def build_local(store_root: Path, blob: Path, layer: Layer) -> LayerIndex:
-    """Load a layer's seek-point index, or build it from the local blob; run in a thread."""
+    """The layer-bound index of a local, verified blob: kept, or built and kept; run in a
+    thread. Never a TOC-derived or published index: those are not bound to the layer."""
     indexes = IndexStore(store_root)
-    idx = indexes.load(layer.digest)
-    if idx is None or idx.seek is None:
+    idx = indexes.load_layer(layer.digest)
+    if idx is None:
         idx = build_from_blob(blob, layer.digest, layer_compression(layer.descriptor.media_type))
-        indexes.save(idx)
+        indexes.save_layer(idx)
     return idx

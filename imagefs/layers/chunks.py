@@ -94,22 +94,36 @@ class ChunkTable:
         return range(first, last)
 
     def decode(self, k: int, compressed: bytes) -> bytes:
-        """Inflate chunk k from its compressed bytes and check its digest."""
+        """Inflate chunk k from its compressed bytes and check its digest.
+
+        Output is capped at what the verified TOC declares (`inner + size` bytes), so a
+        member that inflates far beyond its declared size (a bomb) costs no more memory
+        than an honest chunk; a zstd frame (one per chunk) producing more is refused.
+        """
         c = self.chunk(k)
         if c.zeros:
             return bytes(c.size)
+        cap = c.inner + c.size
         try:
             if self.codec == "gzip":
                 d = zlib.decompressobj(31)
-                raw = d.decompress(compressed, c.inner + c.size)
+                raw = d.decompress(compressed, cap)
             else:
-                raw = zstandard.ZstdDecompressor().decompressobj().decompress(compressed)
+                raw = _zstd_capped(compressed, cap)
+                if len(raw) > cap:
+                    raise LayerFormatError(
+                        f"chunk at {c.start}: inflates beyond its declared {c.size} bytes"
+                    )
         except (zlib.error, zstandard.ZstdError) as exc:
             raise LayerFormatError(f"chunk at {c.start}: does not inflate: {exc}") from None
         data = raw[c.inner : c.inner + c.size]
         if len(data) != c.size or hashlib.sha256(data).digest() != c.digest:
             raise IntegrityError(f"chunk at blob offset {c.start} fails its sha256 digest")
         return data
+
+    def piece(self, k: int) -> str:
+        """Chunk k's piece name in the piece cache: its chunkDigest in hex."""
+        return self.digests[32 * k : 32 * k + 32].hex()
 
     def to_bytes(self) -> bytes:
         parts = [
@@ -150,6 +164,19 @@ class ChunkTable:
         voffsets, sizes, starts, ends, inners = arrays
         codec = codec_b.rstrip(b"\0").decode()
         return cls(codec, voffsets, sizes, starts, ends, inners, digests, zeros, prefetch_until)
+
+
+def _zstd_capped(compressed: bytes, cap: int) -> bytes:
+    """Inflate one zstd frame, stopping one byte past `cap` (never more in memory)."""
+    out = bytearray()
+    dctx = zstandard.ZstdDecompressor()
+    with dctx.stream_reader(compressed, read_across_frames=False) as reader:
+        while len(out) <= cap:
+            piece = reader.read(cap + 1 - len(out))
+            if not piece:
+                break
+            out += piece
+    return bytes(out)
 
 
 def _mtime(modtime: str) -> tuple[int, int]:

@@ -1,9 +1,8 @@
 """The imagefs layer index: one layer's table of contents plus its random-access points.
 
 Built once per layer digest, in a single sequential pass over the compressed blob (the
-decompressor hands the tar stream to the scanner while the seek points are recorded), and
-kept by layer digest under `ROOT/indexes/sha256/<hex>`, so every later mount of any image
-sharing the layer starts from it without touching the blob.
+decompressor hands the tar stream to the scanner while the seek points are recorded). Where
+indexes are kept, and who may use which, is `layers.indexstore`'s business.
 
 For eStargz and zstd:chunked layers the index holds a `ChunkTable` instead of seek points:
 those formats bring their own table of contents (verified against the manifest's layer
@@ -33,7 +32,6 @@ from imagefs.layers.tarscan import TarScanner
 from imagefs.layers.toc import Toc, TocBuilder
 from imagefs.oci.digest import Digest
 from imagefs.oci.mediatypes import Compression
-from imagefs.store import fsutil
 
 MAGIC = b"IFSLIDX2"
 _SEEK, _CHUNKS = 1, 2
@@ -142,29 +140,3 @@ def build_from_blob(
         builder.add_tar_entry(entry)
     toc = builder.build()
     return LayerIndex(digest, toc, seek=seek, warnings=tuple(scanner.warnings + builder.warnings))
-
-
-class IndexStore:
-    """`ROOT/indexes/<alg>/<hex>`: layer indexes by layer digest, written temp-then-rename."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "indexes"
-
-    def path(self, digest: Digest) -> Path:
-        return self.dir / digest.algorithm / digest.hex
-
-    def load(self, digest: Digest) -> LayerIndex | None:
-        """The stored index, or None when absent or damaged (a damaged one is removed)."""
-        path = self.path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return LayerIndex.from_bytes(digest, data)
-        except LayerFormatError:
-            path.unlink(missing_ok=True)
-            return None
-
-    def save(self, index: LayerIndex) -> None:
-        fsutil.atomic_write(self.path(index.digest), index.to_bytes())

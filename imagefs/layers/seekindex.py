@@ -22,6 +22,7 @@ on the first stored block, whose padding is measured from the real byte boundary
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -98,7 +99,9 @@ class SeekIndex:
     fetched by a Range GET can be verified before a single byte of it is inflated.
     ``blob_digest`` is the sha256 of the whole compressed blob the index was built from;
     callers compare it with the layer descriptor so an index is never used with the wrong
-    blob.
+    blob. ``raw_digests[i]`` is the sha256 of span ``i``'s *uncompressed* bytes
+    ([points[i].uncompressed, span_uncompressed_end(i))): the name of its piece in the
+    piece cache, checked after inflating (format version 2; version 1 had none).
     """
 
     compression: Compression
@@ -107,6 +110,7 @@ class SeekIndex:
     points: tuple[SeekPoint, ...]
     span_digests: tuple[bytes, ...]
     blob_digest: str = ""
+    raw_digests: tuple[bytes, ...] = ()
     _uncompressed_keys: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +157,8 @@ class SeekIndex:
         for p in self.points:
             body.write(struct.pack("<QQBI", p.compressed, p.uncompressed, p.bits, len(p.window)))
         for d in self.span_digests:
+            body.write(d)
+        for d in self.raw_digests:
             body.write(d)
         for p in self.points:
             body.write(p.window)
@@ -202,6 +208,8 @@ class SeekIndex:
             pos += rec
         digests = tuple(raw[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n))
         pos += 32 * n
+        raw_digests = tuple(raw[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n))
+        pos += 32 * n
         points = []
         for c, u, bits, wlen in heads:
             window = raw[pos : pos + wlen]
@@ -209,15 +217,15 @@ class SeekIndex:
                 raise LayerFormatError("seek index: truncated window data")
             pos += wlen
             points.append(SeekPoint(c, u, bits, window))
-        if pos != len(raw) or any(len(x) != 32 for x in digests):
+        if pos != len(raw) or any(len(x) != 32 for x in digests + raw_digests):
             raise LayerFormatError("seek index: body size does not match its point table")
-        index = cls(compression, csize, usize, tuple(points), digests, blob_digest)
+        index = cls(compression, csize, usize, tuple(points), digests, blob_digest, raw_digests)
         _check_index(index)
         return index
 
 
 _INDEX_MAGIC = b"IFSEEKIX"
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2 added raw_digests; a version 1 index is not used (rebuilt/fetched)
 _COMPRESSION_CODES: dict[Compression, int] = {"none": 0, "gzip": 1, "zstd": 2}
 _COMPRESSION_NAMES: dict[int, Compression] = {v: k for k, v in _COMPRESSION_CODES.items()}
 
@@ -227,7 +235,7 @@ def _check_index(index: SeekIndex) -> None:
     pts = index.points
     if not pts or pts[0].uncompressed != 0:
         raise LayerFormatError("seek index: first point must be at uncompressed offset 0")
-    if len(index.span_digests) != len(pts):
+    if len(index.span_digests) != len(pts) or len(index.raw_digests) != len(pts):
         raise LayerFormatError("seek index: one span digest per point expected")
     prev: SeekPoint | None = None
     for p in pts:
@@ -562,6 +570,35 @@ def _inflate_zstd(fetcher: _Fetcher, skip: int, want: int) -> bytes:
     return out.result()[: out.want]
 
 
+def inflate_span(index: SeekIndex, k: int, compressed: bytes) -> bytes:
+    """Span ``k``'s uncompressed bytes from its compressed bytes (`span_range`), inflating
+    no more than the span's uncompressed length (a lying stream cannot make it a bomb)."""
+    start, end = index.span_range(k)
+    if len(compressed) != end - start:
+        raise LayerFormatError(f"span {k}: got {len(compressed)} compressed bytes")
+    p = index.points[k]
+    n = index.span_uncompressed_end(k) - p.uncompressed
+    if index.compression == "none":
+        return compressed
+    fetcher = _Fetcher(lambda a, b: compressed[a - start : b - start], start, end, end - start)
+    if index.compression == "gzip":
+        out = _inflate_gzip(p, fetcher, 0, n)
+    else:
+        out = _inflate_zstd(fetcher, 0, n)
+    if len(out) != n:
+        raise LayerFormatError(f"span {k} inflates to {len(out)} bytes, not {n}")
+    return out
+
+
+def verify_raw_span(index: SeekIndex, k: int, data: bytes) -> None:
+    """Check span ``k``'s uncompressed bytes against its raw digest."""
+    if hashlib.sha256(data).digest() != index.raw_digests[k]:
+        raise IntegrityError(
+            f"span {k} of blob {index.blob_digest or '?'} inflates to bytes that do not match "
+            "its digest"
+        )
+
+
 def verify_span(index: SeekIndex, i: int, data: bytes) -> None:
     """Check compressed span ``i`` (bytes of `SeekIndex.span_range`) against its digest."""
     if not 0 <= i < len(index.span_digests):
@@ -661,13 +698,15 @@ def _build_plain(read: ReadCompressed, spacing: int, sink: Callable[[bytes], Non
         points.append(SeekPoint(0, 0))
         hasher.start_span()
     digests, whole = hasher.finish()
-    return SeekIndex("none", pos, pos, tuple(points), digests, whole)
+    return SeekIndex("none", pos, pos, tuple(points), digests, whole, digests)
 
 
 def _build_zstd(read: ReadCompressed, spacing: int, sink: Callable[[bytes], None]) -> SeekIndex:
     """Points go at frame starts at least ``spacing`` apart; frames cannot be entered."""
     hasher = _SpanHasher()
     hasher.start_span()
+    raw_hasher = _SpanHasher()  # the same spans, uncompressed
+    raw_hasher.start_span()
     points = [SeekPoint(0, 0)]
     buf = _Buffer(lambda: read(_READ_CHUNK))
     out = 0
@@ -693,6 +732,7 @@ def _build_zstd(read: ReadCompressed, spacing: int, sink: Callable[[bytes], None
             if buf.pos > 0 and out - points[-1].uncompressed >= spacing:
                 points.append(SeekPoint(buf.pos, out))
                 hasher.start_span()
+                raw_hasher.start_span()
             dec = zstandard.ZstdDecompressor().decompressobj()
         if not buf.fill(1):
             raise LayerFormatError("zstd: truncated frame")
@@ -705,6 +745,7 @@ def _build_zstd(read: ReadCompressed, spacing: int, sink: Callable[[bytes], None
             raise LayerFormatError(f"zstd: corrupt frame at {buf.pos}: {e}") from None
         if data:
             sink(data)
+            raw_hasher.feed(data)
             out += len(data)
         if dec.eof:
             hasher.feed(buf.consume(len(piece) - len(dec.unused_data)))
@@ -712,7 +753,8 @@ def _build_zstd(read: ReadCompressed, spacing: int, sink: Callable[[bytes], None
         else:
             hasher.feed(buf.consume(len(piece)))
     digests, whole = hasher.finish()
-    return SeekIndex("zstd", buf.pos, out, tuple(points), digests, whole)
+    raw_digests, _ = raw_hasher.finish()
+    return SeekIndex("zstd", buf.pos, out, tuple(points), digests, whole, raw_digests)
 
 
 class _Buffer:
@@ -858,7 +900,13 @@ def _build_gzip(
             raise LayerFormatError("gzip: index export has no point at the start")
         _check_gzip_tail(f, points[-1], size, out)
         digests, whole = _hash_spans(f, points, size, whole=blob_digest is None)
-        return SeekIndex("gzip", size, out, tuple(points), digests, blob_digest or whole)
+        index = SeekIndex("gzip", size, out, tuple(points), digests, blob_digest or whole)
+
+        def read_range(a: int, b: int) -> bytes:
+            f.seek(a)
+            return f.read(b - a)
+
+        return _with_raw_digests(index, read_range)
     finally:
         if spooled is not None:
             spooled.close()
@@ -902,6 +950,24 @@ def _check_gzip_tail(f: BinaryIO, point: SeekPoint, size: int, total: int) -> No
         dec = _inflater(b"")
     if point.uncompressed + produced != total:
         raise LayerFormatError("gzip: stream length disagrees with the decompressor's")
+
+
+def _with_raw_digests(index: SeekIndex, read_range: ReadRange) -> SeekIndex:
+    """Add the uncompressed span digests of a gzip index: a second inflating pass.
+
+    rapidgzip chooses the points only after the whole stream went by, so the spans cannot
+    be hashed during the first pass. Each span is inflated once from its own point (ISA-L),
+    about the cost of one more sequential decompression.
+    """
+    raw = []
+    for k, p in enumerate(index.points):
+        n = index.span_uncompressed_end(k) - p.uncompressed
+        s, e = index.span_range(k)
+        data = inflate_span(index, k, read_range(s, e))
+        if len(data) != n:
+            raise LayerFormatError(f"gzip: span {k} inflates to {len(data)} bytes, not {n}")
+        raw.append(hashlib.sha256(data).digest())
+    return dataclasses.replace(index, raw_digests=tuple(raw))
 
 
 def _is_seekable_file(f: BinaryIO) -> bool:
@@ -1026,8 +1092,10 @@ __all__ = [
     "build_index",
     "decompress_to_file",
     "file_range_reader",
+    "inflate_span",
     "needs_local_copy",
     "primed_start",
     "read_at",
+    "verify_raw_span",
     "verify_span",
 ]

@@ -1,49 +1,60 @@
-"""The chunk cache: verified byte ranges of layer blobs, one cache per store root.
+"""The piece cache: verified *uncompressed* pieces, addressed by their own sha256.
 
-A lazily read layer blob is a sparse, partly present object. Each piece we fetched and
-verified (a gzip span, an eStargz or zstd:chunked chunk run, ...) is kept as one file:
+    ROOT/cache/pieces/sha256/<hex>     16-byte header (magic `IFSP`, 4 reserved bytes,
+                                       xxh3_64 of the payload) + payload
 
-    ROOT/cache/chunks/<layer hex>/<start>-<end>      (compressed blob bytes [start, end))
+`hex` is the sha256 of the payload: an eStargz/zstd:chunked chunk's `chunkDigest`, or the
+uncompressed span digest of an imagefs seek index. A piece is written only after
+sha256(payload) == hex was checked, so it can only ever answer a request for its own
+digest: sharing pieces across layers and images is safe whatever metadata led to them
+(a forged TOC cannot make a piece answer for another digest), and identical content is
+kept once.
 
-with a 16-byte header: magic `IFSC`, 4 reserved bytes, and the xxh3_64 of the payload — the
-cache's own checksum, so a torn write or bit rot is noticed and the piece fetched again. The
-sha256 chains that make the bytes trustworthy were checked before the piece was written.
+Trade-off (issue 10): pieces hold inflated bytes, not the compressed ranges they came from.
+On disk a piece is ~2-4x its compressed form, but a warm read is a `pread` of an open file
+with no inflating and no hashing, and equal chunks of different layers and images share one
+piece. Compressed bytes are not kept at all.
 
-Why one file per piece: writes are temp-then-rename (atomic), presence is a directory entry,
-and eviction is `unlink`, which never breaks a read in progress in this or another process
-(an open file stays readable). Several mounts and commands share the cache; each keeps an
-in-memory view of the pieces per layer and rescans the layer's directory on a miss.
+Why one file per piece: writes are temp-then-rename (`O_EXCL|O_NOFOLLOW` temp inside the
+directory opened once with `O_NOFOLLOW`, renamed and unlinked relative to it: never through
+a symlink), presence is a directory entry, eviction is `unlink`, which never breaks a read
+in progress here or in another process (an open file stays readable). The xxh3 self-check
+(torn write, rot) runs once when this process first opens a piece and in `imagefs check`;
+after that its fd stays in a small LRU and reads are `pread`s.
 
-Size cap: least recently used pieces go first (a hit touches the file's mtime, coarsely),
-until the cache is under 90% of its cap. Whole blobs in `blobs/` (pulled with `--full`) are
-not part of the cache and are never evicted.
+Size cap (`--cache-size`, counted in bytes on disk): least recently used pieces go first (a
+hit touches the mtime, coarsely) until the cache is under 90% of its cap. Whole blobs in
+`blobs/` are not part of the cache and never evicted. `prune` does not map pieces back to
+layers (content addressing has no cheap way to); the cap's LRU eviction bounds them.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
+import errno
+import hashlib
 import logging
 import os
 import re
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from pathlib import Path
 
 import xxhash
 
-from imagefs.oci.digest import Digest
+from imagefs.errors import IntegrityError
 from imagefs.store import fsutil
 
 log = logging.getLogger("imagefs.cache")
 
-MAGIC = b"IFSC"
-_HEADER = struct.Struct("<4s4xQ")
-_NAME = re.compile(r"^(\d+)-(\d+)$")
+MAGIC = b"IFSP"
+HEADER = struct.Struct("<4s4xQ")
+_NAME = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CACHE_SIZE = 10 << 30
 _TOUCH_EVERY = 60.0  # seconds between mtime updates of a hot piece
+MAX_OPEN = 256  # fds kept open for warm reads
 
 
 def parse_size(text: str) -> int:
@@ -55,206 +66,192 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def piece_payload(raw: bytes, start: int, end: int) -> bytes | None:
-    """The payload of a cache piece file holding blob bytes [start, end), or None when the
-    file is torn or rotten (header, length or xxh3 checksum do not match)."""
-    if len(raw) < _HEADER.size:
+def is_piece_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+def piece_payload(raw: bytes) -> bytes | None:
+    """The payload of a piece file, or None when it is torn or rotten (header, xxh3)."""
+    if len(raw) < HEADER.size:
         return None
-    magic, check = _HEADER.unpack_from(raw)
-    payload = raw[_HEADER.size :]
-    if magic != MAGIC or len(payload) != end - start or xxhash.xxh3_64_intdigest(payload) != check:
+    magic, check = HEADER.unpack_from(raw)
+    payload = raw[HEADER.size :]
+    if magic != MAGIC or xxhash.xxh3_64_intdigest(payload) != check:
         return None
     return payload
 
 
-def piece_range(name: str) -> tuple[int, int] | None:
-    """`<start>-<end>` -> (start, end); None for a name that is not a piece."""
-    m = _NAME.match(name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+def verify_piece(hexd: str, payload: bytes) -> None:
+    """The one check that makes bytes a piece: their sha256 is the name they go under."""
+    if hashlib.sha256(payload).hexdigest() != hexd:
+        raise IntegrityError(f"piece sha256:{hexd[:12]} fails its digest")
 
 
-@dataclass
-class _LayerPieces:
-    starts: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-    dir_mtime_ns: int = -1  # the layer directory's mtime when it was listed
-
-
-class ChunkCache:
-    """Synchronous and thread-safe; async callers use it from worker threads."""
+class PieceCache:
+    """Synchronous and thread-safe. `pread` of an already open piece never blocks for long
+    (page cache), so the event loop may call it directly; everything else runs in threads."""
 
     def __init__(self, root: Path, cap: int = DEFAULT_CACHE_SIZE) -> None:
-        self.dir = root / "cache" / "chunks"
+        self.dir = root / "cache" / "pieces" / "sha256"
         self.cap = cap
-        self._layers: dict[str, _LayerPieces] = {}
-        self._own: dict[str, set[tuple[int, int]]] = {}  # pieces this process wrote
         self._lock = threading.Lock()
+        self._fds: OrderedDict[str, tuple[int, int]] = OrderedDict()  # hex -> (fd, size)
+        self._dirfd: int | None = None
         self._total: int | None = None
         self._touched: dict[str, float] = {}
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        self.writes = 0
 
-    # -- paths and scanning -----------------------------------------------------------------
+    # -- the directory, never through a symlink ---------------------------------------------
 
-    def _layer_dir(self, layer: Digest) -> Path:
-        return self.dir / layer.hex
-
-    def _piece_path(self, layer: Digest, start: int, end: int) -> Path:
-        return self._layer_dir(layer) / f"{start}-{end}"
-
-    def _dir_mtime(self, layer: Digest) -> int:
-        try:
-            return os.stat(self._layer_dir(layer)).st_mtime_ns
-        except FileNotFoundError:
-            return 0
-
-    def _scan(self, layer: Digest) -> _LayerPieces:
-        mtime = self._dir_mtime(layer)
-        pieces: list[tuple[int, int]] = []
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(self._layer_dir(layer)):
-                piece = piece_range(name)
-                if piece is not None:
-                    pieces.append(piece)
-        pieces.sort()
-        return _LayerPieces([s for s, _ in pieces], [e for _, e in pieces], mtime)
-
-    def _pieces(self, layer: Digest, rescan: bool = False) -> _LayerPieces:
-        """The pieces of a layer. On a miss (`rescan`) the directory is listed again only if
-        its mtime changed — another process added or evicted pieces — so that a layer with
-        thousands of pieces does not cost a listing per missing piece.
-
-        A listing can race with this process's own `put` (and a directory mtime is coarse),
-        so the pieces this process wrote since are merged into every new listing."""
-        with self._lock:
-            got = self._layers.get(layer.hex)
-        if got is None or (rescan and self._dir_mtime(layer) != got.dir_mtime_ns):
-            got = self._scan(layer)
+    def _dir(self) -> int:
+        if self._dirfd is None:
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.dir)
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with self._lock:
-                own = self._own.get(layer.hex, set())
-                known = set(zip(got.starts, got.ends, strict=True))
-                for piece in sorted(own - known):
-                    i = bisect.bisect_left(got.starts, piece[0])
-                    got.starts.insert(i, piece[0])
-                    got.ends.insert(i, piece[1])
-                self._layers[layer.hex] = got
-        return got
+                if self._dirfd is None:
+                    self._dirfd = fd
+                else:
+                    os.close(fd)
+        assert self._dirfd is not None
+        return self._dirfd
 
-    def covering(self, layer: Digest, start: int, end: int) -> tuple[int, int] | None:
-        """A cached piece that holds all of [start, end), if any (a rescan on a miss)."""
-        for rescan in (False, True):
-            p = self._pieces(layer, rescan)
-            i = bisect.bisect_right(p.starts, start) - 1
-            # Pieces may overlap; look back a little for one that reaches far enough.
-            for j in range(i, max(-1, i - 8), -1):
-                if p.starts[j] <= start and p.ends[j] >= end:
-                    return p.starts[j], p.ends[j]
-        return None
+    # -- reading ----------------------------------------------------------------------------
 
-    def present_bytes(self, layer: Digest) -> int:
-        p = self._scan(layer)
-        total = 0
-        last = -1
-        for s, e in zip(p.starts, p.ends, strict=True):
-            s = max(s, last)
-            if e > s:
-                total += e - s
-                last = e
-        return total
+    def is_open(self, hexd: str) -> bool:
+        return hexd in self._fds
 
-    # -- reading and writing ----------------------------------------------------------------
+    def size(self, hexd: str) -> int | None:
+        got = self._fds.get(hexd)
+        return None if got is None else got[1]
 
-    def read(self, layer: Digest, start: int, end: int) -> bytes | None:
-        """Bytes [start, end) of the blob from the cache; None if absent or damaged."""
-        piece = self.covering(layer, start, end)
-        if piece is None:
-            self.misses += 1
-            return None
-        path = self._piece_path(layer, *piece)
+    def open(self, hexd: str) -> bool:
+        """Make a piece readable by `pread`: open it and check it once. False if absent or
+        damaged (a damaged piece is removed, so the next read fetches it again)."""
+        if hexd in self._fds:
+            return True
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:  # evicted by someone else since we looked
-            self._forget(layer, piece)
+            fd = os.open(hexd, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                log.warning("cache piece %s: %s", hexd[:12], exc)
             self.misses += 1
-            return None
-        payload = self._check(path, raw, piece)
-        if payload is None:
-            self._forget(layer, piece)
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._touch(path)
-        return payload[start - piece[0] : end - piece[0]]
-
-    def _check(self, path: Path, raw: bytes, piece: tuple[int, int]) -> bytes | None:
-        payload = piece_payload(raw, *piece)
-        if payload is not None:
-            return payload
-        self.corrupt += 1
-        log.warning("cache piece %s is damaged (torn write or rot); dropping it", path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return None
-
-    def put(self, layer: Digest, start: int, data: bytes) -> None:
-        """Keep verified bytes [start, start+len(data)) of a layer blob."""
-        end = start + len(data)
-        path = self._piece_path(layer, start, end)
-        header = _HEADER.pack(MAGIC, xxhash.xxh3_64_intdigest(data))
+            return False
         try:
-            fsutil.atomic_write(path, header + data, durable=False)
-        except Exception as exc:  # a full disk must not fail the read that fetched this
-            log.warning("cannot cache %s: %s", path, exc)
-            return
-        mtime = self._dir_mtime(layer)
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, size, 0)
+        except OSError:
+            os.close(fd)
+            self.misses += 1
+            return False
+        if piece_payload(raw) is None:
+            os.close(fd)
+            self.corrupt += 1
+            self.misses += 1
+            log.warning("cache piece %s is damaged (torn write or rot); dropping it", hexd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(hexd, dir_fd=self._dir())
+            return False
+        self._keep(hexd, fd, size - HEADER.size)
+        return True
+
+    def _keep(self, hexd: str, fd: int, size: int) -> None:
+        closing = []
         with self._lock:
-            self._own.setdefault(layer.hex, set()).add((start, end))
-            p = self._layers.get(layer.hex)
-            if p is not None:
-                i = bisect.bisect_left(p.starts, start)
-                p.starts.insert(i, start)
-                p.ends.insert(i, end)
-                p.dir_mtime_ns = mtime  # our own write; others' show as a later change
+            old = self._fds.pop(hexd, None)
+            if old is not None:
+                closing.append(old[0])
+            self._fds[hexd] = (fd, size)
+            while len(self._fds) > MAX_OPEN:
+                closing.append(self._fds.popitem(last=False)[1][0])
+        for old_fd in closing:
+            os.close(old_fd)
+
+    def pread(self, hexd: str, offset: int, length: int) -> bytes | None:
+        """Payload bytes [offset, offset+length) of an open piece; None if not open."""
+        with self._lock:
+            got = self._fds.get(hexd)
+            if got is None:
+                return None
+            self._fds.move_to_end(hexd)
+            fd, size = got
+            # The fd stays open while we read, even if another thread closes it meanwhile:
+            # a dup is cheaper than a race.
+            fd = os.dup(fd)
+        try:
+            data = os.pread(fd, max(0, min(length, size - offset)), HEADER.size + offset)
+        finally:
+            os.close(fd)
+        self.hits += 1
+        self._touch(hexd)
+        return data
+
+    def read(self, hexd: str) -> bytes | None:
+        """The whole payload (checked), or None."""
+        if not self.open(hexd):
+            return None
+        size = self.size(hexd)
+        return None if size is None else self.pread(hexd, 0, size)
+
+    def _touch(self, hexd: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(hexd, 0.0) > _TOUCH_EVERY:
+            self._touched[hexd] = now
+            with contextlib.suppress(OSError):
+                os.utime(hexd, dir_fd=self._dir(), follow_symlinks=False)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def put(self, hexd: str, payload: bytes) -> None:
+        """Keep a piece whose sha256 the caller has checked against `hexd` (`verify_piece`).
+
+        Never fails the read that produced it: a full disk only loses the cache entry.
+        """
+        if not _NAME.match(hexd):
+            raise ValueError(f"not a piece name: {hexd!r}")
+        dfd = self._dir()
+        tmp = f"{fsutil.TEMP_PREFIX}{hexd[:16]}.{os.getpid()}.{threading.get_ident()}"
+        data = HEADER.pack(MAGIC, xxhash.xxh3_64_intdigest(payload)) + payload
+        try:
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+                dir_fd=dfd,
+            )
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, hexd, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            log.warning("cannot cache piece %s: %s", hexd[:12], exc)
+            return
+        self.writes += 1
+        with self._lock:
             if self._total is not None:
-                self._total += len(data) + _HEADER.size
+                self._total += len(data)
         if self._total is None or self._total > self.cap:
             self.evict()
 
-    def _forget(self, layer: Digest, piece: tuple[int, int]) -> None:
-        with self._lock:
-            p = self._layers.get(layer.hex)
-            if p is None:
-                return
-            self._own.get(layer.hex, set()).discard(piece)
-            for i, (s, e) in enumerate(zip(p.starts, p.ends, strict=True)):
-                if (s, e) == piece:
-                    del p.starts[i], p.ends[i]
-                    return
-
-    def _touch(self, path: Path) -> None:
-        now = time.monotonic()
-        key = str(path)
-        if now - self._touched.get(key, 0.0) > _TOUCH_EVERY:
-            self._touched[key] = now
-            with contextlib.suppress(OSError):
-                os.utime(path)
-
     # -- size cap ---------------------------------------------------------------------------
 
-    def _all_pieces(self) -> list[tuple[float, int, Path]]:
-        out: list[tuple[float, int, Path]] = []
-        with contextlib.suppress(FileNotFoundError):
-            for layer_dir in os.scandir(self.dir):
-                if not layer_dir.is_dir():
-                    continue
-                for entry in os.scandir(layer_dir.path):
-                    if not _NAME.match(entry.name):
-                        continue
+    def _all_pieces(self) -> list[tuple[float, int, str]]:
+        out: list[tuple[float, int, str]] = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._dir()) as it:
+            for entry in it:
+                if _NAME.match(entry.name):
                     with contextlib.suppress(FileNotFoundError):
-                        st = entry.stat()
-                        out.append((st.st_mtime, st.st_size, Path(entry.path)))
+                        st = entry.stat(follow_symlinks=False)
+                        out.append((st.st_mtime, st.st_size, entry.name))
         return out
 
     def total_bytes(self) -> int:
@@ -267,38 +264,25 @@ class ChunkCache:
         goal = int(self.cap * 0.9) if target is None else target
         freed = 0
         if total > goal:
-            for _, size, path in sorted(pieces):
+            for _, size, name in sorted(pieces):
                 if total - freed <= goal:
                     break
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    os.unlink(name, dir_fd=self._dir())
                     freed += size
-            with self._lock:
-                self._layers.clear()  # rescan lazily
-                self._own.clear()
         with self._lock:
             self._total = total - freed
         if freed:
             log.info("cache: evicted %d bytes (cap %d)", freed, self.cap)
         return freed
 
-    def drop_layer(self, layer: Digest) -> int:
-        """Forget every piece of one layer (gc of a deleted image)."""
-        freed = 0
-        d = self._layer_dir(layer)
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(d):
-                with contextlib.suppress(FileNotFoundError):
-                    freed += entry.stat().st_size
-                    os.unlink(entry.path)
-            d.rmdir()
+    def close(self) -> None:
         with self._lock:
-            self._layers.pop(layer.hex, None)
-            self._own.pop(layer.hex, None)
-            self._total = None
-        return freed
-
-    def layers(self) -> list[str]:
-        with contextlib.suppress(FileNotFoundError):
-            return [e.name for e in os.scandir(self.dir) if e.is_dir()]
-        return []
+            fds = [fd for fd, _ in self._fds.values()]
+            self._fds.clear()
+            if self._dirfd is not None:
+                fds.append(self._dirfd)
+                self._dirfd = None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -11,7 +11,8 @@ from imagefs import api
 from imagefs.errors import ImageFSError, IntegrityError
 from imagefs.image import Layer
 from imagefs.indexes import RemoteIndexes
-from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, ChunkCache
+from imagefs.layers.indexstore import IndexStore
+from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.digest import Digest
 from imagefs.oci.reference import Reference
@@ -86,10 +87,13 @@ def lazy_layer_set(
         data: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
         return data
 
-    remote = (
-        RemoteIndexes(session.client(source), source.repository, record.manifest.digest)
-        if source is not None
-        else None
+    # Published indexes are looked up for this manifest only, also without a source (an
+    # offline remount finds what this manifest's referrers led to before).
+    remote = RemoteIndexes(
+        session.client(source) if source is not None else None,
+        source.repository if source is not None else "",
+        record.manifest.digest,
+        IndexStore(store.root),
     )
     positions: dict[Digest, int] = {}
     for i, layer in enumerate(layers):
@@ -100,7 +104,7 @@ def lazy_layer_set(
         fetch,
         fetch_range=fetch_range,
         remote_index=remote,
-        cache=ChunkCache(store.root, cache_size),
+        cache=PieceCache(store.root, cache_size),
         on_fetch=on_fetch,
     )
     return layer_set

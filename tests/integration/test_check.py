@@ -32,8 +32,8 @@ def test_check_finds_and_repairs_damage(
     assert imagefs(root, "check").stdout.strip().endswith("all good")
 
     blob = max((root / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
-    piece = next((root / "cache" / "chunks").rglob("*-*"))
-    index = next((root / "indexes" / "sha256").iterdir())
+    piece = next((root / "cache" / "pieces" / "sha256").iterdir())
+    index = next((root / "indexes" / "layer" / "sha256").iterdir())
     for damaged in (blob, piece, index):
         _flip_last_byte(damaged)
     (root / "blobs" / "sha256" / ".tmp-left-by-a-crash").write_bytes(b"x")

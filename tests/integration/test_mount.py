@@ -114,7 +114,7 @@ def test_mount_is_lazy_and_reuses_indexes(
     # the next mount of the same layers starts from the stored indexes: nothing fetched
     registry.mark()
     for digest in layers:
-        assert (root / "indexes" / "sha256" / digest.split(":")[1]).is_file()
+        assert (root / "indexes" / "layer" / "sha256" / digest.split(":")[1]).is_file()
     with mounted(root, pushed.ref, tmp_path / "mnt2") as mnt:
         assert (mnt / "etc" / "hello.txt").read_bytes() == sample_image.files["etc/hello.txt"]
     assert not registry.blob_gets()

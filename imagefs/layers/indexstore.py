@@ -1,0 +1,266 @@
+"""Where layer indexes are kept, by trust domain: what verified an index is part of its key.
+
+An index says where each file's bytes sit in a layer. Whoever controls an index controls
+which bytes a path shows, even when every byte it leads to is genuine (a forged index that
+gives `a.txt` the offset of `b.txt`). So an index is only ever used by an image whose own
+manifest chain vouches for it:
+
+    ROOT/indexes/layer/sha256/<layer hex>
+        built here from the whole blob, verified against the layer digest: bound to the
+        layer, shared by every image that has the layer.
+    ROOT/indexes/bound/sha256/<layer hex>/<kind>-<verifier hex>        (raw verified bytes)
+    ROOT/indexes/bound/sha256/<layer hex>/<kind>-<verifier hex>.idx    (derived LayerIndex)
+        bound to a manifest's metadata. kind `estargz`: verifier = the layer descriptor's
+        `containerd.io/snapshot/stargz/toc.digest` (sha256 of the TOC JSON, kept raw);
+        `zstdchunked`: the `manifest-checksum` annotation (sha256 of the compressed TOC
+        frame); `published`: the digest of an `imagefs index --push` blob found through a
+        manifest's referrers. A mount looks an entry up only under the verifier its own
+        manifest names, so another image's TOC or published index is never reached.
+    ROOT/indexes/referrers/sha256/<manifest hex>
+        JSON {layer digest: published index blob digest} that this manifest's referrers led
+        to, so an offline remount finds its published indexes, and another image never does.
+    ROOT/indexes/refused/<layer hex>-<kind>-<verifier hex>
+        a TOC that disagreed with the layer's own tar stream (checked when the whole blob was
+        local): never used again; mounts fall back to the whole blob.
+
+The raw bytes are kept so that `imagefs check` can re-derive every binding: sha256(raw) must
+be the verifier in the name and the `.idx` must be what the raw bytes derive to. Every write
+is temp-then-rename (`fsutil.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
+from imagefs.layers import chunks as chunk_tables
+from imagefs.layers import estargz, zstdchunked
+from imagefs.layers.index import LayerIndex
+from imagefs.oci.digest import Digest
+from imagefs.store import fsutil
+
+ESTARGZ = "estargz"
+ZSTD_CHUNKED = "zstdchunked"
+PUBLISHED = "published"
+KINDS = (ESTARGZ, ZSTD_CHUNKED, PUBLISHED)
+
+_RAW_MAGIC = b"IFSRAW1\n"
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One manifest-bound entry: which layer, what kind, verified by which digest."""
+
+    layer: Digest
+    kind: str
+    verifier: Digest
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.verifier.hex}"
+
+
+def derive(bound: Bound, params: dict[str, Any], raw: bytes) -> LayerIndex:
+    """The LayerIndex that verified raw bytes stand for; checks the verifier first.
+
+    Pure and CPU-bound (run it in a thread). Raises IntegrityError when the raw bytes are
+    not what the verifier names, LayerFormatError when they do not parse.
+    """
+    if bound.verifier.algorithm != "sha256" or Digest.of(raw) != bound.verifier:
+        raise IntegrityError(
+            f"{bound.kind} index for layer {bound.layer.short} is not {bound.verifier.short}"
+        )
+    if bound.kind == ESTARGZ:
+        toc = estargz.parse_toc(raw)
+        t, table, warnings = chunk_tables.from_estargz(toc, int(params["toc_offset"]))
+        return LayerIndex(bound.layer, t, chunks=table, warnings=tuple(warnings))
+    if bound.kind == ZSTD_CHUNKED:
+        position = zstdchunked.ManifestPosition(
+            int(params["offset"]), int(params["length"]), int(params["uncompressed"])
+        )
+        ztoc = zstdchunked.decode_manifest(raw, position)
+        t, table, warnings = chunk_tables.from_zstd_chunked(ztoc)
+        return LayerIndex(bound.layer, t, chunks=table, warnings=tuple(warnings))
+    if bound.kind == PUBLISHED:
+        idx = LayerIndex.from_bytes(bound.layer, raw)
+        if idx.seek is None or idx.seek.blob_digest != str(bound.layer):
+            raise IntegrityError(
+                f"published index {bound.verifier.short} is not for layer {bound.layer.short}"
+            )
+        if int(params.get("layer_size", idx.seek.compressed_size)) != idx.seek.compressed_size:
+            raise IntegrityError(f"published index {bound.verifier.short}: blob size mismatch")
+        return idx
+    raise LayerFormatError(f"unknown index kind {bound.kind!r}")
+
+
+def _pack_raw(params: dict[str, Any], raw: bytes) -> bytes:
+    head = json.dumps(params, sort_keys=True).encode()
+    return _RAW_MAGIC + _U32.pack(len(head)) + head + raw
+
+
+def _unpack_raw(data: bytes) -> tuple[dict[str, Any], bytes]:
+    if not data.startswith(_RAW_MAGIC) or len(data) < len(_RAW_MAGIC) + 4:
+        raise LayerFormatError("not an imagefs raw index record")
+    (n,) = _U32.unpack_from(data, len(_RAW_MAGIC))
+    pos = len(_RAW_MAGIC) + 4
+    try:
+        params = json.loads(data[pos : pos + n])
+    except ValueError:
+        raise LayerFormatError("raw index record: damaged parameters") from None
+    if not isinstance(params, dict):
+        raise LayerFormatError("raw index record: damaged parameters")
+    return params, data[pos + n :]
+
+
+def _read(path: Path) -> bytes | None:
+    """A file's bytes, never through a symlink; None when absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:  # ELOOP: a planted symlink is not an index
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+class IndexStore:
+    """Synchronous; callers on trio run it in worker threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "indexes"
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def layer_path(self, layer: Digest) -> Path:
+        return self.dir / "layer" / layer.algorithm / layer.hex
+
+    def bound_dir(self, layer: Digest) -> Path:
+        return self.dir / "bound" / layer.algorithm / layer.hex
+
+    def raw_path(self, bound: Bound) -> Path:
+        return self.bound_dir(bound.layer) / bound.name
+
+    def derived_path(self, bound: Bound) -> Path:
+        return self.bound_dir(bound.layer) / f"{bound.name}.idx"
+
+    def refused_path(self, bound: Bound) -> Path:
+        return self.dir / "refused" / f"{bound.layer.hex}-{bound.name}"
+
+    def referrers_path(self, manifest: Digest) -> Path:
+        return self.dir / "referrers" / manifest.algorithm / manifest.hex
+
+    # -- bound to the layer -----------------------------------------------------------------
+
+    def load_layer(self, layer: Digest) -> LayerIndex | None:
+        """The index built here from the verified blob; None when absent or damaged."""
+        path = self.layer_path(layer)
+        data = _read(path)
+        if data is None:
+            return None
+        try:
+            idx = LayerIndex.from_bytes(layer, data)
+        except LayerFormatError:
+            idx = None
+        if idx is None or idx.seek is None or idx.seek.blob_digest != str(layer):
+            path.unlink(missing_ok=True)  # damaged, or not built from this blob: not bound
+            return None
+        return idx
+
+    def save_layer(self, index: LayerIndex) -> None:
+        if index.seek is None or index.seek.blob_digest != str(index.digest):
+            raise ValueError("only an index built from the verified blob is bound to a layer")
+        fsutil.atomic_write(self.layer_path(index.digest), index.to_bytes())
+
+    # -- bound to a manifest ----------------------------------------------------------------
+
+    def refused(self, bound: Bound) -> bool:
+        return os.path.lexists(self.refused_path(bound))
+
+    def refuse(self, bound: Bound, why: str) -> None:
+        fsutil.atomic_write(self.refused_path(bound), why.encode() + b"\n")
+        for path in (self.derived_path(bound), self.raw_path(bound)):
+            path.unlink(missing_ok=True)
+
+    def load_bound(self, bound: Bound) -> LayerIndex | None:
+        """The entry for exactly this (layer, kind, verifier), unless refused or damaged."""
+        if self.refused(bound):
+            return None
+        data = _read(self.derived_path(bound))
+        if data is not None:
+            with contextlib.suppress(LayerFormatError):
+                return LayerIndex.from_bytes(bound.layer, data)
+        raw = self.load_raw(bound)  # the derived form is a cache of the raw bytes: rebuild it
+        if raw is None:
+            return None
+        try:
+            idx = derive(bound, *raw)
+        except ImageFSError:
+            self.remove(bound)
+            return None
+        fsutil.atomic_write(self.derived_path(bound), idx.to_bytes(), durable=False)
+        return idx
+
+    def load_raw(
+        self, bound: Bound, *, drop_damaged: bool = True
+    ) -> tuple[dict[str, Any], bytes] | None:
+        data = _read(self.raw_path(bound))
+        if data is None:
+            return None
+        try:
+            return _unpack_raw(data)
+        except LayerFormatError:
+            if drop_damaged:
+                self.remove(bound)
+            return None
+
+    def save_bound(
+        self, bound: Bound, params: dict[str, Any], raw: bytes, index: LayerIndex
+    ) -> None:
+        """Keep verified raw bytes and what they derive to (raw first: it is the truth)."""
+        fsutil.atomic_write(self.raw_path(bound), _pack_raw(params, raw))
+        fsutil.atomic_write(self.derived_path(bound), index.to_bytes(), durable=False)
+
+    def remove(self, bound: Bound) -> None:
+        for path in (self.derived_path(bound), self.raw_path(bound)):
+            path.unlink(missing_ok=True)
+
+    def bound_entries(self, layer: Digest) -> list[Bound]:
+        """The manifest-bound entries kept for a layer (any manifest's)."""
+        out = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for name in sorted(os.listdir(self.bound_dir(layer))):
+                kind, _, hexd = name.partition("-")
+                if kind in KINDS and "." not in hexd:
+                    with contextlib.suppress(ImageFSError):
+                        out.append(Bound(layer, kind, Digest("sha256", hexd)))
+        return out
+
+    # -- which published indexes a manifest's referrers led to ------------------------------
+
+    def referrers(self, manifest: Digest) -> dict[str, str]:
+        data = _read(self.referrers_path(manifest))
+        if data is None:
+            return {}
+        try:
+            found = json.loads(data)
+        except ValueError:
+            return {}
+        if not isinstance(found, dict):
+            return {}
+        return {str(k): str(v) for k, v in found.items()}
+
+    def remember_referrers(self, manifest: Digest, found: dict[str, str]) -> None:
+        merged = {**self.referrers(manifest), **found}
+        data = json.dumps(merged, sort_keys=True).encode()
+        fsutil.atomic_write(self.referrers_path(manifest), data)
+
+
+__all__ = ["ESTARGZ", "KINDS", "PUBLISHED", "ZSTD_CHUNKED", "Bound", "IndexStore", "derive"]

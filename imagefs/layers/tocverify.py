@@ -1,0 +1,106 @@
+"""Does a layer's own TOC (eStargz / zstd:chunked) tell the truth about its tar stream?
+
+The diff_id (and the layer digest) cover the tar stream, not the TOC: a TOC verified by its
+annotation can still point `a.txt` at `b.txt`'s bytes, and a lazy mount would then show a
+tree no extractor shows. When the whole blob is local, its tar-stream index is compared
+with the TOC: paths, types, modes, sizes, link targets, and every chunk's sha256 against
+the bytes at that place of the file in the tar stream (one sequential inflate of the blob).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from imagefs.layers.index import LayerIndex
+from imagefs.layers.tarscan import EntryType
+
+_READ = 1 << 20
+
+
+def _entries(idx: LayerIndex) -> dict[bytes, tuple[EntryType, int, int, bytes]]:
+    toc = idx.toc
+    out = {}
+    for i in toc.visible():
+        if toc.is_implicit(i):
+            continue
+        a = toc.attrs(i)
+        size = a.size if a.type is EntryType.REG else 0
+        out[toc.path(i)] = (a.type, a.mode & 0o7777, size, a.linkname)
+    return out
+
+
+def _stream(blob: Path, compression: str) -> Iterator[bytes]:
+    with open(blob, "rb") as f:
+        if compression == "gzip":
+            import gzip
+
+            # gzip.GzipFile reads multi-member streams (eStargz: one member per chunk)
+            with gzip.GzipFile(fileobj=f) as g:
+                while data := g.read(_READ):
+                    yield data
+        elif compression == "zstd":
+            dctx = zstandard.ZstdDecompressor()
+            with dctx.stream_reader(f, read_across_frames=True) as r:
+                while data := r.read(_READ):
+                    yield data
+        else:
+            while data := f.read(_READ):
+                yield data
+
+
+def disagreement(built: LayerIndex, toc_idx: LayerIndex, blob: Path) -> str | None:
+    """None when the TOC-derived index agrees with the tar-stream index, else what differs."""
+    assert built.seek is not None
+    table = toc_idx.chunks
+    if table is None:
+        return None
+    ours, theirs = _entries(built), _entries(toc_idx)
+    for path in sorted(set(ours) | set(theirs)):
+        if ours.get(path) != theirs.get(path):
+            shown = path.decode("utf-8", "replace")
+            return f"{shown}: tar stream has {ours.get(path)}, TOC says {theirs.get(path)}"
+    # Every chunk's digest against the bytes at that place in the tar stream.
+    ranges: list[tuple[int, int, str]] = []  # (tar-stream offset, size, sha256)
+    ttoc, btoc = toc_idx.toc, built.toc
+    for i in ttoc.visible():
+        if ttoc.entry_type(i) is not EntryType.REG or not ttoc.size(i):
+            continue
+        j = btoc.find(ttoc.path(i))
+        assert j is not None
+        voff, base = ttoc.offset(i), btoc.offset(j)
+        for k in table.covering(voff, ttoc.size(i)):
+            if not table.zeros[k]:
+                ranges.append((base + table.voffsets[k] - voff, table.sizes[k], table.piece(k)))
+            else:
+                zero = hashlib.sha256(bytes(table.sizes[k])).hexdigest()
+                ranges.append((base + table.voffsets[k] - voff, table.sizes[k], zero))
+    ranges.sort()
+    pos = 0
+    active: list[tuple[int, int, str, Any]] = []
+    nxt = 0
+    for data in _stream(blob, built.seek.compression):
+        end = pos + len(data)
+        while nxt < len(ranges) and ranges[nxt][0] < end:
+            start, size, want = ranges[nxt]
+            active.append((start, size, want, hashlib.sha256()))
+            nxt += 1
+        still = []
+        for start, size, want, h in active:
+            lo, hi = max(start, pos), min(start + size, end)
+            if hi > lo:
+                h.update(data[lo - pos : hi - pos])
+            if start + size <= end:
+                if h.hexdigest() != want:
+                    return f"chunk at tar offset {start} does not hold what the TOC says"
+            else:
+                still.append((start, size, want, h))
+        active = still
+        pos = end
+    if active or nxt < len(ranges):
+        return "TOC names bytes beyond the end of the tar stream"
+    return None

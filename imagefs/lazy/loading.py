@@ -1,0 +1,201 @@
+"""Where a mounted layer's index comes from, in trust order (see `layers.indexstore`).
+
+For layer i of manifest M:
+
+1. the layer-bound index (`ROOT/indexes/layer`), built here from the verified whole blob;
+2. when the whole blob is not local: M's eStargz TOC (verifier: the layer's
+   `containerd.io/snapshot/stargz/toc.digest` annotation) or zstd:chunked TOC (verifier: its
+   `manifest-checksum` annotation) — from the store under exactly that verifier, else by
+   Range GETs, verified, then kept under that verifier;
+3. M's published imagefs index (`remote_index`: only what M's own referrers led to);
+4. otherwise the whole blob, fetched once (verified against the layer digest) and indexed;
+   the result is layer-bound. When it is built, every TOC kept for the layer is compared
+   with it (the tar stream is what the diff_id covers): a TOC that disagrees is refused.
+
+Only step 1 and 4 give data shared with other images; a TOC or published index is only
+ever found under the verifier the mounting manifest names.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
+from imagefs.image import Layer
+from imagefs.layers import estargz, tocverify, zstdchunked
+from imagefs.layers.index import LayerIndex, build_from_blob
+from imagefs.layers.indexstore import ESTARGZ, ZSTD_CHUNKED, Bound, derive
+from imagefs.oci import mediatypes
+from imagefs.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from imagefs.lazy.layers import LayerSet
+
+log = logging.getLogger("imagefs.lazy")
+
+RemoteIndex = Callable[[Layer], Awaitable[LayerIndex | None]]
+
+ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+TAIL_FETCH = 64 << 10  # first guess at footer + TOC size for eStargz
+
+
+def toc_binding(layer: Layer) -> Bound | None:
+    """The manifest-bound TOC this layer descriptor names, if any (no I/O)."""
+    ann = layer.descriptor.annotations
+    try:
+        if ESTARGZ_TOC_DIGEST in ann:
+            return Bound(layer.digest, ESTARGZ, Digest.parse(ann[ESTARGZ_TOC_DIGEST]))
+        position = zstdchunked.position_from_annotations(ann)
+        if position is not None:
+            return Bound(layer.digest, ZSTD_CHUNKED, Digest.parse(position[1]))
+    except ImageFSError:
+        return None
+    return None
+
+
+async def load(ls: LayerSet, i: int) -> LayerIndex:
+    layer = ls.layers[i]
+    idx = await trio.to_thread.run_sync(ls.indexes.load_layer, layer.digest)
+    if idx is not None:
+        ls.stats[i].source = "index store"
+        return idx
+    if not ls.is_local(i):
+        idx = await _load_toc(ls, i)
+        if idx is None and ls.remote_index is not None:
+            try:
+                idx = await ls.remote_index(layer)
+            except ImageFSError as exc:
+                log.warning("layer %d: no usable index in the registry (%s)", i, exc)
+            if idx is not None:
+                ls.stats[i].source = "registry index"
+    if idx is None:
+        idx = await _index_whole_blob(ls, i)
+    for w in idx.warnings:
+        log.warning("layer %d (%s): %s", i, layer.digest.short, w)
+    log.info(
+        "layer %d (%s): %d entries (%s)", i, layer.digest.short, len(idx.toc), ls.stats[i].source
+    )
+    return idx
+
+
+async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
+    """eStargz or zstd:chunked: the TOC this manifest names, kept or fetched by ranges."""
+    layer = ls.layers[i]
+    bound = toc_binding(layer)
+    if bound is None or ls.fetch_range is None:
+        return None
+    if await trio.to_thread.run_sync(ls.indexes.refused, bound):
+        log.warning(
+            "layer %d (%s): its TOC %s disagreed with the layer's tar stream before; "
+            "fetching the whole layer",
+            i,
+            layer.digest.short,
+            bound.verifier.short,
+        )
+        return None
+    source = "eStargz TOC" if bound.kind == ESTARGZ else "zstd:chunked TOC"
+    idx = await trio.to_thread.run_sync(ls.indexes.load_bound, bound)
+    if idx is not None:
+        ls.stats[i].source = f"{source} (kept)"
+        return idx
+    try:
+        if bound.kind == ESTARGZ:
+            params, raw = await _fetch_estargz_toc(ls, i)
+        else:
+            position = zstdchunked.position_from_annotations(layer.descriptor.annotations)
+            assert position is not None
+            params, raw = await _fetch_zstd_toc(ls, i, position[0])
+        idx = await trio.to_thread.run_sync(derive, bound, params, raw, limiter=ls.cpu)
+    except (LayerFormatError, IntegrityError) as exc:
+        log.warning(
+            "layer %d (%s): lazy TOC unusable (%s); fetching the whole layer",
+            i,
+            layer.digest.short,
+            exc,
+        )
+        return None
+    await trio.to_thread.run_sync(ls.indexes.save_bound, bound, params, raw, idx)
+    ls.stats[i].source = source
+    return idx
+
+
+async def _fetch_estargz_toc(ls: LayerSet, i: int) -> tuple[dict[str, int], bytes]:
+    size = ls.layers[i].size
+    tail_start = max(0, size - TAIL_FETCH)
+    tail = await ls.fetch(i, tail_start, size)
+    toc_offset = estargz.parse_footer(tail)
+    footer = estargz.footer_size(tail)
+    if not 0 <= toc_offset < size - footer:
+        raise LayerFormatError(f"eStargz footer points outside the blob ({toc_offset})")
+    if toc_offset >= tail_start:
+        member = tail[toc_offset - tail_start : len(tail) - footer]
+    else:
+        member = await ls.fetch(i, toc_offset, size - footer)
+    toc_json = await trio.to_thread.run_sync(estargz.toc_json_from_member, member, limiter=ls.cpu)
+    return {"toc_offset": toc_offset}, toc_json
+
+
+async def _fetch_zstd_toc(
+    ls: LayerSet, i: int, position: zstdchunked.ManifestPosition
+) -> tuple[dict[str, int], bytes]:
+    end = position.offset + position.length
+    if position.length <= 0 or end > ls.layers[i].size:
+        raise LayerFormatError("zstd:chunked TOC position outside the blob")
+    raw = await ls.fetch(i, position.offset, end)
+    params = {
+        "offset": position.offset,
+        "length": position.length,
+        "uncompressed": position.uncompressed_length,
+    }
+    return params, raw
+
+
+async def _index_whole_blob(ls: LayerSet, i: int) -> LayerIndex:
+    layer = ls.layers[i]
+    if not ls.is_local(i):
+        log.info(
+            "layer %d (%s): fetching the whole blob, %d bytes", i, layer.digest.short, layer.size
+        )
+        began = time.monotonic()
+        await ls.fetch_blob(layer)
+        ls.account(i, 0, layer.size, time.monotonic() - began)
+        ls.mark_local(i)
+    compression = mediatypes.layer_compression(layer.descriptor.media_type)
+    blob = ls.store.blobs.path(layer.digest)
+    ls.stats[i].source = "built from the blob"
+    is_estargz = ESTARGZ_TOC_DIGEST in layer.descriptor.annotations
+    idx = await trio.to_thread.run_sync(
+        functools.partial(build_from_blob, blob, layer.digest, compression, estargz=is_estargz),
+        limiter=ls.cpu,
+    )
+    await trio.to_thread.run_sync(ls.indexes.save_layer, idx)
+    await trio.to_thread.run_sync(check_tocs, ls, idx, limiter=ls.cpu)
+    return idx
+
+
+def check_tocs(ls: LayerSet, built: LayerIndex) -> None:
+    """Compare every TOC kept for this layer with the index of its own tar stream; refuse
+    the ones that disagree (in a worker thread: it inflates the blob once per TOC)."""
+    blob = ls.store.blobs.path(built.digest)
+    for bound in ls.indexes.bound_entries(built.digest):
+        if bound.kind not in (ESTARGZ, ZSTD_CHUNKED):
+            continue
+        toc_idx = ls.indexes.load_bound(bound)
+        if toc_idx is None:
+            continue
+        problem = tocverify.disagreement(built, toc_idx, blob)
+        if problem is not None:
+            log.error(
+                "layer %s: its %s TOC %s disagrees with the tar stream (%s); refused",
+                built.digest.short,
+                bound.kind,
+                bound.verifier.short,
+                problem,
+            )
+            ls.indexes.refuse(bound, problem)
