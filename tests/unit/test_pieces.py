@@ -1,0 +1,186 @@
+"""The piece cache, chunk bombs, the index store's trust keys, and LayerSet's single flight,
+driven by a fake `fetch_range` over a real eStargz blob (no sockets)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tracemalloc
+import zlib
+from array import array
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+
+from imagefs.errors import LayerFormatError
+from imagefs.image import Layer
+from imagefs.layers import estargz
+from imagefs.layers.chunks import ChunkTable
+from imagefs.layers.indexstore import ESTARGZ, PUBLISHED, Bound, IndexStore
+from imagefs.lazy.cache import PieceCache, verify_piece
+from imagefs.lazy.layers import LayerSet
+from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
+from imagefs.oci.digest import Digest
+from imagefs.oci.manifest import Descriptor
+from imagefs.store import Store
+
+MiB = 1 << 20
+
+
+def _one_chunk(codec: str, compressed: bytes, size: int, digest: bytes) -> ChunkTable:
+    def q(v: int) -> array[int]:
+        return array("Q", [v])
+
+    return ChunkTable(codec, q(0), q(size), q(0), q(len(compressed)), q(0), digest, b"\0")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip"])
+def test_a_chunk_bomb_never_inflates_past_its_declared_size(codec: str) -> None:
+    zeros = bytes(64 * MiB)
+    if codec == "zstd":
+        bomb = zstandard.ZstdCompressor(level=1).compress(zeros)
+    else:
+        c = zlib.compressobj(1, zlib.DEFLATED, 31)
+        bomb = c.compress(zeros) + c.flush()
+    del zeros
+    # The TOC declares 1 MiB and the digest of 1 MiB of zeros: the bomb's honest prefix.
+    table = _one_chunk(codec, bomb, MiB, hashlib.sha256(bytes(MiB)).digest())
+    tracemalloc.start()
+    try:
+        if codec == "zstd":  # one frame per chunk: more output than declared is refused
+            with pytest.raises(LayerFormatError, match="beyond its declared"):
+                table.decode(0, bomb)
+        else:  # eStargz members may hold several chunks: output stops at inner + size
+            assert table.decode(0, bomb) == bytes(MiB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB, peak
+
+
+def test_piece_cache_checks_once_and_survives_eviction_and_rot(tmp_path: Path) -> None:
+    cache = PieceCache(tmp_path, cap=3 * MiB)
+    payloads = [random.Random(k).randbytes(MiB) for k in range(3)]
+    names = [hashlib.sha256(p).hexdigest() for p in payloads]
+    verify_piece(names[0], payloads[0])
+    with pytest.raises(Exception, match="fails its digest"):
+        verify_piece(names[0], payloads[1])
+    cache.put(names[0], payloads[0])
+    assert cache.open(names[0]) and cache.pread(names[0], 10, 5) == payloads[0][10:15]
+    # evicted while open: the open piece still reads (unlink-safe)
+    cache.put(names[1], payloads[1])
+    cache.put(names[2], payloads[2])  # over the cap: LRU eviction to 90%
+    assert cache.total_bytes() <= 3 * MiB
+    assert cache.pread(names[0], 0, 4) == payloads[0][:4]
+    # rot: a new process (a new cache object) notices it once, drops it
+    path = cache.dir / names[2]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    other = PieceCache(tmp_path, cap=3 * MiB)
+    assert not other.open(names[2]) and other.corrupt == 1 and not path.exists()
+    # a planted symlink is never followed, and a put replaces the link, not its target
+    target = tmp_path / "outside"
+    target.write_bytes(b"secret")
+    (cache.dir / names[2]).symlink_to(target)
+    assert not other.open(names[2])
+    other.put(names[2], payloads[2])
+    assert target.read_bytes() == b"secret" and not (cache.dir / names[2]).is_symlink()
+
+
+def test_index_store_finds_a_bound_entry_only_under_its_own_verifier(tmp_path: Path) -> None:
+    blob = estargz.write_estargz([estargz.FileSpec("a.txt", data=b"a" * 100)])
+    toc = estargz.toc_json_from_member(
+        blob.blob[blob.toc_offset : len(blob.blob) - estargz.footer_size(blob.blob)]
+    )
+    layer = Digest.of(blob.blob)
+    store = IndexStore(tmp_path)
+    bound = Bound(layer, ESTARGZ, Digest.parse(blob.toc_digest))
+    from imagefs.layers.indexstore import derive
+
+    idx = derive(bound, {"toc_offset": blob.toc_offset}, toc)
+    store.save_bound(bound, {"toc_offset": blob.toc_offset}, toc, idx)
+    assert store.load_bound(bound) is not None
+    other = Bound(layer, ESTARGZ, Digest.of(b"another TOC"))
+    assert store.load_bound(other) is None
+    assert store.load_bound(Bound(layer, PUBLISHED, bound.verifier)) is None
+    assert store.load_layer(layer) is None  # nothing bound to the layer itself
+    with pytest.raises(ValueError):
+        store.save_layer(idx)  # a TOC-derived index can never become layer-bound
+    # the derived form is only a cache: damaged, it is rebuilt from the verified bytes
+    store.derived_path(bound).write_bytes(b"junk")
+    assert store.load_bound(bound) is not None
+    store.refuse(bound, "lies")
+    assert store.load_bound(bound) is None
+    # raw bytes that are not what the verifier names are not used
+    store.save_bound(other, {"toc_offset": blob.toc_offset}, toc, idx)
+    store.derived_path(other).unlink()
+    assert store.load_bound(other) is None
+
+
+FILES = {f"f{k}.bin": random.Random(k).randbytes(300_000) for k in range(6)}
+
+
+def _estargz_layer() -> tuple[Layer, bytes]:
+    specs = [estargz.FileSpec(n, data=d) for n, d in FILES.items()]
+    blob = estargz.write_estargz(specs, chunk_size=100_000)
+    desc = Descriptor(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        Digest.of(blob.blob),
+        len(blob.blob),
+        annotations={ESTARGZ_TOC_DIGEST: blob.toc_digest},
+    )
+    return Layer(desc, Digest.parse(blob.diff_id)), blob.blob
+
+
+async def test_single_flight_warm_reads_and_shared_pieces(tmp_path: Path) -> None:
+    layer, blob = _estargz_layer()
+    fetched: Counter[tuple[int, int]] = Counter()
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        fetched[(start, end)] += 1
+        await trio.sleep(0.01)  # let the other readers pile up behind the flight
+        return blob[start:end]
+
+    async def fetch_blob(_: Layer) -> None:
+        raise AssertionError("the whole blob is never needed")
+
+    def layer_set() -> LayerSet:
+        return LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+
+    ls = layer_set()
+    idx = await ls.ensure(0)
+    entry = idx.toc.find(b"f3.bin")
+    assert entry is not None
+    offset, size = idx.toc.offset(entry), idx.toc.size(entry)
+    results: list[bytes] = []
+
+    async def reader() -> None:
+        results.append(await ls.read(0, offset, size))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(reader)
+    assert results == [FILES["f3.bin"]] * 8
+    assert fetched and max(fetched.values()) == 1, fetched  # no range fetched twice
+    made = ls.inflations
+    assert made >= 3  # the file's three chunks, decoded once for eight readers
+    before = sum(fetched.values())
+    assert await ls.read(0, offset + 5, 1000) == FILES["f3.bin"][5:1005]
+    assert ls.inflations == made and sum(fetched.values()) == before  # warm: a pread
+    ls.close()
+
+    # Another process (another image with this layer): TOC and pieces are reused.
+    again = layer_set()
+    await again.ensure(0)
+    assert await again.read(0, offset, size) == FILES["f3.bin"]
+    assert again.inflations == 0 and sum(fetched.values()) == before
+    # every piece file is named by the sha256 of what it holds
+    for name in os.listdir(again.pieces.dir):
+        payload = again.pieces.read(name)
+        assert payload is not None and hashlib.sha256(payload).hexdigest() == name
+    again.close()
