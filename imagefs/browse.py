@@ -4,7 +4,7 @@ Why a second front end instead of "mount, look, unmount": browsing needs no FUSE
 mountpoint and no daemon (people who use crane, ratarmount or dive ask for exactly this), yet
 it must cost what a mount costs and no more. So it is the same machinery the mount daemon
 wires up, driven directly instead of by the kernel: the same store root, the same `LayerSet`
-(TOCs by ranges, the chunk cache, the index store, range fetching, verification) and the same
+(TOCs by ranges, the piece cache, the index store, range fetching, verification) and the same
 pure `Overlay`. `cat` of one file fetches that file's pieces and nothing else, and whatever a
 browse fetched is there for the next mount of the root, and the other way round.
 

@@ -37,16 +37,25 @@ def test_check_finds_and_repairs_damage(
     for damaged in (blob, piece, index):
         _flip_last_byte(damaged)
     (root / "blobs" / "sha256" / ".tmp-left-by-a-crash").write_bytes(b"x")
+    # what earlier versions kept, keyed by layer alone / by offsets: bound to nothing
+    old_index = root / "indexes" / "sha256" / index.name
+    old_index.parent.mkdir(parents=True)
+    old_index.write_bytes(index.read_bytes())
+    old_piece = root / "cache" / "chunks" / index.name / "0-10"
+    old_piece.parent.mkdir(parents=True)
+    old_piece.write_bytes(b"0123456789")
 
     found = imagefs(root, "check", check=False)
     assert found.returncode == 1
-    for name in (blob.name, str(piece), str(index), ".tmp-left-by-a-crash"):
+    for name in (blob.name, str(piece), str(index), ".tmp-left-by-a-crash", "indexes/sha256"):
         assert name in found.stdout
+    assert "cache/chunks" in found.stdout
     assert blob.exists()  # report only
 
     repaired = imagefs(root, "check", "--repair")
-    assert "4 removed" in repaired.stdout
+    assert "6 removed" in repaired.stdout
     assert not blob.exists() and not piece.exists() and not index.exists()
+    assert not old_index.exists() and not old_piece.exists()
     assert imagefs(root, "check").stdout.strip().endswith("all good")
     # everything comes back on demand
     imagefs(root, "pull", "--full", sample_image.ref)
