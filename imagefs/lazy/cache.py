@@ -54,7 +54,8 @@ HEADER = struct.Struct("<4s4xQ")
 _NAME = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CACHE_SIZE = 10 << 30
 _TOUCH_EVERY = 60.0  # seconds between mtime updates of a hot piece
-MAX_OPEN = 256  # fds kept open for warm reads
+MAX_OPEN = 1024  # fds kept open for warm reads (the soft RLIMIT_NOFILE is raised to fit)
+_MAX_CHECKED = 1 << 20  # names whose xxh3 this process has checked (~100 MB of pieces each)
 
 
 def parse_size(text: str) -> int:
@@ -64,6 +65,16 @@ def parse_size(text: str) -> int:
         raise ValueError(f"invalid size {text!r} (examples: 10GiB, 512M, 1000000)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
+
+
+def _raise_fd_limit(want: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 def is_piece_name(name: str) -> bool:
@@ -96,6 +107,10 @@ class PieceCache:
         self.cap = cap
         self._lock = threading.Lock()
         self._fds: OrderedDict[str, tuple[int, int]] = OrderedDict()  # hex -> (fd, size)
+        # Checked once per process: a piece whose fd fell out of the LRU is reopened without
+        # reading it all again (a rot after that is for the next process or `check`).
+        self._checked: set[str] = set()
+        _raise_fd_limit(MAX_OPEN + 256)
         self._dirfd: int | None = None
         self._total: int | None = None
         self._touched: dict[str, float] = {}
@@ -125,6 +140,10 @@ class PieceCache:
     def is_open(self, hexd: str) -> bool:
         return hexd in self._fds
 
+    def checked(self, hexd: str) -> bool:
+        """Whether this process checked the piece already (reopening it reads nothing)."""
+        return hexd in self._checked
+
     def size(self, hexd: str) -> int | None:
         got = self._fds.get(hexd)
         return None if got is None else got[1]
@@ -143,11 +162,14 @@ class PieceCache:
             return False
         try:
             size = os.fstat(fd).st_size
-            raw = os.pread(fd, size, 0)
+            raw = b"" if hexd in self._checked else os.pread(fd, size, 0)
         except OSError:
             os.close(fd)
             self.misses += 1
             return False
+        if hexd in self._checked and size >= HEADER.size:
+            self._keep(hexd, fd, size - HEADER.size)
+            return True
         if piece_payload(raw) is None:
             os.close(fd)
             self.corrupt += 1
@@ -156,7 +178,19 @@ class PieceCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(hexd, dir_fd=self._dir())
             return False
+        if len(self._checked) < _MAX_CHECKED:
+            self._checked.add(hexd)
         self._keep(hexd, fd, size - HEADER.size)
+        return True
+
+    def exists(self, hexd: str) -> bool:
+        """Whether a piece is there (no check of its content): for speculative fetches."""
+        if hexd in self._fds:
+            return True
+        try:
+            os.stat(hexd, dir_fd=self._dir(), follow_symlinks=False)
+        except OSError:
+            return False
         return True
 
     def _keep(self, hexd: str, fd: int, size: int) -> None:
@@ -236,6 +270,8 @@ class PieceCache:
             log.warning("cannot cache piece %s: %s", hexd[:12], exc)
             return
         self.writes += 1
+        if len(self._checked) < _MAX_CHECKED:
+            self._checked.add(hexd)  # written from bytes just checked
         with self._lock:
             if self._total is not None:
                 self._total += len(data)

@@ -236,15 +236,17 @@ class LayerSet:
         cache = self.pieces
         got: dict[str, bytes] = {}
 
-        def closed(js: Sequence[_Job]) -> list[_Job]:
-            return [j for j in js if not cache.open(j.name)]
+        def absent() -> tuple[list[_Job], list[_Job]]:
+            missing = [j for j in jobs if j.name not in got and not cache.open(j.name)]
+            # Neighbours only matter when something must be fetched; a cheap existence
+            # check for them (their content is checked when a read opens them).
+            company = [j for j in neighbours if not cache.exists(j.name)] if missing else []
+            return missing, company
 
         while True:
             # Neighbours come along only if absent: checked here, before the in-flight check
             # below, so that no await separates that check from registering our flights.
-            missing, company = await trio.to_thread.run_sync(
-                lambda: (closed([j for j in jobs if j.name not in got]), closed(neighbours))
-            )
+            missing, company = await trio.to_thread.run_sync(absent)
             if not missing:
                 return got
             waiting = [(j.name, self._flights[j.name]) for j in missing if j.name in self._flights]
@@ -329,6 +331,10 @@ class LayerSet:
                         out.append(fresh[name][off : off + n])
                     else:
                         got = cache.pread(name, off, n)
+                        if got is None and cache.checked(name) and cache.open(name):
+                            # Checked earlier by this process, its fd since closed by the
+                            # fd LRU: an openat + fstat, cheaper than a thread hop.
+                            got = cache.pread(name, off, n)
                         if got is None or len(got) != n:
                             raise _Gone
                         out.append(got)
