@@ -218,3 +218,34 @@ async def test_estargz_toc_that_lies_about_its_tar_stream_is_refused(
     fresh = tmp_path / "fresh"
     imagefs(fresh, "pull", "--full", ref)
     assert _cat(fresh, ref, "a.txt") == TRUE_A
+
+
+def test_two_images_sharing_a_layer_share_its_toc_and_pieces(
+    tmp_path: Path, registry: LocalRegistry, repo_name: str
+) -> None:
+    data = random.Random(5).randbytes(600_000)
+    blob = estargz.write_estargz(
+        [estargz.FileSpec("a.txt", data=TRUE_A), estargz.FileSpec("big.bin", data=data)],
+        chunk_size=200_000,
+    )
+    layer = Layer(blob.blob, blob.diff_id)
+    writer = RegistryWriter(registry)
+    desc = {
+        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        **writer.put_blob(repo_name, blob.blob),
+        "annotations": {TOC_DIGEST: blob.toc_digest},
+    }
+    one = writer.image(repo_name, "one", [layer], layer_descriptors=[desc])
+    two = writer.image(
+        repo_name, "two", [layer], config=_evil_config(layer), layer_descriptors=[desc]
+    )
+    root = tmp_path / "root"
+    registry.mark()
+    with mounted(root, one, tmp_path / "m1") as mnt:
+        assert (mnt / "big.bin").read_bytes() == data
+    assert any(r.path.endswith(desc["digest"]) for r in registry.blob_gets())
+    registry.mark()
+    with mounted(root, two, tmp_path / "m2") as mnt:
+        assert (mnt / "big.bin").read_bytes() == data
+    # the same TOC verifier and the same chunk digests: nothing of the layer fetched again
+    assert not [r for r in registry.blob_gets() if r.path.endswith(desc["digest"])]
