@@ -580,14 +580,32 @@ def inflate_span(index: SeekIndex, k: int, compressed: bytes) -> bytes:
     n = index.span_uncompressed_end(k) - p.uncompressed
     if index.compression == "none":
         return compressed
-    fetcher = _Fetcher(lambda a, b: compressed[a - start : b - start], start, end, end - start)
     if index.compression == "gzip":
-        out = _inflate_gzip(p, fetcher, 0, n)
+        fetcher = _Fetcher(lambda a, b: compressed[a - start : b - start], start, end, end - start)
+        out = _inflate_gzip(p, fetcher, 0, n)  # each call asks for at most what is left
     else:
-        out = _inflate_zstd(fetcher, 0, n)
+        out = _zstd_capped(compressed, n)
     if len(out) != n:
         raise LayerFormatError(f"span {k} inflates to {len(out)} bytes, not {n}")
     return out
+
+
+def _zstd_capped(compressed: bytes, cap: int) -> bytes:
+    """Inflate zstd frames (skippable ones skipped), never holding more than ``cap + 1``
+    bytes of output: a span that inflates past its recorded length is refused by the
+    caller's length check without the bomb ever being in memory."""
+    out = bytearray()
+    try:
+        dctx = zstandard.ZstdDecompressor()
+        with dctx.stream_reader(compressed, read_across_frames=True) as reader:
+            while len(out) <= cap:
+                piece = reader.read(cap + 1 - len(out))
+                if not piece:
+                    break
+                out += piece
+    except zstandard.ZstdError as e:
+        raise LayerFormatError(f"zstd: corrupt frame: {e}") from None
+    return bytes(out)
 
 
 def verify_raw_span(index: SeekIndex, k: int, data: bytes) -> None:

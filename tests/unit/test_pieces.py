@@ -184,3 +184,24 @@ async def test_single_flight_warm_reads_and_shared_pieces(tmp_path: Path) -> Non
         payload = again.pieces.read(name)
         assert payload is not None and hashlib.sha256(payload).hexdigest() == name
     again.close()
+
+
+def test_a_zstd_span_never_inflates_past_its_recorded_length() -> None:
+    import io
+
+    from imagefs.layers.seekindex import build_index, inflate_span
+
+    blob = zstandard.ZstdCompressor().compress(b"x" * 1000)
+    index = build_index(io.BytesIO(blob), "zstd")
+    assert inflate_span(index, 0, blob) == b"x" * 1000
+    # A forged index whose span digest covers a bomb but records 1000 bytes of output.
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(64 * MiB))
+    forged = type(index)("zstd", len(bomb), 1000, index.points, index.span_digests, "", ())
+    tracemalloc.start()
+    try:
+        with pytest.raises(LayerFormatError):
+            inflate_span(forged, 0, bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB, peak
