@@ -55,7 +55,7 @@ _NAME = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CACHE_SIZE = 10 << 30
 _TOUCH_EVERY = 60.0  # seconds between mtime updates of a hot piece
 MAX_OPEN = 1024  # fds kept open for warm reads (the soft RLIMIT_NOFILE is raised to fit)
-_MAX_CHECKED = 1 << 20  # names whose xxh3 this process has checked (~100 MB of pieces each)
+_MAX_CHECKED = 1 << 17  # names whose xxh3 this process checked (~120 B each: <= 16 MB RSS)
 
 
 def parse_size(text: str) -> int:

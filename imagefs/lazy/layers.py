@@ -229,10 +229,16 @@ class LayerSet:
         return _Job(seek.raw_digests[k].hex(), start, end, decode)
 
     async def _make(
-        self, i: int, jobs: Sequence[_Job], neighbours: Sequence[_Job] = ()
+        self,
+        i: int,
+        jobs: Sequence[_Job],
+        neighbours: Sequence[_Job] = (),
+        *,
+        payloads: bool = True,
     ) -> dict[str, bytes]:
         """Make sure the pieces of `jobs` exist; returns the payloads this call made or
-        waited for (name -> bytes), the others are in the cache (open)."""
+        waited for (name -> bytes), the others are in the cache (open). Prefetches pass
+        `payloads=False`: what they make is not held in memory, only kept in the cache."""
         cache = self.pieces
         got: dict[str, bytes] = {}
 
@@ -266,8 +272,9 @@ class LayerSet:
         try:
             with unwrap_groups():
                 async with trio.open_nursery() as nursery:
+                    wanted = set(unique) if payloads else set()
                     for group in plan:
-                        nursery.start_soon(self._make_group, i, group, flights)
+                        nursery.start_soon(self._make_group, i, group, flights, wanted)
         finally:
             for name, flight in flights.items():
                 self._flights.pop(name, None)
@@ -278,7 +285,11 @@ class LayerSet:
                 got[name] = payload
         return got
 
-    async def _make_group(self, i: int, group: list[_Job], flights: dict[str, _Flight]) -> None:
+    async def _make_group(
+        self, i: int, group: list[_Job], flights: dict[str, _Flight], wanted: set[str]
+    ) -> None:
+        """Fetch one compressed range, then decode, verify and keep all its pieces in one
+        worker-thread hop. A neighbour that fails is only logged: nobody asked for it."""
         start, end = group[0].start, max(j.end for j in group)
         local = self.is_local(i)
         data = None if local else await self.fetch(i, start, end)
@@ -288,9 +299,16 @@ class LayerSet:
             blob = self._pread(i, start, end) if data is None else data
             out = []
             for j in group:
-                payload = j.decode(blob[j.start - start : j.end - start])
+                try:
+                    payload = j.decode(blob[j.start - start : j.end - start])
+                except (IntegrityError, LayerFormatError) as exc:
+                    if j.name in wanted:
+                        raise
+                    # a waiter on it finds no payload and fetches (and reports) itself
+                    log.warning("piece at %d-%d not kept: %s", j.start, j.end, exc)
+                    continue
                 cache.put(j.name, payload)
-                out.append((j.name, payload))
+                out.append((j.name, payload if j.name in wanted else b""))
             return out
 
         try:
@@ -308,7 +326,8 @@ class LayerSet:
             raise IntegrityError(str(exc)) from None
         self.inflations += len(made)
         for name, payload in made:
-            flights[name].payload = payload
+            if name in wanted:
+                flights[name].payload = payload
 
     async def _assemble(
         self,
@@ -458,7 +477,7 @@ class LayerSet:
         idx = await self.ensure(i)
         if self.is_local(i):
             return  # reads make pieces from the local blob as they need them
-        await self._make(i, self._jobs_for(i, idx, offset, length))
+        await self._make(i, self._jobs_for(i, idx, offset, length), payloads=False)
 
     async def fetch_everything(self) -> None:
         """Make the whole image local, a piece at a time, one fetch at a time, so that
@@ -516,7 +535,7 @@ class LayerSet:
                     if table.starts[k] < table.prefetch_until and not table.zeros[k]
                 ]
                 async with self._background:
-                    await self._make(i, jobs)
+                    await self._make(i, jobs, payloads=False)
                 log.info("layer %d: prefetched %d chunks before the landmark", i, len(jobs))
             except ImageFSError as exc:
                 log.warning("landmark prefetch of layer %d: %s", i, exc)
