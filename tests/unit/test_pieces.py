@@ -205,3 +205,43 @@ def test_a_zstd_span_never_inflates_past_its_recorded_length() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 8 * MiB, peak
+
+
+async def test_a_local_gzip_layer_inflates_each_span_once(tmp_path: Path) -> None:
+    import gzip
+    import io
+    import tarfile
+
+    files = {f"f{k}.txt": random.Random(k).randbytes(200_000).hex().encode() for k in range(8)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    blob = gzip.compress(buf.getvalue(), mtime=0)
+    store = Store(tmp_path)
+    digest = store.blobs.put(blob)
+    desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, len(blob))
+    layer = Layer(desc, Digest.of(buf.getvalue()))
+
+    async def no_blob(_: Layer) -> None:
+        raise AssertionError("a local layer is never fetched")
+
+    async def no_range(_: Layer, start: int, end: int) -> bytes:
+        raise AssertionError("a local layer is never fetched")
+
+    ls = LayerSet(store, [layer], no_blob, fetch_range=no_range)
+    idx = await ls.ensure(0)
+    assert idx.seek is not None and len(idx.seek.points) > 2  # several ~1 MiB spans
+    entry = idx.toc.find(b"f5.txt")
+    assert entry is not None
+    offset, size = idx.toc.offset(entry), idx.toc.size(entry)
+    assert await ls.read(0, offset, size) == files["f5.txt"]
+    made = ls.inflations
+    assert 1 <= made <= 2  # the span(s) holding the file, inflated once into pieces
+    for start in range(0, size, 4096):  # small reads all over the file: preads only
+        n = min(4096, size - start)
+        assert await ls.read(0, offset + start, n) == files["f5.txt"][start : start + n]
+    assert ls.inflations == made
+    ls.close()
