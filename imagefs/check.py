@@ -159,6 +159,9 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
     bound_root = store.dir / "bound" / "sha256"
     if bound_root.is_dir():
         for layer_path in sorted(bound_root.iterdir()):
+            if layer_path.is_symlink() or not layer_path.is_dir():
+                bad(f"stray file among bound indexes: {layer_path}", layer_path)
+                continue
             for path in sorted(layer_path.iterdir()):
                 if path.name.startswith(fsutil.TEMP_PREFIX) or path.name.endswith(".idx"):
                     continue
