@@ -249,3 +249,24 @@ def test_two_images_sharing_a_layer_share_its_toc_and_pieces(
         assert (mnt / "big.bin").read_bytes() == data
     # the same TOC verifier and the same chunk digests: nothing of the layer fetched again
     assert not [r for r in registry.blob_gets() if r.path.endswith(desc["digest"])]
+
+
+def test_offline_remount_finds_its_own_published_index(
+    tmp_path: Path, registry: LocalRegistry, repo_name: str
+) -> None:
+    from imagefs.testing.proxy import FaultProxy
+
+    layer = _layer()
+    RegistryWriter(registry).image(repo_name, "v", [layer])
+    with FaultProxy(registry.url) as proxy:
+        ref = f"{proxy.host}/{repo_name}:v"
+        imagefs(tmp_path / "publisher", "index", "--push", ref)
+        root = tmp_path / "root"
+        with mounted(root, ref, tmp_path / "m1") as mnt:
+            assert (mnt / "a.txt").read_bytes() == TRUE_A
+        proxy.stop()
+        # the referrer record of this manifest leads to the kept index: no registry needed
+        with mounted(root, ref, tmp_path / "m2") as mnt:
+            assert (mnt / "a.txt").read_bytes() == TRUE_A
+    log = "".join(p.read_text() for p in (root / "logs").glob("mount-*.log"))
+    assert "registry index" in log and "fetching the whole blob" not in log
