@@ -28,6 +28,7 @@ import zstandard
 
 from imagefs.errors import IntegrityError, LayerFormatError
 from imagefs.layers import estargz, zstdchunked
+from imagefs.layers.seekindex import zstd_capped
 from imagefs.layers.tarscan import EntryType
 from imagefs.layers.toc import Toc, TocBuilder
 
@@ -109,7 +110,7 @@ class ChunkTable:
                 d = zlib.decompressobj(31)
                 raw = d.decompress(compressed, cap)
             else:
-                raw = _zstd_capped(compressed, cap)
+                raw = zstd_capped(compressed, cap, across_frames=False)  # a frame a chunk
                 if len(raw) > cap:
                     raise LayerFormatError(
                         f"chunk at {c.start}: inflates beyond its declared {c.size} bytes"
@@ -164,19 +165,6 @@ class ChunkTable:
         voffsets, sizes, starts, ends, inners = arrays
         codec = codec_b.rstrip(b"\0").decode()
         return cls(codec, voffsets, sizes, starts, ends, inners, digests, zeros, prefetch_until)
-
-
-def _zstd_capped(compressed: bytes, cap: int) -> bytes:
-    """Inflate one zstd frame, stopping one byte past `cap` (never more in memory)."""
-    out = bytearray()
-    dctx = zstandard.ZstdDecompressor()
-    with dctx.stream_reader(compressed, read_across_frames=False) as reader:
-        while len(out) <= cap:
-            piece = reader.read(cap + 1 - len(out))
-            if not piece:
-                break
-            out += piece
-    return bytes(out)
 
 
 def _mtime(modtime: str) -> tuple[int, int]:

@@ -584,20 +584,20 @@ def inflate_span(index: SeekIndex, k: int, compressed: bytes) -> bytes:
         fetcher = _Fetcher(lambda a, b: compressed[a - start : b - start], start, end, end - start)
         out = _inflate_gzip(p, fetcher, 0, n)  # each call asks for at most what is left
     else:
-        out = _zstd_capped(compressed, n)
+        out = zstd_capped(compressed, n)
     if len(out) != n:
         raise LayerFormatError(f"span {k} inflates to {len(out)} bytes, not {n}")
     return out
 
 
-def _zstd_capped(compressed: bytes, cap: int) -> bytes:
+def zstd_capped(compressed: bytes, cap: int, *, across_frames: bool = True) -> bytes:
     """Inflate zstd frames (skippable ones skipped), never holding more than ``cap + 1``
-    bytes of output: a span that inflates past its recorded length is refused by the
+    bytes of output: whatever inflates past its declared length is refused by the
     caller's length check without the bomb ever being in memory."""
     out = bytearray()
     try:
         dctx = zstandard.ZstdDecompressor()
-        with dctx.stream_reader(compressed, read_across_frames=True) as reader:
+        with dctx.stream_reader(compressed, read_across_frames=across_frames) as reader:
             while len(out) <= cap:
                 piece = reader.read(cap + 1 - len(out))
                 if not piece:
@@ -1116,4 +1116,5 @@ __all__ = [
     "read_at",
     "verify_raw_span",
     "verify_span",
+    "zstd_capped",
 ]
