@@ -83,7 +83,7 @@ def lazy_layer_set(
         # stats must show what crossed the wire (LayerSet's one accounting path).
         extra = answer.nbytes - (end - start)
         if extra > 0:
-            layer_set._account(positions[layer.digest], 0, extra, time.monotonic() - began)
+            layer_set.account(positions[layer.digest], 0, extra, time.monotonic() - began)
         data: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
         return data
 
