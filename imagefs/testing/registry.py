@@ -40,15 +40,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, TYPE_CHECKING, Any, Literal, Self
 
-import bcrypt
-import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
+# bcrypt, trustme and cryptography are test-only dependencies (the `test` extra): they are
+# imported where the TLS, htpasswd and token modes need them, so that `tools/demo` (a plain
+# registry) runs on a fresh clone whose venv has only imagefs's own dependencies.
+if TYPE_CHECKING:
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 __all__ = [
     "AuthMode",
@@ -108,6 +108,8 @@ def libtrust_key_id(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) ->
     them (48 chars) and groups them by four with colons. The registry indexes the public keys
     of the certificates in `auth.token.rootcertbundle` by this id.
     """
+    from cryptography.hazmat.primitives import serialization
+
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -175,6 +177,9 @@ class TokenIssuer:
         self._requests: list[TokenRequest] = []
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
         workdir.mkdir(parents=True, exist_ok=True)
         self._key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -352,6 +357,10 @@ class TokenIssuer:
 
     def _sign(self, claims: Mapping[str, Any]) -> str:
         """A compact JWS the registry accepts: `kid` = libtrust id, or `x5c` = our cert."""
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, padding
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
         header: dict[str, Any] = {"typ": "JWT", "alg": self.algorithm}
         if self.key_hint == "kid":
             header["kid"] = self.key_id
@@ -393,6 +402,10 @@ def _send_json(
 def _self_signed_cert(
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, common_name: str
 ) -> x509.Certificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     return (
@@ -642,6 +655,8 @@ class LocalRegistry:
 
     def _make_tls(self) -> None:
         tls_dir = self.root / "tls"
+        import trustme
+
         tls_dir.mkdir(exist_ok=True)
         self._ca = trustme.CA(organization_name="imagefs test CA")
         self._leaf = self._ca.issue_cert("127.0.0.1", "localhost")
@@ -657,6 +672,8 @@ class LocalRegistry:
         shutil.copyfile(self.ca_file, self.cert_dir / "ca.crt")
 
     def _write_htpasswd(self) -> None:
+        import bcrypt
+
         # distribution only accepts bcrypt entries; cost 4 keeps start-up fast.
         lines = [
             f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"

@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -314,3 +315,21 @@ def test_registry_verifies_token_signatures(
         catalog = f"{reg.url}/v2/x/y/tags/list"
         assert _get(catalog, reg, {"Authorization": f"Bearer {good}"}) == 404  # accepted
         assert _get(catalog, reg, {"Authorization": f"Bearer {forged}"}) == 401
+
+
+def test_plain_registry_needs_no_test_only_dependency(tmp_path: Path) -> None:
+    """tools/demo runs on a fresh clone, whose venv lacks the test extra (issue 11, item 1)."""
+    script = f"""
+import sys
+for name in ("bcrypt", "trustme", "cryptography"):
+    sys.modules[name] = None  # `import bcrypt` now fails as it does without the test extra
+import imagefs.testing, imagefs.testing.mounts
+from imagefs.testing.registry import LocalRegistry
+with LocalRegistry({str(tmp_path)!r}) as reg:
+    print(reg.url)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("http://127.0.0.1:")
