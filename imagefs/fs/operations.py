@@ -25,7 +25,7 @@ import pyfuse3
 from imagefs.errors import ImageFSError
 from imagefs.lazy import telemetry
 from imagefs.lazy.layers import LayerSet
-from imagefs.overlay import Attrs, NeedLayer, Overlay
+from imagefs.overlay import ROOT_INODE, Attrs, NeedLayer, Overlay
 
 log = logging.getLogger("imagefs.fs")
 
@@ -44,6 +44,9 @@ class ImageOperations(pyfuse3.Operations):
         self.layers = layers
         self.total_size = total_size
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        # Directory inode -> its parent's, learnt as the kernel walks down (it reaches every
+        # directory through a lookup or a readdirplus of its parent): what `..` lists.
+        self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}
         self._next_fh = 1
         self.telemetry: telemetry.Telemetry | None = None
 
@@ -122,7 +125,10 @@ class ImageOperations(pyfuse3.Operations):
             negative.st_ino = 0  # a cached "no such entry"
             negative.entry_timeout = CACHE_TIMEOUT
             return negative
-        return self._entry(await self._ask(self.overlay.getattr, ino))
+        attrs = await self._ask(self.overlay.getattr, ino)
+        if stat.S_ISDIR(attrs.mode):
+            self._parents[ino] = parent_inode
+        return self._entry(attrs)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
@@ -145,7 +151,10 @@ class ImageOperations(pyfuse3.Operations):
         self._event("readdir", inode)
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = listing  # a snapshot: offsets stay valid for this handle
+        # `.` and `..` first, as every filesystem lists them (`ls -a`); FUSE leaves that to us.
+        # The root's `..` is the root itself.
+        dots = [(b".", inode), (b"..", self._parents.get(inode, ROOT_INODE))]
+        self._dirs[fh] = dots + listing  # a snapshot: offsets stay valid for this handle
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -154,10 +163,14 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         for pos in range(start_id, len(listing)):
             name, ino = listing[pos]
-            attrs = self._entry(await self._ask(self.overlay.getattr, ino))
-            if not pyfuse3.readdir_reply(token, name, attrs, pos + 1):
+            a = await self._ask(self.overlay.getattr, ino)
+            if not pyfuse3.readdir_reply(token, name, self._entry(a), pos + 1):
                 break
+            if name in (b".", b".."):
+                continue  # the kernel takes no lookup reference for these (fuse_direntplus_link)
             self.overlay.remember(ino)  # readdirplus counts as a lookup
+            if stat.S_ISDIR(a.mode):
+                self._parents[ino] = listing[0][1]
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -43,6 +43,35 @@ def test_mount_matches_umoci_unpack(
             assert not (mnt / path).exists()
 
 
+def test_directories_list_dot_and_dotdot(
+    tmp_path: Path, sample_image: SampleImage, reference_tree: Path
+) -> None:
+    """`ls -a` shows `.` and `..` with the right inode numbers, as on every filesystem."""
+
+    def run(*args: str, cwd: Path) -> str:
+        return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+    with mounted(tmp_path / "root", sample_image.ref, tmp_path / "mnt") as mnt:
+        assert run("ls", "-a", cwd=mnt).split()[:2] == [".", ".."]
+        # ls -R, find and diff -r over the mount read as over umoci's extraction.
+        assert run("ls", "-aR", cwd=mnt) == run("ls", "-aR", cwd=reference_tree)
+        found = [sorted(run("find", ".", cwd=d).splitlines()) for d in (mnt, reference_tree)]
+        assert found[0] == found[1]
+        subprocess.run(["diff", "-r", str(mnt), str(reference_tree)], check=True)
+        root_ino = os.stat(mnt).st_ino
+        etc_ino = os.stat(mnt / "etc").st_ino
+        inodes = {
+            name: int(ino)
+            for ino, name in (
+                line.split() for line in run("ls", "-ai1", "etc", cwd=mnt).split("\n") if line
+            )
+        }
+        assert (inodes["."], inodes[".."]) == (etc_ino, root_ino)
+        top = dict(reversed(line.split()) for line in run("ls", "-ai1", cwd=mnt).splitlines())
+        # (`..` of a mount's root is the directory it is mounted on: the kernel answers that.)
+        assert int(top["."]) == root_ino and ".." in top
+
+
 @pytest.mark.parametrize(
     "fmt,compression", [("v2s2", None), ("oci", "zstd"), ("oci", "zstd:chunked")]
 )

@@ -328,8 +328,6 @@ from imagefs.testing.registry import LocalRegistry
 with LocalRegistry({str(tmp_path)!r}) as reg:
     print(reg.url)
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("http://127.0.0.1:")

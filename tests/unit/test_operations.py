@@ -109,3 +109,40 @@ async def test_a_broken_layer_costs_eio_and_names_its_digest(
         and "checksum mismatch" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_readdir_lists_dot_and_dotdot_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.` is the directory, `..` its parent (the root's is the root), then the entries;
+    readdirplus takes no lookup reference for the two (the kernel keeps none)."""
+    toc = _toc(
+        (b"", EntryType.DIR, {}),
+        (b"a", EntryType.DIR, {}),
+        (b"a/b", EntryType.DIR, {}),
+        (b"a/b/f", EntryType.REG, {"size": 1}),
+    )
+    ops, _ = _ops([toc])
+    replies: list[tuple[bytes, int, int]] = []
+
+    def reply(_token: object, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        replies.append((name, attrs.st_ino, next_id))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    ctx = cast(pyfuse3.RequestContext, None)
+    token = cast(pyfuse3.ReaddirToken, None)
+
+    async def listing(ino: int) -> list[tuple[bytes, int, int]]:
+        replies.clear()
+        await ops.readdir(await ops.opendir(ino, ctx), 0, token)
+        return list(replies)
+
+    root = await listing(ROOT_INODE)
+    a_ino = next(ino for name, ino, _ in root if name == b"a")
+    assert root == [(b".", ROOT_INODE, 1), (b"..", ROOT_INODE, 2), (b"a", a_ino, 3)]
+    b_ino = (await ops.lookup(a_ino, b"b")).st_ino
+    assert [r[:2] for r in await listing(b_ino)][:2] == [(b".", b_ino), (b"..", a_ino)]
+    assert [r[:2] for r in await listing(a_ino)][:2] == [(b".", a_ino), (b"..", ROOT_INODE)]
+    # Resuming after `..` (offset 2) gives the entries only.
+    replies.clear()
+    await ops.readdir(await ops.opendir(a_ino, ctx), 2, token)
+    assert [r[0] for r in replies] == [b"b"]
