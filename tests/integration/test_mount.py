@@ -60,16 +60,15 @@ def test_directories_list_dot_and_dotdot(
         subprocess.run(["diff", "-r", str(mnt), str(reference_tree)], check=True)
         root_ino = os.stat(mnt).st_ino
         etc_ino = os.stat(mnt / "etc").st_ino
-        inodes = {
-            name: int(ino)
-            for ino, name in (
-                line.split() for line in run("ls", "-ai1", "etc", cwd=mnt).split("\n") if line
-            )
-        }
-        assert (inodes["."], inodes[".."]) == (etc_ino, root_ino)
-        top = dict(reversed(line.split()) for line in run("ls", "-ai1", cwd=mnt).splitlines())
+
+        def inodes(*where: str) -> dict[str, int]:
+            pairs = (line.split() for line in run("ls", "-ai1", *where, cwd=mnt).splitlines())
+            return {name: int(ino) for ino, name in pairs}
+
+        assert (inodes("etc")["."], inodes("etc")[".."]) == (etc_ino, root_ino)
+        top = inodes()
         # (`..` of a mount's root is the directory it is mounted on: the kernel answers that.)
-        assert int(top["."]) == root_ino and ".." in top
+        assert top["."] == root_ino and ".." in top
 
 
 @pytest.mark.parametrize(
