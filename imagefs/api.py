@@ -13,7 +13,7 @@ import getpass
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from imagefs.errors import (
     InvalidReference,
     NotFound,
     Unauthorized,
+    UsageError,
     unwrap_groups,
 )
 from imagefs.image import Layer, RegistrySource, ResolvedImage, load_resolved
@@ -37,6 +38,7 @@ from imagefs.registry import credentials
 from imagefs.registry.client import RegistryClient
 from imagefs.registry.transport import TransportOptions
 from imagefs.store import ImageRecord, Ingest, Store
+from imagefs.store.lookup import find_record, find_records, image_platform, platform_warning
 
 if TYPE_CHECKING:  # imported lazily: `imagefs mount` and friends start faster without it
     from imagefs.indexes import PushedIndexes
@@ -54,6 +56,8 @@ class Session:
     options: TransportOptions = field(default_factory=TransportOptions)
     credential_lookup: Callable[[str], credentials.Credentials | None] = credentials.lookup
     disk_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))
+    # Where docker-style warnings go (the CLI prints them on stderr).
+    warn: Callable[[str], None] = field(default=lambda text: log.warning("%s", text))
     _store: Store | None = None
     _clients: dict[str, RegistryClient] = field(default_factory=dict)
 
@@ -93,56 +97,8 @@ def now_rfc3339() -> str:
 # -- finding local images ---------------------------------------------------------------------
 
 
-def _matches(record: ImageRecord, query: str, ref: Reference | None) -> bool:
-    if ref is not None:
-        if ref.digest is not None:
-            digests = {record.manifest.digest}
-            if record.repo_digest is not None and record.repo_digest.digest is not None:
-                digests.add(record.repo_digest.digest)
-            repo = record.repository
-            return ref.digest in digests and (repo is None or repo == ref.name)
-        return record.name is not None and str(record.name) == str(ref)
-    return False
-
-
-def _id_matches(store: Store, record: ImageRecord, query: str) -> bool:
-    """Docker's image ID (config digest), full, `sha256:`-prefixed, or a short prefix."""
-    hex_part = query.removeprefix("sha256:")
-    if len(hex_part) < 4 or any(c not in "0123456789abcdef" for c in hex_part):
-        return False
-    try:
-        config = store.read_manifest(record.manifest.digest)
-    except ImageFSError:
-        return False
-    from imagefs.oci.manifest import Manifest
-
-    candidates = [record.manifest.digest.hex]
-    if isinstance(config, Manifest):
-        candidates.append(config.config.digest.hex)
-    return any(c.startswith(hex_part) for c in candidates)
-
-
-def find_records(store: Store, query: str) -> list[ImageRecord]:
-    """Every stored record `query` names: a reference, a digest, or a (short) image ID."""
-    records = store.records()
-    by_id = [r for r in records if _id_matches(store, r, query)]
-    if by_id and ":" not in query.removeprefix("sha256:") and "/" not in query:
-        return by_id
-    try:
-        ref = Reference.parse(query)
-    except InvalidReference:
-        if by_id:
-            return by_id
-        raise
-    found = [r for r in records if _matches(r, query, ref)]
-    return found or by_id
-
-
-def find_record(store: Store, query: str) -> ImageRecord:
-    found = find_records(store, query)
-    if not found:
-        raise NotFound(f"no such image: {query}")
-    return found[0]
+# find_records / find_record live in imagefs.store.lookup (light enough for `mount`'s
+# launcher); re-exported here, where callers have always found them.
 
 
 # -- pull ---------------------------------------------------------------------------------------
@@ -255,11 +211,17 @@ async def pull(
     Lazy by default: the layers are what a mount fetches on demand.
     """
     ref = Reference.parse(reference)
+    requested = platform
     platform = platform or Platform.host()
     client = session.client(ref)
     image = await RegistrySource(client, ref.repository).resolve(ref, platform)
     if on_resolved:
         on_resolved(image)
+    cfg = image.config
+    if requested is None and (
+        text := platform_warning(Platform(cfg.os, cfg.architecture, cfg.variant))
+    ):
+        session.warn(text)
     store = session.store
     downloaded = 0
     with store.lease() as lease:
@@ -281,9 +243,32 @@ async def pull(
             index_digest=image.index_digest,
             created=now_rfc3339(),
         )
-        up_to_date = had_manifest and await session.disk(_same_as_stored, store, record)
+        # Nothing new: the manifest was local and, for a tag, the tag already named it.
+        up_to_date = had_manifest and (
+            ref.digest is not None or await session.disk(_same_as_stored, store, record)
+        )
         await session.disk(_put_record, store, record)
     return PullResult(ref, image, record, up_to_date and not downloaded, downloaded)
+
+
+async def local_image(
+    session: Session, reference: str, platform: Platform | None = None
+) -> ImageRecord:
+    """The stored image `reference` names, as docker's run finds it: pulled (metadata only)
+    when it is not local, or when `platform` is given and the local one is for another
+    platform (docker keeps one image per tag and resolves it again). Used without `platform`,
+    an image of another platform than this machine's gets docker's warning."""
+    store = session.store
+    try:
+        record: ImageRecord = await session.disk(find_record, store, reference)
+    except NotFound:
+        return (await pull(session, reference, platform=platform)).record
+    have: Platform = await session.disk(image_platform, store, record)
+    if platform is not None and platform.match_rank(have) is None:
+        return (await pull(session, reference, platform=platform)).record
+    if platform is None and (text := platform_warning(have)):
+        session.warn(text)
+    return record
 
 
 async def _fetch_layers(
@@ -418,25 +403,81 @@ def _summarise(store: Store, record: ImageRecord) -> ImageSummary:
     return ImageSummary(record, image, size, cached)
 
 
+IMAGE_FILTERS = ("dangling", "reference", "label", "before", "since")
+
+
+def is_dangling(record: ImageRecord) -> bool:
+    """docker's dangling image: no tag and no digest reference (untagged while mounted)."""
+    return record.name is None and record.repo_digest is None
+
+
 async def images(
-    session: Session, filter_ref: str | None = None, *, all_images: bool = False
+    session: Session,
+    filter_ref: str | None = None,
+    *,
+    all_images: bool = False,
+    filters: Mapping[str, Sequence[str]] | None = None,
 ) -> list[ImageSummary]:
-    """Stored images, newest first; unnamed (pulled-by-digest) ones only with `all_images`."""
+    """Stored images, newest first, as `docker images` lists them: tagged ones, those pulled by
+    digest (TAG `<none>`) and dangling ones (`<none>` `<none>`). `filters` are docker's
+    (`dangling`, `reference`, `label`, `before`, `since`; see `formats.parse_filters`).
+    `all_images` is docker's `-a`; imagefs has no intermediate images to add."""
+    del all_images
 
     def work() -> list[ImageSummary]:
         store = session.store
+        records = store.records()
+        keep = _image_filter(store, filters or {})
         out = []
-        for rec in store.records():
-            if rec.name is None and not all_images:
-                continue
+        for rec in records:
             if filter_ref and not _filter_matches(rec, filter_ref):
                 continue
-            out.append(_summarise(store, rec))
+            summary = _summarise(store, rec)
+            if keep(summary):
+                out.append(summary)
         out.sort(key=lambda s: s.record.created, reverse=True)
         return out
 
     result: list[ImageSummary] = await session.disk(work)
     return result
+
+
+def _image_filter(
+    store: Store, filters: Mapping[str, Sequence[str]]
+) -> Callable[[ImageSummary], bool]:
+    """docker's rules: values of one key are alternatives, different keys must all hold."""
+    from imagefs.formats import parse_time
+
+    dangling = filters.get("dangling", [])
+    if len(set(dangling)) > 1 or any(v not in ("true", "false") for v in dangling):
+        raise UsageError(f"invalid filter 'dangling={','.join(dangling)}': want true or false")
+
+    def created(summary: ImageSummary) -> float:
+        when = parse_time(summary.image.config.created)
+        return when.timestamp() if when else 0.0
+
+    bounds: dict[str, float] = {}
+    for key in ("before", "since"):
+        for query in filters.get(key, []):
+            bounds[key] = created(_summarise(store, find_record(store, query)))
+
+    def keep(s: ImageSummary) -> bool:
+        if dangling and is_dangling(s.record) != (dangling[0] == "true"):
+            return False
+        if "reference" in filters and not any(
+            _reference_matches(s.record, p) for p in filters["reference"]
+        ):
+            return False
+        labels = thaw(s.image.config.config).get("Labels") or {}
+        for want in filters.get("label", []):
+            key, sep, value = want.partition("=")
+            if key not in labels or (sep and labels[key] != value):
+                return False
+        if "before" in bounds and not created(s) < bounds["before"]:
+            return False
+        return not ("since" in bounds and not created(s) > bounds["since"])
+
+    return keep
 
 
 def _filter_matches(record: ImageRecord, pattern: str) -> bool:
@@ -446,15 +487,50 @@ def _filter_matches(record: ImageRecord, pattern: str) -> bool:
     ref = record.name or record.repo_digest
     if ref is None:
         return False
-    repo_pat, _, tag_pat = (
-        pattern.partition(":") if "/" not in pattern.rpartition(":")[2] else (pattern, "", "")
-    )
+    # The tag is after a `:` in the last path component (an earlier one is a host's port).
+    has_tag = ":" in pattern.rpartition("/")[2]
+    repo_pat, _, tag_pat = pattern.rpartition(":") if has_tag else (pattern, "", "")
     names = {ref.familiar_name, ref.name}
     if not any(fnmatch.fnmatchcase(n, repo_pat) for n in names):
         return False
     return not tag_pat or (
         record.name is not None and fnmatch.fnmatchcase(record.name.tag or "", tag_pat)
     )
+
+
+def _reference_matches(record: ImageRecord, pattern: str) -> bool:
+    """docker's reference filter: Go's path.Match against `repo:tag`, then against `repo`."""
+    names = []
+    for ref in (record.name, record.repo_digest):
+        if ref is not None:
+            names += [ref.familiar, ref.familiar_name]
+    return any(_path_match(pattern, n) for n in names)
+
+
+def _path_match(pattern: str, name: str) -> bool:
+    """Go's path.Match: `*` and `?` never cross a `/`."""
+    import re
+
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 1 :]:
+            j = pattern.index("]", i + 1)
+            body = pattern[i + 1 : j].replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body.startswith("^") else body) + "]")
+            i = j
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.append(re.escape(pattern[i]))
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.fullmatch("".join(out), name) is not None
 
 
 def thaw(value: Any) -> Any:
@@ -531,11 +607,17 @@ def inspect_json(store: Store, record: ImageRecord) -> dict[str, Any]:
 
 
 async def inspect(session: Session, queries: Sequence[str]) -> list[dict[str, Any]]:
-    def work() -> list[dict[str, Any]]:
-        store = session.store
-        return [inspect_json(store, find_record(store, q)) for q in queries]
+    """docker inspect's objects for every query; raises for the first that names nothing
+    (the CLI calls `inspect_one` per argument, to print the others anyway)."""
+    return [await inspect_one(session, q) for q in queries]
 
-    result: list[dict[str, Any]] = await session.disk(work)
+
+async def inspect_one(session: Session, query: str) -> dict[str, Any]:
+    def work() -> dict[str, Any]:
+        store = session.store
+        return inspect_json(store, find_record(store, query))
+
+    result: dict[str, Any] = await session.disk(work)
     return result
 
 
@@ -567,71 +649,107 @@ async def tag(session: Session, source: str, target: str) -> ImageRecord:
 
 @dataclass(frozen=True)
 class RmiResult:
-    untagged: list[str]
-    deleted: list[tuple[Digest, int]]
+    untagged: list[str]  # docker's `Untagged:` lines: `repo:tag`, then `repo@sha256:…`
+    deleted: list[tuple[Digest, int]]  # blobs deleted, the image ID (config) first
 
 
 async def rmi(session: Session, queries: Sequence[str], *, force: bool = False) -> RmiResult:
-    """Untag; when the last name of a manifest goes, delete the blobs only it used."""
+    """`rmi_one` for each query on its own, as docker does: what can go goes; then the first
+    failure (if any) is raised."""
+    untagged: list[str] = []
+    deleted: list[tuple[Digest, int]] = []
+    failure: ImageFSError | None = None
+    for q in queries:
+        try:
+            one = await rmi_one(session, q, force=force)
+        except ImageFSError as exc:
+            failure = failure or exc
+            continue
+        untagged += one.untagged
+        deleted += one.deleted
+    if failure is not None:
+        raise failure
+    return RmiResult(untagged, deleted)
+
+
+async def rmi_one(session: Session, query: str, *, force: bool = False) -> RmiResult:
+    """Untag what `query` names (a tag: that tag; an ID or digest: every name of the image);
+    when an image loses its last name, delete the blobs only it used.
+
+    A mounted image keeps its blobs: without `force` it is refused; with `force` it is untagged
+    and stays listed as a dangling `<none>` image until it is unmounted and removed, as docker
+    keeps an image a container uses."""
 
     def work() -> RmiResult:
         store = session.store
-        untagged: list[str] = []
-        deleted: list[tuple[Digest, int]] = []
         with store.locked():
             records = store.records()
-            targets: list[ImageRecord] = []
-            for q in queries:  # check everything before touching anything
-                found = find_records(store, q)
-                if not found:
-                    raise NotFound(f"no such image: {q}")
-                by_name = [r for r in found if r.name is not None and _names(r, q)]
-                chosen = by_name or found
-                manifests = {r.manifest.digest for r in chosen}
-                all_named = [r for r in records if r.manifest.digest in manifests]
-                if not by_name and len({r.repository for r in all_named}) > 1 and not force:
+            found = find_records(store, query)
+            if not found:
+                raise NotFound(f"no such image: {query}")
+            by_name = [r for r in found if _names(r, query)]
+            manifests = {r.manifest.digest for r in found}
+            if by_name:
+                chosen = by_name
+            elif _is_digest_ref(query):
+                chosen = found  # repo@sha256:…: that repository's records of the image
+            else:  # an image ID: every name of the image
+                chosen = [r for r in records if r.manifest.digest in manifests]
+                repos = {r.repository for r in chosen if r.repository is not None}
+                if len(repos) > 1 and not force:
                     raise ImageInUse(
-                        f"image {q} is referenced in multiple repositories; use -f or remove "
-                        "it by name"
+                        f"conflict: unable to delete {query} (must be forced) - image is "
+                        "referenced in multiple repositories"
                     )
-                if not by_name:
-                    chosen = all_named
-                for m in store.active_mounts():
-                    if m.manifest_digest in {str(d) for d in manifests} and not force:
-                        remaining = [
-                            r for r in records if r.manifest.digest in manifests and r not in chosen
-                        ]
-                        if not remaining:
-                            raise ImageInUse(
-                                f"image {q} is mounted at {m.mountpoint} (pid {m.pid}); "
-                                "unmount it first or use -f"
-                            )
-                targets.extend(chosen)
-            kept = [r for r in records if r not in targets]
+            kept = [r for r in records if r not in chosen]
+            orphaned = {
+                r.manifest.digest
+                for r in chosen
+                if not any(k.manifest.digest == r.manifest.digest for k in kept)
+            }
+            mounted = {
+                Digest.parse(m.manifest_digest): m
+                for m in store.active_mounts()
+                if m.manifest_digest in {str(d) for d in orphaned}
+            }
+            for digest, m in mounted.items():
+                if not force or all(is_dangling(r) for r in chosen):
+                    raise ImageInUse(
+                        f"image {query} is mounted at {m.mountpoint} (pid {m.pid}); "
+                        "unmount it first" + ("" if force else " or use -f")
+                    )
+                # Untagged but in use: stays as a dangling image, the mount keeps its source.
+                rec = next(r for r in chosen if r.manifest.digest == digest)
+                kept.append(replace(rec, name=None, repo_digest=None, created=now_rfc3339()))
             store.refs.save(kept)
-            candidates: set[Digest] = set()
-            for rec in targets:
-                label = (
-                    rec.name.familiar
-                    if rec.name
-                    else (rec.repo_digest.familiar if rec.repo_digest else str(rec.manifest.digest))
-                )
-                untagged.append(label)
-                if any(r.manifest.digest == rec.manifest.digest for r in kept):
+            untagged = [r.name.familiar for r in chosen if r.name is not None]
+            for r in chosen:
+                gone = r.manifest.digest in orphaned
+                if gone and r.repo_digest is not None and r.repo_digest.familiar not in untagged:
+                    untagged.append(r.repo_digest.familiar)
+            candidates: list[Digest] = []
+            for rec in chosen:
+                if rec.manifest.digest not in orphaned or rec.manifest.digest in mounted:
                     continue
-                candidates.add(rec.manifest.digest)
-                if rec.index_digest:
-                    candidates.add(rec.index_digest)
                 with contextlib.suppress(ImageFSError):
                     image = load_resolved(store, rec.manifest.digest, rec.index_digest)
-                    candidates.add(image.id)
-                    candidates.update(layer.digest for layer in image.layers)
-            deleted = store.collect_garbage(sorted(candidates, key=str))
+                    candidates += [image.id, *(layer.digest for layer in image.layers)]
+                candidates.append(rec.manifest.digest)
+                if rec.index_digest:
+                    candidates.append(rec.index_digest)
+            deleted = store.collect_garbage(list(dict.fromkeys(candidates)))
             sweep_derived(store)
         return RmiResult(untagged, deleted)
 
     result: RmiResult = await session.disk(work)
     return result
+
+
+def _is_digest_ref(query: str) -> bool:
+    try:
+        return Reference.parse(query).digest is not None and "@" in query
+    except InvalidReference:
+        return False
 
 
 def _names(record: ImageRecord, query: str) -> bool:
@@ -653,9 +771,16 @@ class PruneResult:
 
 
 async def prune(session: Session) -> PruneResult:
+    """docker image prune: dangling images that no mount uses, then unreferenced blobs."""
+
     def work() -> PruneResult:
         store = session.store
         with store.locked():
+            in_use = {m.manifest_digest for m in store.active_mounts()}
+            records = store.records()
+            kept = [r for r in records if not is_dangling(r) or str(r.manifest.digest) in in_use]
+            if len(kept) != len(records):
+                store.refs.save(kept)
             blobs = [(d, n) for d, n in store.collect_garbage() if n]
             return PruneResult(blobs, sweep_derived(store))
 
@@ -727,14 +852,27 @@ async def push(
         async with limit:
             await one(desc)
 
-    with unwrap_groups():
-        async with trio.open_nursery() as nursery:
-            for desc in blobs:
-                nursery.start_soon(limited, desc)
     tag_or_digest = ref.tag or str(image.manifest_digest)
-    digest = await client.put_manifest(
-        ref.repository, tag_or_digest, image.manifest.raw, image.manifest.media_type
-    )
+    try:
+        with unwrap_groups():
+            async with trio.open_nursery() as nursery:
+                for desc in blobs:
+                    nursery.start_soon(limited, desc)
+        digest = await client.put_manifest(
+            ref.repository, tag_or_digest, image.manifest.raw, image.manifest.media_type
+        )
+    except Unauthorized as exc:
+        # A push starts with reads (does the registry have this blob?), so the registry's
+        # refusal may name a pull scope; the user asked to push, and must hear that.
+        hint = str(exc).rpartition("; ")[2] if "; " in str(exc) else ""
+        code = f" ({exc.code})" if exc.code else ""
+        raise Unauthorized(
+            f"{ref.registry}: unauthorized to push to {ref.repository}{code}"
+            + (f"; {hint}" if hint else ""),
+            host=exc.host,
+            status=exc.status,
+            code=exc.code,
+        ) from None
     if ref.tag is not None:
         new = ImageRecord(
             manifest=record.manifest,

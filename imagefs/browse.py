@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, TypeVar
 import trio
 
 from imagefs import api
-from imagefs.errors import ImageFSError, NotFound, UsageError, unwrap_groups
+from imagefs.errors import ImageFSError, NotAFile, NotFound, UsageError, unwrap_groups
 from imagefs.image import load_resolved
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE
 from imagefs.lazy.layers import READ_AHEAD, LayerSet
@@ -93,10 +93,7 @@ async def open_image(
     """A `Browser` on `reference`, pulling its metadata first when it is not in the store
     (as `imagefs mount` does). Close it with `aclose()` or use it with `async with`."""
     store = session.store
-    try:
-        record: ImageRecord = await session.disk(api.find_record, store, reference)
-    except NotFound:
-        record = (await api.pull(session, reference, platform=platform)).record
+    record: ImageRecord = await api.local_image(session, reference, platform)
     image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)
     layers = image.layers
     stack = contextlib.ExitStack()
@@ -264,7 +261,7 @@ class Browser:
 
     async def open_file(self, path: str | bytes) -> int:
         """The inode of the regular file `path` names (symlinks followed), or a one-line
-        error naming the path: NotFound (missing, dangling symlink), UsageError (a directory
+        error naming the path: NotFound (missing, dangling symlink), NotAFile (a directory
         or another kind of file), SymlinkLoop."""
         raw = _raw(path)
         shown = quote_name(raw)
@@ -276,9 +273,9 @@ class Browser:
             raise NotFound(str(exc)) from None
         mode = (await self.stat(ino)).mode
         if stat.S_ISDIR(mode):
-            raise UsageError(f"{shown}: is a directory")
+            raise NotAFile(f"{shown}: Is a directory")  # GNU cat's words
         if not stat.S_ISREG(mode):
-            raise UsageError(f"{shown}: not a regular file")
+            raise NotAFile(f"{shown}: not a regular file")
         return ino
 
     async def copy_to(

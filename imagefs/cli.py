@@ -7,7 +7,6 @@ code (2 for usage errors, 1 otherwise); `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from imagefs.config import (
     parse_mirror_flag,
 )
 from imagefs.errors import ImageFSError, NotFound, UsageError, unwrap_groups
+from imagefs.formats import docker_time, human_ago, human_size, parse_filters, render
 
 # trio, the registry client and the rest are imported where a command needs them: the CLI
 # module stays light so that `imagefs mount` can start its daemon without paying for them.
@@ -31,12 +31,33 @@ if TYPE_CHECKING:
     from imagefs import api
 
 PROG = "imagefs"
+REF_HELP = "NAME[:TAG], NAME@DIGEST or image ID"
+FORMAT_HELP = (
+    "table (default), json (a JSON object per line), 'table TEMPLATE' or a Go TEMPLATE, "
+    "e.g. '{{.ID}}\\t{{.Repository}}'"
+)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _CommandParser(_Parser):
+    """A command's parser: what it does not know is its own error (`imagefs images: error:
+    unknown flag: --bogus` with the usage of `images`), not the top-level usage."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extra = super().parse_known_args(args, namespace)
+        if extra:
+            flag = next((x for x in extra if x.startswith("-")), None)
+            self.error(
+                f"unknown flag: {flag}" if flag else f"unexpected argument: {' '.join(extra)}"
+            )
+        return ns, extra
 
 
 def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -49,48 +70,50 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
     def d(value: object) -> object:
         return value if top else argparse.SUPPRESS
 
-    p.add_argument(
+    # On a command they form a group of their own, listed after the command's own options.
+    g: Any = p if top else p.add_argument_group("global options")
+    g.add_argument(
         "--root",
         type=Path,
         default=d(None),
         help="store directory (default: $IMAGEFS_ROOT, /var/lib/imagefs as root, "
         "else $XDG_DATA_HOME/imagefs)",
     )
-    p.add_argument(
+    g.add_argument(
         "--config",
         type=Path,
         default=d(None),
         help="config directory (default: $IMAGEFS_CONFIG, /etc/imagefs as root, "
         "else $XDG_CONFIG_HOME/imagefs)",
     )
-    p.add_argument(
+    g.add_argument(
         "--insecure-registry",
         action="append",
         default=d([]),
         metavar="HOST[:PORT]",
         help="allow plain HTTP and unverified TLS for this registry (repeatable)",
     )
-    p.add_argument(
+    g.add_argument(
         "--registry-mirror",
         action="append",
         default=d([]),
         metavar="[REGISTRY=]URL",
         help="try this mirror first for reads (docker.io unless REGISTRY= is given)",
     )
-    p.add_argument(
+    g.add_argument(
         "--net-latency",
         type=float,
         default=d(None),
         metavar="MS",
         help="emulate a network: add MS milliseconds to every registry request",
     )
-    p.add_argument(
+    g.add_argument(
         "--net-bandwidth",
         default=d(None),
         metavar="RATE",
         help="emulate a network: share RATE (e.g. 100mbit) among all downloads",
     )
-    p.add_argument(
+    g.add_argument(
         "--registry-timeout",
         type=_seconds,
         default=d(None),
@@ -99,7 +122,7 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
         "SECONDS; a mount then answers EIO for the read that needed it (default: no overall "
         "limit; 10s connect and 60s read timeouts, 5 attempts)",
     )
-    p.add_argument(
+    g.add_argument(
         "--debug", action="store_true", default=d(False), help="log details and show tracebacks"
     )
 
@@ -117,7 +140,7 @@ def _seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Mount and manage OCI/Docker images, lazily.")
     _common(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     sub.required = True
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -126,29 +149,45 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = cmd("pull", "Fetch an image's manifest and config (and its layers with --full)")
-    p.add_argument("reference")
+    p.add_argument("reference", metavar="NAME[:TAG|@DIGEST]", help="the image to pull")
     p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
     p.add_argument("--full", action="store_true", help="download every layer now")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the reference")
 
     p = cmd("push", "Push a local image to the registry its name points at")
-    p.add_argument("reference")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("reference", metavar="NAME[:TAG]", help="the local image, by the name to push")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the pushed digest line")
 
     p = cmd("images", "List local images")
-    p.add_argument("reference", nargs="?", help="filter: REPOSITORY[:TAG] (globs allowed)")
-    p.add_argument("-a", "--all", action="store_true", help="include images known by digest only")
+    p.add_argument(
+        "reference",
+        nargs="?",
+        metavar="REPOSITORY[:TAG]",
+        help="only these (globs allowed)",
+    )
+    p.add_argument(
+        "-a", "--all", action="store_true", help="accepted as docker's (no intermediate images)"
+    )
     p.add_argument("--digests", action="store_true", help="show repo digests")
+    p.add_argument(
+        "-f",
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dangling=true|false, reference=PATTERN, label=KEY[=VALUE], before=IMAGE, "
+        "since=IMAGE (repeatable)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
     p.add_argument("--no-trunc", action="store_true", help="full image IDs")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--format", default="table", metavar="FORMAT", help=FORMAT_HELP)
 
     p = cmd("tag", "Give a local image another name")
     p.add_argument("source", help="name, image ID (full or short) or digest")
-    p.add_argument("target")
+    p.add_argument("target", metavar="TARGET[:TAG]", help="the new name")
 
     p = cmd("rmi", "Remove images (untag; delete blobs no other image uses)")
-    p.add_argument("references", nargs="+")
+    p.add_argument("references", nargs="+", metavar="IMAGE", help=REF_HELP)
     p.add_argument(
         "-f",
         "--force",
@@ -157,21 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = cmd("inspect", "Show image details as JSON (docker's keys plus ImageFS)")
-    p.add_argument("references", nargs="+")
-    p.add_argument("--format", choices=["json"], default="json")
+    p.add_argument("references", nargs="+", metavar="IMAGE", help=REF_HELP)
+    p.add_argument(
+        "-f",
+        "--format",
+        default="json",
+        metavar="FORMAT",
+        help="json (default), or a Go template run on each image, e.g. '{{.Config.Env}}'",
+    )
 
     p = cmd("login", "Store credentials for a registry (docker's config.json)")
-    p.add_argument("registry", nargs="?", default="docker.io")
-    p.add_argument("-u", "--username")
+    p.add_argument("registry", nargs="?", default="docker.io", help="default: docker.io")
+    p.add_argument("-u", "--username", help="asked for on a terminal when not given")
     p.add_argument("-p", "--password", help="insecure: prefer --password-stdin")
-    p.add_argument("--password-stdin", action="store_true")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
 
     p = cmd("logout", "Remove stored credentials for a registry")
-    p.add_argument("registry", nargs="?", default="docker.io")
+    p.add_argument("registry", nargs="?", default="docker.io", help="default: docker.io")
 
     p = cmd("mount", "Mount an image read-only; layers are fetched when first read")
-    p.add_argument("reference")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("reference", metavar="IMAGE", help=REF_HELP + " (pulled if not local)")
+    p.add_argument("mountpoint", type=Path, help="an empty directory")
     p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
     p.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr"
@@ -215,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = cmd("index", "Build the random-access indexes of an image's gzip/zstd layers")
-    p.add_argument("reference")
+    p.add_argument("reference", metavar="IMAGE", help=REF_HELP)
     p.add_argument(
         "--push",
         action="store_true",
@@ -224,32 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
 
     p = cmd("profile", "Prefetch profiles: record what a workload reads; publish them")
-    psub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_Parser)
+    psub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_CommandParser)
     psub.required = True
     pr = psub.add_parser(
         "record",
         help="mount REF, run COMMAND with $IMAGEFS_MOUNT set, write what it read to PROFILE",
     )
     _common(pr, top=False)
-    pr.add_argument("reference")
-    pr.add_argument("-o", "--output", type=Path, required=True, metavar="PROFILE")
-    pr.add_argument("--platform")
+    pr.add_argument("reference", metavar="IMAGE", help=REF_HELP)
+    pr.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="PROFILE", help="the profile to write"
+    )
+    pr.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
     pr.set_defaults(workload=[])  # what follows `--` on the command line (see main)
     pp = psub.add_parser("push", help="store PROFILE next to the image (OCI artifact)")
     _common(pp, top=False)
-    pp.add_argument("reference")
-    pp.add_argument("profile", type=Path)
+    pp.add_argument("reference", metavar="IMAGE", help=REF_HELP)
+    pp.add_argument("profile", type=Path, help="the profile file to publish")
     pl = psub.add_parser("pull", help="fetch the newest published profile of the image")
     _common(pl, top=False)
-    pl.add_argument("reference")
-    pl.add_argument("-o", "--output", type=Path, required=True, metavar="PROFILE")
+    pl.add_argument("reference", metavar="IMAGE", help=REF_HELP)
+    pl.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="PROFILE", help="where to write it"
+    )
 
     p = cmd("trace", "Work with mount traces (mount --trace FILE)")
-    tsub = p.add_subparsers(dest="trace_command", metavar="ACTION", parser_class=_Parser)
+    tsub = p.add_subparsers(dest="trace_command", metavar="ACTION", parser_class=_CommandParser)
     tsub.required = True
     tr = tsub.add_parser("report", help="an HTML report with plots of a trace")
     _common(tr, top=False)
-    tr.add_argument("trace", type=Path)
+    tr.add_argument("trace", type=Path, help="a trace written by `mount --trace`")
     tr.add_argument("-o", "--output", type=Path, help="default: TRACE with .html")
     tr.add_argument(
         "--image-json",
@@ -259,26 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = cmd("ls", "List a directory of an image without mounting it (fetches lazily)")
-    p.add_argument("reference")
-    p.add_argument("path", nargs="?", default="/")
+    p.add_argument("reference", metavar="IMAGE", help=REF_HELP + " (pulled if not local)")
+    p.add_argument("path", nargs="?", default="/", help="a path in the image (default: /)")
     p.add_argument("-l", dest="long", action="store_true", help="long listing (numeric ids)")
     p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
     p.add_argument("-A", dest="almost_all", action="store_true", help="show dotfiles")
-    p.add_argument("--platform")
-    p.add_argument("--cache-size", metavar="SIZE")
+    p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
+    p.add_argument("--cache-size", metavar="SIZE", help="cap of the chunk cache (as mount's)")
 
     p = cmd("cat", "Print files of an image without mounting it (fetches only their pieces)")
-    p.add_argument("reference")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--platform")
-    p.add_argument("--cache-size", metavar="SIZE")
+    p.add_argument("reference", metavar="IMAGE", help=REF_HELP + " (pulled if not local)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files in the image")
+    p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
+    p.add_argument("--cache-size", metavar="SIZE", help="cap of the chunk cache (as mount's)")
 
     p = cmd("umount", "Unmount an imagefs mount (the daemon exits)")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("mountpoint", type=Path, help="where the image is mounted")
 
     p = cmd("stats", "Live statistics of a running mount (from its control socket)")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("mountpoint", type=Path, help="where the image is mounted")
     p.add_argument("--json", action="store_true", help="the raw JSON document")
+    p.add_argument(
+        "--format",
+        default="table",
+        metavar="FORMAT",
+        help="table (default), json, or a Go template, e.g. '{{.BytesFetched}}'",
+    )
     p.add_argument(
         "--watch",
         type=float,
@@ -289,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = cmd("mounts", "List active imagefs mounts")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--format", default="table", metavar="FORMAT", help=FORMAT_HELP)
 
     p = cmd("check", "Verify every blob, cache piece and index of the store")
     p.add_argument(
@@ -298,48 +353,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete what is damaged (it is fetched again when needed)",
     )
 
-    p = cmd("prune", "Remove blobs that no image references")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p = cmd("prune", "Remove dangling images no mount uses, and blobs no image references")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the total reclaimed space"
+    )
+    _short_usages(parser)
     return parser
 
 
+def _short_usages(parser: argparse.ArgumentParser) -> None:
+    """docker's usage line, `imagefs images [OPTIONS] [REPOSITORY[:TAG]]`: the options are
+    listed (the command's own first) under it, not spelled out in it."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):
+            words = []
+            for a in sub._actions:
+                if a.option_strings:
+                    continue
+                if isinstance(a, argparse._SubParsersAction):
+                    words.append("ACTION ...")
+                    _short_usages(sub)
+                    continue
+                name = a.metavar if isinstance(a.metavar, str) else a.dest.upper()
+                words.append(
+                    f"[{name}]"
+                    if a.nargs == "?"
+                    else f"{name} [{name} ...]"
+                    if a.nargs == "+"
+                    else name
+                )
+            sub.usage = " ".join(["%(prog)s [OPTIONS]", *words])
+
+
 # -- formatting -------------------------------------------------------------------------------
-
-
-def human_size(n: int) -> str:
-    """docker's units: decimal, three significant digits."""
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            if unit == "B":
-                return f"{int(value)}B"
-            return f"{value:.3g}{unit}"
-        value /= 1000
-    return f"{n}B"
-
-
-def human_ago(timestamp: str | None) -> str:
-    if not timestamp:
-        return "N/A"
-    try:
-        when = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return timestamp
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    secs = (dt.datetime.now(dt.UTC) - when).total_seconds()
-    for unit, size in (
-        ("year", 365 * 86400),
-        ("month", 30 * 86400),
-        ("week", 7 * 86400),
-        ("day", 86400),
-        ("hour", 3600),
-        ("minute", 60),
-    ):
-        if secs >= size:
-            k = int(secs // size)
-            return f"{k} {unit}{'s' if k > 1 else ''} ago"
-    return "Less than a minute ago"
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -359,37 +407,18 @@ def cached_column(cached: int, size: int) -> str:
 
 async def cmd_pull(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs import api
-    from imagefs.oci.platform import Platform
+    from imagefs.oci.reference import Reference
 
-    platform = Platform.parse(a.platform) if a.platform else None
+    platform = _platform(a)
+    ref = Reference.parse(a.reference)
+    last = a.reference.rpartition("/")[2]
+    if not a.quiet and ref.digest is None and ":" not in last:  # docker's first line
+        print("Using default tag: latest")
     progress = None
     bars: Any = None
-    if a.full and sys.stderr.isatty() and not a.quiet:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
-
-        bars = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            transient=False,
-        )
-        tasks: dict[str, Any] = {}
-
-        def progress_fn(layer: Any, n: int) -> None:
-            key = str(layer.digest)
-            if key not in tasks:
-                tasks[key] = bars.add_task(layer.digest.short, total=layer.size)
-            bars.advance(tasks[key], n)
-
-        progress = progress_fn
-        bars.start()
+    if a.full and not a.quiet:
+        bars = _pull_progress()
+        progress = bars.update
     try:
         result = await api.pull(s, a.reference, platform=platform, full=a.full, progress=progress)
     finally:
@@ -400,8 +429,9 @@ async def cmd_pull(s: api.Session, a: argparse.Namespace) -> int:
         return 0
     ref = result.reference
     if not a.full:
+        n = len(result.image.layers)
         print(
-            f"{ref.tag or ref.digest}: Pulled metadata ({len(result.image.layers)} layers, "
+            f"{ref.tag or ref.digest}: Pulled metadata ({n} layer{'' if n == 1 else 's'}, "
             "fetched lazily when read)"
         )
     print(f"Digest: {result.image.repo_digest}")
@@ -409,6 +439,67 @@ async def cmd_pull(s: api.Session, a: argparse.Namespace) -> int:
     print(f"Status: {status} {ref.familiar}")
     print(str(ref))
     return 0
+
+
+class _LayerLines:
+    """`pull --full` off a terminal: a line per layer, as docker prints them to a pipe."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def update(self, layer: Any, n: int) -> None:
+        key = str(layer.digest)
+        if key not in self.seen:
+            self.seen[key] = 0
+            print(f"{layer.digest.short}: Pulling fs layer", flush=True)
+        self.seen[key] += n
+        if self.seen[key] >= layer.size:
+            print(f"{layer.digest.short}: Pull complete", flush=True)
+
+    def stop(self) -> None:
+        pass
+
+
+class _LayerBars:
+    """`pull --full` on a terminal: a progress bar per layer."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.bars.start()
+
+    def update(self, layer: Any, n: int) -> None:
+        key = str(layer.digest)
+        if key not in self.tasks:
+            self.tasks[key] = self.bars.add_task(layer.digest.short, total=layer.size)
+        self.bars.advance(self.tasks[key], n)
+
+    def stop(self) -> None:
+        self.bars.stop()
+
+
+def _pull_progress() -> _LayerLines | _LayerBars:
+    return _LayerBars() if sys.stderr.isatty() else _LayerLines()
+
+
+def _platform(a: argparse.Namespace) -> Any:
+    from imagefs.oci.platform import Platform
+
+    return Platform.parse(a.platform) if getattr(a, "platform", None) else None
 
 
 async def cmd_push(s: api.Session, a: argparse.Namespace) -> int:
@@ -424,10 +515,24 @@ async def cmd_push(s: api.Session, a: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_HEADERS = {
+    "Repository": "REPOSITORY",
+    "Tag": "TAG",
+    "Digest": "DIGEST",
+    "ID": "IMAGE ID",
+    "CreatedSince": "CREATED",
+    "CreatedAt": "CREATED AT",
+    "Size": "SIZE",
+    "Cached": "CACHED",
+    "ManifestDigest": "MANIFEST DIGEST",
+}
+
+
 async def cmd_images(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs import api
 
-    found = await api.images(s, a.reference, all_images=a.all)
+    filters = parse_filters(a.filter, api.IMAGE_FILTERS)
+    found = await api.images(s, a.reference, all_images=a.all, filters=filters)
     if a.quiet:
         seen = []
         for item in found:
@@ -436,50 +541,33 @@ async def cmd_images(s: api.Session, a: argparse.Namespace) -> int:
                 seen.append(ident)
         print("\n".join(seen)) if seen else None
         return 0
-    if a.format == "json":
-        for item in found:
-            print(
-                json.dumps(
-                    {
-                        "Repository": item.repository,
-                        "Tag": item.tag,
-                        "Digest": str(item.record.repo_digest.digest)
-                        if item.record.repo_digest and item.record.repo_digest.digest
-                        else "<none>",
-                        "ID": str(item.image.id) if a.no_trunc else item.image.id.short,
-                        "CreatedAt": item.image.config.created or "",
-                        "CreatedSince": human_ago(item.image.config.created),
-                        "Size": item.size,
-                        "Cached": item.cached,
-                        "ManifestDigest": str(item.image.manifest_digest),
-                    }
-                )
-            )
-        return 0
-    header = (
-        ["REPOSITORY", "TAG"]
-        + (["DIGEST"] if a.digests else [])
-        + ["IMAGE ID", "CREATED", "SIZE", "CACHED"]
+    rows = [image_row(item, no_trunc=a.no_trunc) for item in found]
+    digest = "{{.Digest}}\t" if a.digests else ""
+    default = (
+        f"table {{{{.Repository}}}}\t{{{{.Tag}}}}\t{digest}{{{{.ID}}}}\t{{{{.CreatedSince}}}}"
+        "\t{{.Size}}\t{{.Cached}}"
     )
-    rows = [header]
-    for item in found:
-        digest = []
-        if a.digests:
-            rd = item.record.repo_digest
-            digest = [str(rd.digest) if rd and rd.digest else "<none>"]
-        rows.append(
-            [
-                item.repository,
-                item.tag,
-                *digest,
-                str(item.image.id.hex) if a.no_trunc else item.image.id.short,
-                human_ago(item.image.config.created),
-                human_size(item.size),
-                cached_column(item.cached, item.size - item.image.manifest.config.size),
-            ]
-        )
-    print(table(rows))
+    sys.stdout.write(render(a.format, rows, IMAGE_HEADERS, default))
     return 0
+
+
+def image_row(item: api.ImageSummary, *, no_trunc: bool = False) -> dict[str, Any]:
+    """What `images --format` templates see, by docker's field names (keys sorted, as docker's
+    `{{json .}}` prints them); Cached and ManifestDigest are imagefs's own."""
+    rd = item.record.repo_digest
+    created = item.image.config.created
+    row = {
+        "Repository": item.repository,
+        "Tag": item.tag,
+        "Digest": str(rd.digest) if rd and rd.digest else "<none>",
+        "ID": str(item.image.id) if no_trunc else item.image.id.short,
+        "CreatedAt": docker_time(created),
+        "CreatedSince": human_ago(created),
+        "Size": human_size(item.size),
+        "Cached": cached_column(item.cached, item.size - item.image.manifest.config.size),
+        "ManifestDigest": str(item.image.manifest_digest),
+    }
+    return dict(sorted(row.items()))
 
 
 async def cmd_tag(s: api.Session, a: argparse.Namespace) -> int:
@@ -490,21 +578,47 @@ async def cmd_tag(s: api.Session, a: argparse.Namespace) -> int:
 
 
 async def cmd_rmi(s: api.Session, a: argparse.Namespace) -> int:
+    """docker's way: each argument on its own, an error line for each that fails, exit 1
+    at the end if any did."""
     from imagefs import api
 
-    result = await api.rmi(s, a.references, force=a.force)
-    for name in result.untagged:
-        print(f"Untagged: {name}")
-    for digest, _size in result.deleted:
-        print(f"Deleted: {digest}")
-    return 0
+    failed = False
+    for query in a.references:
+        try:
+            result = await api.rmi_one(s, query, force=a.force)
+        except ImageFSError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+            failed = True
+            continue
+        for name in result.untagged:
+            print(f"Untagged: {name}")
+        for digest, _size in result.deleted:
+            print(f"Deleted: {digest}")
+        sys.stdout.flush()
+    return 1 if failed else 0
 
 
 async def cmd_inspect(s: api.Session, a: argparse.Namespace) -> int:
+    """docker's way: what can be found is printed, an error for each argument that cannot."""
     from imagefs import api
+    from imagefs.gotemplate import parse
 
-    print(api.dump_json(await api.inspect(s, a.references)))
-    return 0
+    template = None if a.format == "json" else parse(a.format)
+    found: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for query in a.references:
+        try:
+            found.append(await api.inspect_one(s, query))
+        except ImageFSError as exc:
+            errors.append(f"{PROG}: {exc}")
+    if template is None:
+        print(api.dump_json(found))
+    else:
+        for obj in found:
+            print(template.execute(obj))
+    for line in errors:
+        print(line, file=sys.stderr)
+    return 1 if errors else 0
 
 
 async def cmd_login(s: api.Session, a: argparse.Namespace) -> int:
@@ -580,12 +694,18 @@ async def cmd_ls(s: api.Session, a: argparse.Namespace) -> int:
 
 async def cmd_cat(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs import browse
+    from imagefs.browse import SymlinkLoop
+    from imagefs.errors import NotAFile
     from imagefs.oci.platform import Platform
 
     platform = Platform.parse(a.platform) if a.platform else None
-    await browse.cat(
-        s, a.reference, a.paths, sys.stdout.buffer, platform=platform, cache_size=_cache_size(a)
-    )
+    try:
+        await browse.cat(
+            s, a.reference, a.paths, sys.stdout.buffer, platform=platform, cache_size=_cache_size(a)
+        )
+    except (NotAFile, SymlinkLoop) as exc:  # a path's own trouble: GNU cat's words and exit 1
+        print(f"{PROG} cat: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -627,11 +747,8 @@ async def _ensure_local(s: api.Session, a: argparse.Namespace) -> None:
     from imagefs import api
     from imagefs.oci.platform import Platform
 
-    try:
-        await s.disk(api.find_record, s.store, a.reference)
-    except NotFound:
-        platform = Platform.parse(a.platform) if a.platform else None
-        await api.pull(s, a.reference, platform=platform)
+    platform = Platform.parse(a.platform) if a.platform else None
+    await api.local_image(s, a.reference, platform)
 
 
 def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[str]:
@@ -699,10 +816,26 @@ def mount_detached(a: argparse.Namespace) -> int:
     lifecycle.check_mountpoint(mountpoint, Store(root))
     if a.cache_size:
         _cache_size(a)
+    if not a.platform:
+        _warn_local_platform(Store(root), a.reference)
     log_path = root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
     pid = lifecycle.spawn_daemon(_daemon_argv(a, root, mountpoint), log_path, mountpoint)
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0
+
+
+def _warn_local_platform(store: Any, reference: str) -> None:
+    """docker's warning when the local image is for another platform than this machine's
+    (the daemon's own stderr is its log, so the launcher says it)."""
+    from imagefs.store.lookup import find_records, image_platform, platform_warning
+
+    try:
+        found = find_records(store, reference)
+        text = platform_warning(image_platform(store, found[0])) if found else None
+    except ImageFSError:
+        return  # not local (the daemon pulls it) or unreadable (the daemon says why)
+    if text:
+        _warn(text)
 
 
 def _load_profile(path: Path) -> Any:
@@ -875,7 +1008,14 @@ async def cmd_stats(s: api.Session, a: argparse.Namespace) -> int:
             stats = await trio.to_thread.run_sync(ask_stats, path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotFound(f"{a.mountpoint} is not an imagefs mount of {s.root}") from None
-        print(json.dumps(stats, indent=2) if a.json else format_stats(stats), flush=True)
+        if a.json:
+            text = json.dumps(stats, indent=2) + "\n"
+        elif a.format == "table":
+            text = format_stats(stats) + "\n"
+        else:
+            text = render(a.format, [stats_row(stats)], {}, "")
+        sys.stdout.write(text)
+        sys.stdout.flush()
         if a.watch is None:
             return 0
         await trio.sleep(a.watch)
@@ -912,14 +1052,46 @@ def format_stats(st: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + table(rows)
 
 
+def stats_row(stats: dict[str, Any]) -> dict[str, Any]:
+    """The stats document with docker-style field names: `bytes_fetched` is `.BytesFetched`."""
+
+    def camel(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                "".join(w[:1].upper() + w[1:] for w in str(k).split("_")): camel(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [camel(v) for v in value]
+        return value
+
+    row: dict[str, Any] = camel(stats)
+    return row
+
+
+MOUNT_HEADERS = {
+    "Image": "IMAGE",
+    "Digest": "DIGEST",
+    "Mountpoint": "MOUNTPOINT",
+    "PID": "PID",
+    "Started": "STARTED",
+}
+
+
 async def cmd_mounts(s: api.Session, a: argparse.Namespace) -> int:
     found = await s.disk(s.store.active_mounts)
-    if a.format == "json":
-        print(json.dumps([vars(m) for m in found], indent=2))
-        return 0
-    rows = [["IMAGE", "DIGEST", "MOUNTPOINT", "PID"]]
-    rows += [[m.image, m.manifest_digest, m.mountpoint, str(m.pid)] for m in found]
-    print(table(rows))
+    rows = [
+        {
+            "Image": m.image,
+            "Digest": m.manifest_digest,
+            "Mountpoint": m.mountpoint,
+            "PID": m.pid,
+            "Started": m.started,
+        }
+        for m in found
+    ]
+    default = "table {{.Image}}\t{{.Digest}}\t{{.Mountpoint}}\t{{.PID}}"
+    sys.stdout.write(render(a.format, rows, MOUNT_HEADERS, default))
     return 0
 
 
@@ -972,7 +1144,11 @@ def session_from_args(a: argparse.Namespace) -> api.Session:
         link=link,
         timeout=a.registry_timeout,
     )
-    return api.Session(root=a.root or default_root(), options=options)
+    return api.Session(root=a.root or default_root(), options=options, warn=_warn)
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 async def _run(a: argparse.Namespace) -> int:

@@ -36,6 +36,13 @@ class NotFound(ImageFSError):
     errno = _errno.ENOENT
 
 
+class NotAFile(ImageFSError):
+    """A path that names a directory or a special file where a regular file is wanted
+    (`imagefs cat REF DIR` exits 1, as GNU cat does)."""
+
+    errno = _errno.EISDIR
+
+
 class ImageInUse(ImageFSError):
     """An image is mounted and the operation would pull the floor from under the mount."""
 

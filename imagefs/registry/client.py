@@ -88,15 +88,16 @@ class RegistryClient(Connection):
         try:
             if not resp.is_success:
                 resp = await bodies.loaded(resp, None, "manifest")
+                sep = "@" if ":" in reference else ":"  # repo@sha256:…, repo:tag
                 if resp.status_code == 404:
                     raise ManifestUnknown(
-                        f"{ep.host}: manifest for {repository}:{reference} not found"
+                        f"{ep.host}: manifest for {repository}{sep}{reference} not found"
                         + _detail(resp),
                         host=ep.host,
                         status=404,
                         code=bodies.error_code(resp)[0],
                     )
-                raise self._error(resp, f"GET manifest {repository}:{reference}", ep)
+                raise self._error(resp, f"GET manifest {repository}{sep}{reference}", ep)
             raw = await bodies.read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {reference}")
         finally:
             await resp.aclose()

@@ -169,8 +169,8 @@ def _load(
         for img, files in want.items()
     }
     pids = {
-        m["mountpoint"]: int(m["pid"])
-        for m in json.loads(_imagefs(root, "mounts", "--format", "json").stdout)
+        m["Mountpoint"]: int(m["PID"])
+        for m in map(json.loads, _imagefs(root, "mounts", "--format", "json").stdout.splitlines())
     }
     daemon_pids = [pids[str(d)] for d in mnt_dirs.values()]
     stop = threading.Event()

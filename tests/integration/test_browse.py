@@ -20,7 +20,7 @@ import pytest
 
 from imagefs import api
 from imagefs.browse import SymlinkLoop, cat, format_mode, ls, open_image, quote_name
-from imagefs.errors import NotFound, UsageError
+from imagefs.errors import NotAFile, NotFound, UsageError
 from imagefs.testing.images import (
     LayoutImage,
     PushedImage,
@@ -485,7 +485,7 @@ async def test_cat_errors_name_the_path_and_write_nothing(
     cases: list[tuple[str, type[Exception], str]] = [
         ("etc/removed.txt", NotFound, r"^etc/removed\.txt: no such file or directory in "),
         ("opt/app/old.txt", NotFound, r"^opt/app/old\.txt: no such file"),
-        ("etc", UsageError, r"^etc: is a directory$"),
+        ("etc", NotAFile, r"^etc: Is a directory$"),
         ("etc/hello.txt/", NotFound, r"^etc/hello\.txt/: not a directory"),
     ]
     for path, kind, message in cases:
@@ -497,8 +497,8 @@ async def test_cat_errors_name_the_path_and_write_nothing(
     odd_cases: list[tuple[str | bytes, type[Exception], str]] = [
         ("links/dangling", NotFound, r"^links/dangling: dangling symbolic link in "),
         ("links/loop1", SymlinkLoop, r"^links/loop1: too many levels of symbolic links"),
-        ("dev/null", UsageError, r"^dev/null: not a regular file$"),
-        ("links/lib", UsageError, r"^links/lib: is a directory$"),
+        ("dev/null", NotAFile, r"^dev/null: not a regular file$"),
+        ("links/lib", NotAFile, r"^links/lib: Is a directory$"),
         (b"names/new\nline/x", NotFound, r"^names/new\\nline/x: not a directory"),
     ]
     for odd_path, kind, message in odd_cases:

@@ -65,8 +65,9 @@ def top_layer() -> Layer:
 
 
 def daemon_pid(root: Path, mnt: Path) -> int:
-    mounts = json.loads(imagefs(root, "mounts", "--format", "json").stdout)
-    return next(int(m["pid"]) for m in mounts if m["mountpoint"] == str(mnt.absolute()))
+    lines = imagefs(root, "mounts", "--format", "json").stdout.splitlines()
+    mounts = [json.loads(line) for line in lines]
+    return next(int(m["PID"]) for m in mounts if m["Mountpoint"] == str(mnt.absolute()))
 
 
 def vm_hwm_mib(pid: int) -> float:

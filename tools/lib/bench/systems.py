@@ -134,9 +134,10 @@ class Imagefs(System):
         )
 
     def _daemon_pid(self, root: Path, mnt: Path) -> int | None:
-        for m in json.loads(self._imagefs(root, "mounts", "--format", "json")):
-            if Path(m["mountpoint"]) == mnt:
-                return int(m["pid"])
+        for line in self._imagefs(root, "mounts", "--format", "json").splitlines():
+            m = json.loads(line)  # docker's `--format json`: an object per line
+            if Path(m["Mountpoint"]) == mnt:
+                return int(m["PID"])
         return None
 
     @contextlib.contextmanager
