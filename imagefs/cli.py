@@ -419,8 +419,24 @@ async def cmd_pull(s: api.Session, a: argparse.Namespace) -> int:
     if a.full and not a.quiet:
         bars = _pull_progress()
         progress = bars.update
+    on_resolved = None
+    if isinstance(bars, _LayerLines):
+        store = s.store
+
+        def on_resolved(image: Any) -> None:
+            for layer in image.layers:  # a stat each, before any download starts
+                if store.blobs.has(layer.digest):
+                    bars.already(layer)
+
     try:
-        result = await api.pull(s, a.reference, platform=platform, full=a.full, progress=progress)
+        result = await api.pull(
+            s,
+            a.reference,
+            platform=platform,
+            full=a.full,
+            progress=progress,
+            on_resolved=on_resolved,
+        )
     finally:
         if bars is not None:
             bars.stop()
@@ -446,6 +462,9 @@ class _LayerLines:
 
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}
+
+    def already(self, layer: Any) -> None:
+        print(f"{layer.digest.short}: Already exists", flush=True)
 
     def update(self, layer: Any, n: int) -> None:
         key = str(layer.digest)
@@ -812,12 +831,12 @@ def mount_detached(a: argparse.Namespace) -> int:
 
     root = (a.root or default_root()).absolute()
     mountpoint = a.mountpoint.absolute()
+    if not a.platform:
+        _warn_local_platform(Store(root), a.reference)
     lifecycle.MountOptions.parse(a.options)  # a bad -o fails here, before any process starts
     lifecycle.check_mountpoint(mountpoint, Store(root))
     if a.cache_size:
         _cache_size(a)
-    if not a.platform:
-        _warn_local_platform(Store(root), a.reference)
     log_path = root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
     pid = lifecycle.spawn_daemon(_daemon_argv(a, root, mountpoint), log_path, mountpoint)
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)

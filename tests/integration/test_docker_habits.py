@@ -266,6 +266,10 @@ def test_pull_wording_is_docker_s(
         short = layer["Digest"][7:19]
         assert f"{short}: Pull complete" in full
     assert "Status: Downloaded newer image for" in full[-2]
+    again_full = ok(root, "pull", "--full", sample_image.ref).splitlines()
+    for layer in inspect["ImageFS"]["Layers"]:
+        assert f"{layer['Digest'][7:19]}: Already exists" in again_full
+    assert f"Status: Image is up to date for {sample_image.ref}" in again_full
     missing = cli(root, "pull", f"{no_tag}@sha256:{'0' * 64}")
     assert missing.returncode == 1
     assert f"manifest for {repo_name}@sha256:{'0' * 64} not found" in missing.stderr
