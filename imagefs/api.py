@@ -265,6 +265,11 @@ async def local_image(
         return (await pull(session, reference, platform=platform)).record
     have: Platform = await session.disk(image_platform, store, record)
     if platform is not None and platform.match_rank(have) is None:
+        if is_dangling(record) or not _is_reference(reference):
+            raise UsageError(
+                f"{reference} is a local image for {have}; name it by reference to get it "
+                f"for {platform}"
+            )
         return (await pull(session, reference, platform=platform)).record
     if platform is None and (text := platform_warning(have)):
         session.warn(text)
@@ -303,11 +308,23 @@ def _same_as_stored(store: Store, record: ImageRecord) -> bool:
 
 
 def _put_record(store: Store, record: ImageRecord) -> None:
-    """Add or replace a record: one per name; one unnamed record per repository+manifest."""
+    """Add or replace a record: one per name; one unnamed record per repository+manifest.
+
+    As docker lists them: a name makes the image's `<none>` rows of that repository (pulled
+    by digest) and its dangling row (untagged while mounted) go away."""
     with store.locked():
         records = store.records()
         if record.name is not None:
-            kept = [r for r in records if r.name != record.name]
+            kept = [
+                r
+                for r in records
+                if r.name != record.name
+                and not (
+                    r.name is None
+                    and r.manifest.digest == record.manifest.digest
+                    and r.repository in (None, record.repository)
+                )
+            ]
         else:
             kept = [
                 r
@@ -743,6 +760,18 @@ async def rmi_one(session: Session, query: str, *, force: bool = False) -> RmiRe
 
     result: RmiResult = await session.disk(work)
     return result
+
+
+def _is_reference(query: str) -> bool:
+    """A name (`repo[:tag]`, `repo@digest`), not an image ID (hex, `sha256:` or short)."""
+    hex_part = query.removeprefix("sha256:")
+    if len(hex_part) >= 4 and all(c in "0123456789abcdef" for c in hex_part):
+        return False
+    try:
+        Reference.parse(query)
+    except InvalidReference:
+        return False
+    return True
 
 
 def _is_digest_ref(query: str) -> bool:

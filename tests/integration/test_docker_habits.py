@@ -67,6 +67,13 @@ def test_platform_is_resolved_again_when_the_local_tag_is_another(
     pull = cli(root, "pull", "--platform", "linux/arm64", ref)
     assert pull.returncode == 0 and "Downloaded newer image" in pull.stdout
     assert ok(root, "cat", ref, "etc/platform") == "linux/arm64\n"
+    image_id = ok(root, "images", "-q").strip()
+    by_id = cli(root, "cat", "--platform", "linux/amd64", image_id, "etc/platform")
+    assert by_id.returncode == 2  # an ID names the local image; it cannot be resolved again
+    assert by_id.stderr == (
+        f"imagefs: {image_id} is a local image for linux/arm64; name it by reference to get "
+        "it for linux/amd64\n"
+    )
     # Without --platform, an image of another platform than the host's gets docker's warning,
     # from cat, ls, mount and pull alike; the local image is used as it is.
     for args in (["cat", ref, "etc/platform"], ["ls", ref, "etc"]):
@@ -146,6 +153,8 @@ def test_images_lists_digest_pulls_and_images_untagged_while_mounted(
     ]
     again = cli(root, "pull", sample_image.pushed.digest_ref)
     assert f"Status: Image is up to date for {repo}@{sample_image.digest}" in again.stdout
+    ok(root, "pull", sample_image.ref)  # now tagged: one row, as docker shows it
+    assert ok(root, "images", "--format", "{{.Repository}} {{.Tag}}").splitlines() == [f"{repo} v1"]
     root = tmp_path / "root2"  # an image known by its tag only, mounted
     ok(root, "pull", sample_image.ref)
     with mounted(root, sample_image.ref, tmp_path / "mnt") as mnt:
