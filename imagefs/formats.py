@@ -1,4 +1,4 @@
-"""PURE: docker's output conventions: `--format` (table / json / Go template), its tabwriter
+"""docker's output conventions: `--format` (table / json / Go template), its tabwriter
 table, `--filter KEY=VALUE` arguments, human sizes and times.
 
 The rules are docker's (cli/command/formatter): `json` prints `{{json .}}` of each item, one
