@@ -217,8 +217,15 @@ def test_formats_and_filters_speak_docker(
     assert ok(root, "images", "-q", "-f", "reference=*/*/small") == short + "\n"
     assert ok(root, "images", "-q", "-f", f"reference={repo}:v*") == short + "\n"
     assert ok(root, "images", "-q", "-f", "label=nope") == ""
-    assert ok(root, "images", "-q", "-f", "dangling=false").split()[0] == short
+    title = "label=org.opencontainers.image.title"
+    assert ok(root, "images", "-q", "-f", title) == short + "\n"
+    assert ok(root, "images", "-q", "-f", f"{title}=imagefs sample") == short + "\n"
+    assert ok(root, "images", "-q", "-f", f"{title}=other") == ""
     mp_id = json.loads(ok(root, "inspect", mp.image.ref))[0]["Id"][7:19]
+    assert sorted(ok(root, "images", "-q", "-f", "dangling=false").split()) == sorted(
+        [short, mp_id]
+    )
+    assert ok(root, "images", "-q", "-f", "dangling=true") == ""
     created = {i: json.loads(ok(root, "inspect", i))[0]["Created"] for i in (short, mp_id)}
     older, newer = sorted(created, key=lambda i: created[i])
     if created[older] != created[newer]:
