@@ -258,6 +258,7 @@ class Builder:
                 raise BuildError(f"Dockerfile:{ins.line}: WORKDIR needs a path")
             st.config["WorkingDir"] = rootfs.join(st.config.get("WorkingDir") or "/", path)
             st.pending_workdir = True
+            st.meta["workdir_user"] = st.config.get("User") or "0"
             st.key = cachemod.key(st.key, "WORKDIR", st.config["WorkingDir"])
             st.add_history(f"WORKDIR {st.config['WorkingDir']}", empty=True)
         elif ins.cmd == "RUN":
@@ -296,7 +297,9 @@ class Builder:
             async with runtime.overlay(st.lowers(), upper, tmp / "work", merged):
                 if st.pending_workdir:
                     wd = st.config.get("WorkingDir") or "/"
-                    await self.session.disk(copymod.make_dirs, merged, wd)
+                    user = st.meta.get("workdir_user") or "0"
+                    uid, gid, _ = await self.session.disk(rootfs.lookup_user, merged, user)
+                    await self.session.disk(copymod.make_dirs, merged, wd, (uid, gid))
                     st.pending_workdir = False
                 if action is not None:
                     await action(merged)

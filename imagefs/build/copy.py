@@ -33,7 +33,7 @@ class Ownership:
     mode: int | None = None
 
 
-def _make_parents(root: Path, container_dir: str) -> Path:
+def _make_parents(root: Path, container_dir: str, owner: tuple[int, int] | None = None) -> Path:
     """`mkdir -p` inside the rootfs (root-owned, 0755), symlinks resolved inside it."""
     target = resolve(root, container_dir)
     missing = []
@@ -46,12 +46,14 @@ def _make_parents(root: Path, container_dir: str) -> Path:
     for d in reversed(missing):
         d.mkdir()
         os.chmod(d, 0o755)
+        if owner is not None:  # as buildah: directories COPY --chown creates get that owner
+            os.chown(d, *owner)
     return target
 
 
-def make_dirs(root: Path, container_dir: str) -> None:
-    """WORKDIR: create the directory (root-owned, 0755) when it is missing."""
-    _make_parents(root, container_dir)
+def make_dirs(root: Path, container_dir: str, owner: tuple[int, int] | None = None) -> None:
+    """WORKDIR: create the directory (0755, owned by USER as buildah does) when missing."""
+    _make_parents(root, container_dir, owner)
 
 
 def _remove(path: Path) -> None:
@@ -112,7 +114,8 @@ def copy_sources(
         dest_is_dir = probe.is_dir() and not probe.is_symlink()
     if not dest_is_dir and groups and groups[0] and groups[0][0].path.is_dir():
         dest_is_dir = True  # a directory's contents go into the destination directory
-    base = _make_parents(root, dest.rstrip("/") or "/") if dest_is_dir else None
+    owner = (own.uid, own.gid if own.gid is not None else 0) if own.uid is not None else None
+    base = _make_parents(root, dest.rstrip("/") or "/", owner) if dest_is_dir else None
     dirs: list[tuple[Path, Path]] = []
     for group in groups:
         if not group:
@@ -126,7 +129,7 @@ def copy_sources(
                 name = src.rel if top_is_dir else f"{top.path.name}/{src.rel}".rstrip("/")
                 dst = base / name
             else:
-                parent = _make_parents(root, os.path.dirname(dest.rstrip("/")) or "/")
+                parent = _make_parents(root, os.path.dirname(dest.rstrip("/")) or "/", owner)
                 dst = parent / os.path.basename(dest.rstrip("/"))
             _copy_one(src.path, dst, own, keep_owner)
             if src.path.is_dir() and not src.path.is_symlink():
