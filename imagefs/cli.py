@@ -169,8 +169,31 @@ async def cmd_build(s: api.Session, a: argparse.Namespace) -> int:
         compression=a.compression,
         platform=a.platform,
     )
+    import signal
+
+    import trio
+
     progress = Progress("quiet" if a.quiet or a.progress == "quiet" else "plain")
-    result = await build(s, opts, progress)
+    result = None
+    # SIGTERM cancels the build like Ctrl-C: mounts and containers are undone on the way out.
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_term() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def run() -> None:
+                nonlocal result
+                result = await build(s, opts, progress)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_term)
+            nursery.start_soon(run)
+    if result is None:
+        print(f"{PROG}: build terminated", file=sys.stderr)
+        return 143
     print(result.image_id if a.quiet else f"Built {result.image_id}")
     return 0
 

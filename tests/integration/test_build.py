@@ -1,0 +1,118 @@
+"""`imagefs build` end to end: cache, bad input, SIGTERM, the result as a stored image."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagefs.testing.buildbase import build_base
+from imagefs.testing.images import PushedImage, push
+from imagefs.testing.mounts import imagefs, mounted
+from imagefs.testing.registry import LocalRegistry
+
+pytestmark = [pytest.mark.fuse, pytest.mark.registry]
+
+
+@pytest.fixture(scope="module")
+def base(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
+    if shutil.which("runc") is None:
+        pytest.fail("test infrastructure: runc is missing (tools/lib/setup.sh)")
+    layout = tmp_path_factory.mktemp("buildbase2") / "layout"
+    return push(build_base(layout), registry, "build/base2:1")
+
+
+def _ctx(tmp: Path, dockerfile: str, **files: str) -> Path:
+    ctx = tmp / "ctx"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for name, text in files.items():
+        (ctx / name).write_text(text)
+    return ctx
+
+
+def _build(
+    root: Path, base: PushedImage, ctx: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return imagefs(root, "build", "--build-arg", f"BASE={base.ref}", *extra, str(ctx), check=False)
+
+
+def _clean(root: Path) -> None:
+    assert str(root) not in Path("/proc/self/mountinfo").read_text()
+    assert imagefs(root, "check", check=False).returncode == 0
+
+
+DF = 'ARG BASE\nFROM $BASE\nCOPY f /f\nRUN echo ran > /r\nCMD ["cat", "/r"]\n'
+
+
+def test_rebuild_is_cached_and_the_image_mounts(base: PushedImage, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    ctx = _ctx(tmp_path, DF, f="one\n")
+    first = _build(root, base, ctx, "-t", "built:1")
+    assert first.returncode == 0, first.stderr
+    assert "CACHED" not in first.stderr
+    second = _build(root, base, ctx, "-t", "built:1")
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("CACHED") == 2
+    assert second.stdout == first.stdout or "Built sha256:" in second.stdout
+    (ctx / "f").write_text("two\n")  # new content: COPY and what follows run again
+    third = _build(root, base, ctx, "-t", "built:1")
+    assert "CACHED" not in third.stderr
+    nocache = _build(root, base, ctx, "--no-cache", "-t", "built:2")
+    assert nocache.returncode == 0 and "CACHED" not in nocache.stderr
+    assert "built" in imagefs(root, "images").stdout
+    with mounted(root, "built:1", tmp_path / "mnt") as mnt:
+        assert (mnt / "f").read_text() == "two\n"
+        assert (mnt / "r").read_text() == "ran\n"
+        assert (mnt / "etc" / "motd").read_text() == "hello\n"  # from the lazily read base
+    _clean(root)
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "message"),
+    [
+        ("ARG BASE\nFROM $BASE\nFROBNICATE x\n", "Dockerfile:3: unknown instruction: FROBNICATE"),
+        ("ARG BASE\nFROM $BASE\nCOPY missing /x\n", "Dockerfile:3: COPY failed: source 'missing'"),
+        (
+            "ARG BASE\nFROM $BASE\nRUN echo last words && exit 3\n",
+            "exited with code 3; last output: last words",
+        ),
+        ("ARG BASE\nFROM ${BASE}-nosuchtag\n", "base image 127.0.0.1:"),
+        ("ARG BASE\nRUN true\n", "Dockerfile:2: RUN before the first FROM"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(
+    base: PushedImage, tmp_path: Path, dockerfile: str, message: str
+) -> None:
+    root = tmp_path / "store"
+    proc = _build(root, base, _ctx(tmp_path, dockerfile), "-t", "bad:1")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("imagefs: ") and message in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "bad" not in imagefs(root, "images").stdout
+    _clean(root)
+
+
+def test_sigterm_during_run_leaves_no_mount_and_no_image(base: PushedImage, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    ctx = _ctx(tmp_path, "ARG BASE\nFROM $BASE\nRUN echo started && sleep 4711\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagefs", "--root", str(root), "build", "-t", "term:1",
+         "--build-arg", f"BASE={base.ref}", str(ctx)],
+        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.rstrip().endswith("started"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 4711" not in ps.splitlines()  # the container's process is gone too
+    assert "term" not in imagefs(root, "images").stdout
+    _clean(root)
