@@ -46,7 +46,9 @@ def _clean(root: Path) -> None:
     assert imagefs(root, "check", check=False).returncode == 0
 
 
-DF = 'ARG BASE\nFROM $BASE\nCOPY f /f\nRUN echo ran > /r\nCMD ["cat", "/r"]\n'
+# `.tmp-keep` is image content in the build cache: `imagefs check` must not call it a
+# leftover temporary file of the store.
+DF = 'ARG BASE\nFROM $BASE\nCOPY f /f\nRUN echo ran > /r && touch /.tmp-keep\nCMD ["cat", "/r"]\n'
 
 
 def test_rebuild_is_cached_and_the_image_mounts(base: PushedImage, tmp_path: Path) -> None:
