@@ -557,6 +557,7 @@ async def tag(session: Session, source: str, target: str) -> ImageRecord:
             source=src.source,
             index_digest=src.index_digest,
             created=now_rfc3339(),
+            extra=src.extra,  # e.g. `dev.imagefs.built`: a new name is the same image
         )
         _put_record(store, record)
         return record
@@ -743,6 +744,7 @@ async def push(
             source=record.source,
             index_digest=record.index_digest,
             created=record.created,
+            extra=record.extra,
         )
         await session.disk(_put_record, store, new)
     return PushResult(ref, digest, len(image.manifest.raw), uploaded, mounted, existed)

@@ -507,6 +507,11 @@ async def cmd_push(s: api.Session, a: argparse.Namespace) -> int:
     result = await api.push(s, a.reference, progress=show)
     tag = result.reference.tag or "latest"
     print(f"{tag}: digest: {result.digest} size: {result.size}")
+    from imagefs.build.publish import publish_built_indexes
+
+    published = await publish_built_indexes(s, a.reference)
+    if published is not None and not a.quiet:
+        print(f"layer indexes: {published.layers} published ({published.manifest_digest})")
     return 0
 
 

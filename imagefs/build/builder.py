@@ -34,7 +34,8 @@ from imagefs.build.stage import StageState, rfc3339
 from imagefs.build.words import Lexer
 from imagefs.errors import BuildError, NotFound
 from imagefs.fs import lifecycle
-from imagefs.image import load_resolved
+from imagefs.image import Layer, load_resolved
+from imagefs.indexes import build_local
 from imagefs.oci import mediatypes as mt
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
@@ -44,6 +45,9 @@ from imagefs.store import ImageRecord, Lease
 from imagefs.store.fsutil import fsync_dir
 
 WORK_DIR = "build-tmp"
+BUILT_ANNOTATION = "dev.imagefs.built"
+"""On a built image's record: `push` then publishes the layer indexes the build made."""
+BUILT = {BUILT_ANNOTATION: "true"}
 COMPRESSIONS = ("gzip",)
 
 
@@ -333,6 +337,10 @@ class Builder:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)
             fsync_dir(target.parent)
+            # Index the new layer now, so `push` can publish it and a mount of the pushed
+            # image reads byte ranges at once (the blob is hot in the page cache here).
+            layer = Layer(Descriptor(mt.OCI_LAYER_GZIP, blob.digest, blob.size), blob.diff_id)
+            build_local(self.store.root, target, layer)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -520,11 +528,11 @@ class Builder:
         manifest_desc = Descriptor(mt.OCI_MANIFEST, manifest_digest, len(manifest_bytes))
         now = api.now_rfc3339()
         for name in names:
-            record = ImageRecord(manifest_desc, name, None, st.source, None, now)
+            record = ImageRecord(manifest_desc, name, None, st.source, None, now, BUILT)
             await self.session.disk(api._put_record, self.store, record)
             step.note(f"naming to {name} done")
         if not names:
-            record = ImageRecord(manifest_desc, None, None, st.source, None, now)
+            record = ImageRecord(manifest_desc, None, None, st.source, None, now, BUILT)
             await self.session.disk(api._put_record, self.store, record)
         step.done()
         return BuildResult(

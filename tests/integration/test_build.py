@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,9 @@ def _clean(root: Path) -> None:
 DF = 'ARG BASE\nFROM $BASE\nCOPY f /f\nRUN echo ran > /r && touch /.tmp-keep\nCMD ["cat", "/r"]\n'
 
 
-def test_rebuild_is_cached_and_the_image_mounts(base: PushedImage, tmp_path: Path) -> None:
+def test_rebuild_is_cached_and_the_image_mounts(
+    base: PushedImage, registry: LocalRegistry, tmp_path: Path
+) -> None:
     root = tmp_path / "store"
     ctx = _ctx(tmp_path, DF, f="one\n")
     first = _build(root, base, ctx, "-t", "built:1")
@@ -71,6 +74,23 @@ def test_rebuild_is_cached_and_the_image_mounts(base: PushedImage, tmp_path: Pat
         assert (mnt / "f").read_text() == "two\n"
         assert (mnt / "r").read_text() == "ran\n"
         assert (mnt / "etc" / "motd").read_text() == "hello\n"  # from the lazily read base
+    # push publishes the build's layer indexes: a mount from an empty store reads the new
+    # layers by byte ranges, never whole (status 200) blob GETs.
+    ref = f"{registry.host}/built/cached:1"
+    imagefs(root, "tag", "built:1", ref)
+    pushed = imagefs(root, "push", ref).stdout
+    assert "layer indexes: 3 published" in pushed  # the base layer indexed by its mount too
+    layers = json.loads(imagefs(root, "inspect", ref).stdout)[0]["ImageFS"]["Layers"]
+    new = [layer["Digest"] for layer in layers[1:]]
+    registry.mark()
+    with mounted(tmp_path / "fresh", ref, tmp_path / "mnt2") as mnt:
+        assert (mnt / "r").read_text() == "ran\n"
+        assert (mnt / "f").read_text() == "two\n"
+    whole = [
+        r for r in registry.requests()
+        if r.is_blob_get and r.status == 200 and any(d in r.path for d in new)
+    ]  # fmt: skip
+    assert whole == []
     _clean(root)
 
 
