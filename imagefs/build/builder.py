@@ -232,6 +232,11 @@ class Builder:
             argv += ["--config", str(o.config_dir)]
         for host in sorted(o.insecure_registries):
             argv += ["--insecure-registry", host]
+        if o.link is not None:  # the base mount fetches over the same emulated network
+            if o.link.latency:
+                argv += ["--net-latency", f"{o.link.latency * 1000:g}"]
+            if o.link.bandwidth:
+                argv += ["--net-bandwidth", f"{o.link.bandwidth:.0f}B/s"]
         return argv
 
     # -- instructions -----------------------------------------------------------------------
