@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,20 @@ def test_sigterm_during_run_leaves_no_mount_and_no_image(base: PushedImage, tmp_
     assert "sleep 4711" not in ps.splitlines()  # the container's process is gone too
     assert "term" not in imagefs(root, "images").stdout
     _clean(root)
+
+
+def test_non_root_gets_one_clear_line() -> None:
+    # Not under pytest's tmp_path: its parents are closed to other users.
+    tmp_path = Path(tempfile.mkdtemp(prefix="imagefs-nonroot-"))
+    tmp_path.chmod(0o755)
+    ctx = _ctx(tmp_path, "FROM scratch\n")
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "imagefs", "--root", str(tmp_path / "store"), "build", str(ctx)],
+        capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    shutil.rmtree(tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "imagefs: imagefs build must run as root (it mounts overlayfs and runs RUN in namespaces)\n"
+    )
