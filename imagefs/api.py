@@ -653,12 +653,19 @@ class PruneResult:
         return sum(n for _, n in self.blobs) + self.derived_bytes
 
 
-async def prune(session: Session) -> PruneResult:
+async def prune(session: Session, *, build_cache: bool = False) -> PruneResult:
+    """Delete what no image (and no build cache entry) needs; `build_cache`: the cache too."""
+
     def work() -> PruneResult:
         store = session.store
         with store.locked():
+            cache_bytes = 0
+            if build_cache:
+                from imagefs.build.cache import remove_all
+
+                cache_bytes = remove_all(store.root)
             blobs = [(d, n) for d, n in store.collect_garbage() if n]
-            return PruneResult(blobs, sweep_derived(store))
+            return PruneResult(blobs, sweep_derived(store) + cache_bytes)
 
     result: PruneResult = await session.disk(work)
     return result

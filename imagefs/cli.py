@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("prune", "Remove blobs that no image references")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--build-cache", action="store_true", help="also empty the build cache")
     return parser
 
 
@@ -700,7 +701,7 @@ async def cmd_check(s: api.Session, a: argparse.Namespace) -> int:
 async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs import api
 
-    result = await api.prune(s)
+    result = await api.prune(s, build_cache=a.build_cache)
     if not a.quiet:
         for digest, _ in result.blobs:
             print(f"Deleted: {digest}")

@@ -11,8 +11,9 @@ arguments, shell, env and build args in scope, user, workdir, network) and, for 
 the content digest of the sources. A hit needs the entry *and* its layer blob in the store
 (`imagefs prune` may have collected the blob; the step is then rebuilt). An entry becomes
 visible only by the rename of a finished directory, so a killed build leaves at most a
-`partial-*` directory, which the next build removes. Clean the cache with
-`rm -rf ROOT/build-cache` (nothing else refers to it).
+`partial-*` directory, which the next build removes. `imagefs prune` keeps the blobs and
+indexes of cached layers; `imagefs prune --build-cache` drops the cache first (then what
+only the cache kept). Do not run that during a build.
 """
 
 from __future__ import annotations
@@ -97,6 +98,35 @@ class BuildCache:
         except OSError:  # another build made the same step meanwhile: theirs is as good
             shutil.rmtree(tmp, ignore_errors=True)
         return Entry(final / "upper", layer)
+
+
+def cached_layer_digests(root: Path) -> set[str]:
+    """Layer digests the build cache refers to: `prune` keeps them (and their indexes)."""
+    out: set[str] = set()
+    cache_dir = root / CACHE_DIR
+    if not cache_dir.is_dir():
+        return out
+    for entry in cache_dir.iterdir():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            layer = json.loads((entry / "step.json").read_text())["layer"]
+            if layer:
+                out.add(str(Digest.parse(layer["digest"])))
+    return out
+
+
+def remove_all(root: Path) -> int:
+    """`prune --build-cache`: drop every cache entry; returns the bytes freed (approximately:
+    the files' sizes)."""
+    cache_dir = root / CACHE_DIR
+    freed = 0
+    if not cache_dir.is_dir():
+        return 0
+    for dirpath, _dirs, files in os.walk(cache_dir):
+        for name in files:
+            with contextlib.suppress(OSError):
+                freed += os.lstat(os.path.join(dirpath, name)).st_size
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return freed
 
 
 def _alive(pid: int) -> bool:

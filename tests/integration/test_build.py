@@ -95,6 +95,22 @@ def test_rebuild_is_cached_and_the_image_mounts(
     _clean(root)
 
 
+def test_prune_keeps_the_build_cache_unless_told(base: PushedImage, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    ctx = _ctx(tmp_path, DF, f="one\n")
+    assert _build(root, base, ctx, "-t", "p:1").returncode == 0
+    imagefs(root, "rmi", "p:1")
+    imagefs(root, "prune")
+    again = _build(root, base, ctx, "-t", "p:1")
+    assert again.returncode == 0 and again.stderr.count("CACHED") == 2, again.stderr
+    imagefs(root, "rmi", "p:1")
+    imagefs(root, "prune", "--build-cache")
+    assert not (root / "build-cache").exists()
+    fresh = _build(root, base, ctx, "-t", "p:1")
+    assert fresh.returncode == 0 and "CACHED" not in fresh.stderr
+    _clean(root)
+
+
 @pytest.mark.parametrize(
     ("dockerfile", "message"),
     [
