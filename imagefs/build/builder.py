@@ -129,8 +129,9 @@ class Builder:
 
     # -- stages ---------------------------------------------------------------------------
 
-    def _step(self, stage: frontend.Stage, i: int, text: str) -> Step:
-        return self.progress.step(f"[{stage.label} {i}/{len(stage.instructions) + 1}] {text}")
+    def _step(self, stage: frontend.Stage, i: int, text: str, total: int | None = None) -> Step:
+        n = total or len(stage.instructions) + 1
+        return self.progress.step(f"[{stage.label} {i}/{n}] {text}")
 
     async def _stage(
         self,
@@ -143,10 +144,18 @@ class Builder:
         step = self._step(stage, 1, f"FROM {base}")
         st = await self._from(df, stage, base)
         step.done()
-        for i, ins in enumerate(stage.instructions, start=2):
+        triggers: tuple[frontend.Instruction, ...] = ()
+        if st.meta.get("onbuild"):
+            try:
+                parsed = frontend.parse("FROM scratch\n" + "\n".join(st.meta.pop("onbuild")))
+            except BuildError as exc:
+                raise BuildError(f"ONBUILD trigger of {base}: {exc}") from None
+            triggers = parsed.stages[0].instructions
+        steps = (*triggers, *stage.instructions)
+        for i, ins in enumerate(steps, start=2):
             env = {**st.args, **cfgmod.env_map(st.config)}
             lexer = Lexer(env, df.escape)
-            step = self._step(stage, i, ins.original.split("\n", 1)[0])
+            step = self._step(stage, i, ins.original.split("\n", 1)[0], len(steps) + 1)
             try:
                 await self._instruction(df, st, ins, lexer, meta, ignore, step)
             except BuildError as exc:
@@ -192,8 +201,8 @@ class Builder:
             self.created,
         )  # fmt: skip
         st.layers = [layer.descriptor for layer in resolved.layers]
-        if image.get("config", {}).get("OnBuild"):
-            raise BuildError(f"Dockerfile:{stage.line}: ONBUILD triggers of {base} are not run yet")
+        # docker runs the base's ONBUILD triggers right after FROM; the child keeps none.
+        st.meta["onbuild"] = list(image.get("config", {}).pop("OnBuild", None) or [])
         return st
 
     async def _mount_image(self, ref: str, platform: str | None) -> tuple[Path, ImageRecord]:

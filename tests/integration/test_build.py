@@ -111,6 +111,30 @@ def test_prune_keeps_the_build_cache_unless_told(base: PushedImage, tmp_path: Pa
     _clean(root)
 
 
+def test_onbuild_triggers_and_heredocs_run(base: PushedImage, tmp_path: Path) -> None:
+    # (not in the buildah corpus: buildah 1.28 knows no heredocs)
+    root = tmp_path / "store"
+    parent = _ctx(
+        tmp_path,
+        "ARG BASE\nFROM $BASE\nONBUILD RUN echo triggered > /t\n"
+        "RUN <<EOF\necho one > /h\necho two >> /h\nEOF\n"
+        "COPY <<EOF /doc.txt\nhere doc\nEOF\n",
+    )
+    assert _build(root, base, parent, "-t", "parent:1").returncode == 0
+    child = tmp_path / "child"
+    child.mkdir()
+    (child / "Dockerfile").write_text("FROM parent:1\nRUN cat /t > /t2\n")
+    proc = imagefs(root, "build", "-t", "child:1", str(child), check=False)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(imagefs(root, "inspect", "child:1").stdout)[0]["Config"]
+    assert not config.get("OnBuild")
+    with mounted(root, "child:1", tmp_path / "mnt") as mnt:
+        assert (mnt / "h").read_text() == "one\ntwo\n"
+        assert (mnt / "doc.txt").read_text() == "here doc\n"
+        assert (mnt / "t2").read_text() == "triggered\n"
+    _clean(root)
+
+
 @pytest.mark.parametrize(
     ("dockerfile", "message"),
     [
