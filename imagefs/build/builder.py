@@ -432,12 +432,20 @@ class Builder:
             src_key,
         ):
             groups: list[list[ctx.Source]] = []
+            remote: set[int] = set()
             for pattern in srcs:
                 if pattern.startswith("<<") and pattern[2:].lstrip("-") in heredoc_names:
                     groups.append(self._heredoc_source(ins, pattern))
                     continue
-                if ins.cmd == "ADD" and pattern.split("://")[0] in ("http", "https", "git"):
-                    raise BuildError(f"Dockerfile:{ins.line}: ADD of a URL is not supported yet")
+                scheme = pattern.split("://")[0] if "://" in pattern else ""
+                if ins.cmd == "ADD" and scheme in ("http", "https"):
+                    groups.append(await self._download(ins, pattern, dest))
+                    remote.add(len(groups) - 1)  # a downloaded archive is not extracted
+                    continue
+                if ins.cmd == "ADD" and scheme:
+                    raise BuildError(
+                        f"Dockerfile:{ins.line}: ADD of {scheme} URLs is not supported"
+                    )
                 matches = await self.session.disk(
                     ctx.select, src_root, pattern, ignore if src_key is None else None
                 )
@@ -470,8 +478,9 @@ class Builder:
                             gid = uid
                     own = copymod.Ownership(uid, gid, mode)
                     archives = [
-                        g for g in groups
-                        if ins.cmd == "ADD" and len(g) == 1 and copymod.is_archive(g[0].path)
+                        g for i, g in enumerate(groups)
+                        if ins.cmd == "ADD" and i not in remote and len(g) == 1
+                        and copymod.is_archive(g[0].path)
                     ]  # fmt: skip
                     plain = [g for g in groups if not any(g is a for a in archives)]
                     if plain:
@@ -484,6 +493,24 @@ class Builder:
                 await self.session.disk(work)
 
             await self._fs_step(st, key, created_by, step, action)
+
+    async def _download(self, ins: frontend.Instruction, url: str, dest: str) -> list[ctx.Source]:
+        """ADD URL: fetched to a file (mode 0600, mtime from Last-Modified, as docker does),
+        named after the URL's last path segment unless the destination names the file."""
+        from imagefs.build.fetch import download
+
+        name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        if not dest.endswith("/") and not name:
+            name = os.path.basename(dest)
+        if not name:
+            raise BuildError(f"Dockerfile:{ins.line}: cannot name the file of ADD {url}")
+        path = self.work / f"download-{uuid.uuid4().hex[:8]}" / name
+        path.parent.mkdir(parents=True)
+        try:
+            await download(url, path, self.session.options)
+        except BuildError as exc:
+            raise BuildError(f"Dockerfile:{ins.line}: ADD {url}: {exc}") from None
+        return [ctx.Source(path, "")]
 
     def _heredoc_source(self, ins: frontend.Instruction, pattern: str) -> list[ctx.Source]:
         name = pattern[2:].lstrip("-")

@@ -20,6 +20,8 @@ Expected differences (the written-down list):
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import os
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +140,11 @@ CORPUS: dict[str, Case] = {
         "FROM $BASE\nADD pkg.tar.gz /opt/\nADD a.txt /opt/a\n",
         {"pkg.tar.gz": _tarball(), "a.txt": b"a\n"},
     ),
+    "add_url": Case(
+        "ARG BASE\nFROM $BASE\nARG WEB\nADD $WEB/remote.txt /dl/\nADD $WEB/remote.tar.gz /dl/\n"
+        "ADD $WEB/remote.txt /named.txt\n",
+        build_args={"WEB": "{web}"},
+    ),
     "user_workdir": Case(
         "FROM $BASE\nWORKDIR /work/dir\nRUN pwd > here\nUSER app\nRUN id -u > /tmp/uid\n"
         "USER 0\nRUN cat /tmp/uid > /uid\n"
@@ -156,6 +164,20 @@ def base(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> P
             pytest.fail(f"test infrastructure: {tool} is missing (tools/lib/setup.sh)")
     layout = tmp_path_factory.mktemp("buildbase") / "layout"
     return push(build_base(layout), registry, "build/base:1")
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A plain HTTP server on loopback for ADD URL: a text file and a tarball."""
+    root = tmp_path_factory.mktemp("web")
+    (root / "remote.txt").write_text("from the web\n")
+    (root / "remote.tar.gz").write_bytes(_tarball())  # ADD of a URL does not extract it
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
 def _imagefs(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -178,8 +200,9 @@ def _context(tmp: Path, case: Case) -> Path:
     return ctx
 
 
-def _build_args(case: Case, base: PushedImage) -> Iterator[str]:
+def _build_args(case: Case, base: PushedImage, web: str) -> Iterator[str]:
     for k, v in {"BASE": base.ref, **case.build_args}.items():
+        v = v.replace("{web}", web)
         yield from ("--build-arg", f"{k}={v}")
 
 
@@ -195,11 +218,11 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
 
 
 def build_with_imagefs(
-    root: Path, tmp: Path, ctx: Path, case: Case, base: PushedImage, registry: LocalRegistry
+    root: Path, tmp: Path, ctx: Path, case: Case, args: list[str], registry: LocalRegistry
 ) -> tuple[Path, dict[str, object]]:
     ref = f"{registry.host}/built/imagefs:{tmp.name}"
     extra = ["--target", case.target] if case.target else []
-    proc = _imagefs(root, "build", "-t", ref, *_build_args(case, base), *extra, str(ctx))
+    proc = _imagefs(root, "build", "-t", ref, *args, *extra, str(ctx))
     assert proc.returncode == 0, proc.stderr
     assert _imagefs(root, "push", ref).returncode == 0
     assert str(root) not in Path("/proc/self/mountinfo").read_text()  # nothing left mounted
@@ -210,13 +233,13 @@ def build_with_imagefs(
 
 
 def build_with_buildah(
-    store: list[str], tmp: Path, ctx: Path, case: Case, base: PushedImage
+    store: list[str], tmp: Path, ctx: Path, case: Case, args: list[str]
 ) -> tuple[Path, dict[str, object]]:
     extra = ["--target", case.target] if case.target else []
     proc = subprocess.run(
         ["buildah", *store, "bud", "--isolation", "chroot", "--format", "docker",
          "--tls-verify=false", "--layers=false", "-t", "localhost/ref:1",
-         *_build_args(case, base), *extra, str(ctx)],
+         *args, *extra, str(ctx)],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -243,12 +266,14 @@ def test_build_matches_buildah(
     base: PushedImage,
     registry: LocalRegistry,
     stores: tuple[Path, list[str]],
+    web: str,
     tmp_path: Path,
 ) -> None:
     case = CORPUS[name]
     ctx = _context(tmp_path, case)
-    ours, our_config = build_with_imagefs(stores[0], tmp_path, ctx, case, base, registry)
-    theirs, their_config = build_with_buildah(stores[1], tmp_path, ctx, case, base)
+    args = list(_build_args(case, base, web))
+    ours, our_config = build_with_imagefs(stores[0], tmp_path, ctx, case, args, registry)
+    theirs, their_config = build_with_buildah(stores[1], tmp_path, ctx, case, args)
     mine = treecmp.listing(ours, FIELDS)
     have = {e.path for e in mine}
     reference = [
