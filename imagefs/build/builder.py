@@ -86,6 +86,7 @@ class Builder:
         self.work = session.root.absolute() / WORK_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stages: dict[int, StageState] = {}
         self.image_mounts: dict[str, tuple[Path, ImageRecord]] = {}
+        self.records: dict[str, ImageRecord] = {}
         self.throwaway: list[Path] = []
         self.layers_built = 0
         self.steps_cached = 0
@@ -174,6 +175,7 @@ class Builder:
             p = self.stages[parent.index]
             image = json.loads(json.dumps(p.image))
             st = StageState(stage.label, image, p.base_root, p.source, p.key, self.created)
+            st.base_ref = p.base_ref
             st.layers, st.uppers = list(p.layers), list(p.uppers)
             return st
         if base == "scratch":
@@ -190,25 +192,33 @@ class Builder:
             return StageState(
                 stage.label, image, empty, None, cachemod.key("scratch"), self.created
             )
-        mnt, record = await self._mount_image(base, stage.platform)
+        record = await self._resolve_image(base, stage.platform)
         resolved = await self.session.disk(
             load_resolved, self.store, record.manifest.digest, record.index_digest
         )
         image = json.loads(resolved.config.raw)
         image.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        # Mounted only when a step needs the files: a rebuild whose steps are all cached
+        # starts no mount at all.
         st = StageState(
-            stage.label, image, mnt, record.source, cachemod.key(str(record.manifest.digest)),
-            self.created,
+            stage.label, image, Path("/nonexistent"), record.source,
+            cachemod.key(str(record.manifest.digest)), self.created,
         )  # fmt: skip
+        st.base_ref = base
         st.layers = [layer.descriptor for layer in resolved.layers]
         # docker runs the base's ONBUILD triggers right after FROM; the child keeps none.
         st.meta["onbuild"] = list(image.get("config", {}).pop("OnBuild", None) or [])
         return st
 
-    async def _mount_image(self, ref: str, platform: str | None) -> tuple[Path, ImageRecord]:
-        """Mount an image lazily (imagefs's own daemon), once per build."""
-        if ref in self.image_mounts:
-            return self.image_mounts[ref]
+    async def _ensure_base(self, st: StageState) -> None:
+        if st.base_ref is not None:
+            st.base_root, _ = await self._mount_image(st.base_ref, None)
+            st.base_ref = None
+
+    async def _resolve_image(self, ref: str, platform: str | None) -> ImageRecord:
+        """The stored record of `ref`, pulled (metadata only) when it is not local."""
+        if ref in self.records:
+            return self.records[ref]
         try:
             Reference.parse(ref)
         except Exception as exc:
@@ -225,6 +235,14 @@ class Builder:
                 raise BuildError(f"base image {ref} not found: {exc}") from None
         assert self.lease is not None
         self.lease.add(record.manifest.digest)
+        self.records[ref] = record
+        return record
+
+    async def _mount_image(self, ref: str, platform: str | None) -> tuple[Path, ImageRecord]:
+        """Mount an image lazily (imagefs's own daemon), once per build."""
+        if ref in self.image_mounts:
+            return self.image_mounts[ref]
+        record = await self._resolve_image(ref, platform)
         mnt = self.work / f"image-{len(self.image_mounts)}"
         mnt.mkdir()
         argv = self._global_argv()
@@ -307,6 +325,7 @@ class Builder:
                 self.lease.add(entry.layer.digest)
             st.add_layer(entry.upper, entry.layer, created_by)
             return
+        await self._ensure_base(st)
         tmp = await self.session.disk(self.cache.new_dir)
         try:
             upper = tmp / "upper"
@@ -532,6 +551,7 @@ class Builder:
         stage = frontend.find_stage(df, src)
         if stage is not None and stage.index in self.stages:
             other = self.stages[stage.index]
+            await self._ensure_base(other)
             self._n += 1
             merged = self.work / f"merged-{self._n}"
             empty = self.work / "empty-lower"

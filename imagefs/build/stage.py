@@ -39,6 +39,8 @@ class StageState:
     """registry/repository the base layers can be fetched from (None: scratch)."""
     key: str
     created: str
+    base_ref: str | None = None
+    """The base image while it is not mounted yet (then `base_root` is a placeholder)."""
     layers: list[Descriptor] = field(default_factory=list)
     uppers: list[Path] = field(default_factory=list)
     """Upper dirs of this stage's (and its parent stages') steps, bottom first."""

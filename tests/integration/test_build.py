@@ -61,9 +61,12 @@ def test_rebuild_is_cached_and_the_image_mounts(
     first = _build(root, base, ctx, "-t", "built:1")
     assert first.returncode == 0, first.stderr
     assert "CACHED" not in first.stderr
+    mounts_before = sorted((root / "logs").glob("mount-*.log"))
     second = _build(root, base, ctx, "-t", "built:1")
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("CACHED") == 2
+    # every step cached: the base was not even mounted (each mount has a log of its own)
+    assert sorted((root / "logs").glob("mount-*.log")) == mounts_before
     assert second.stdout == first.stdout or "Built sha256:" in second.stdout
     (ctx / "f").write_text("two\n")  # new content: COPY and what follows run again
     third = _build(root, base, ctx, "-t", "built:1")
