@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench import images, lazy
+from bench import images, lazy, lazyrun
 from bench.lazyrun import Imagefs, Net, registry_get_bytes, shaped_registry
 from bench.util import drop_caches, log, remove_tree, run
 from imagefs.testing.images import LayoutImage, skopeo_copy, umoci_unpack
@@ -129,7 +129,10 @@ def run_experiment(
             *rows,
             "",
             "The built image, pushed and mounted lazily from an empty store, lists identically "
-            "to `umoci unpack` of it (treecmp, every field).",
+            "to `umoci unpack` of it (treecmp, every field). WAN for imagefs: its own link "
+            "emulation (`--net-latency 20 --net-bandwidth 100mbit`, passed on to the base "
+            f"mount); for buildah: {lazyrun.shaping_note(lazyrun.SHAPING_USED)}. The machine "
+            "is shared (2 cores, other builds running), so single runs vary by ~2x.",
             END,
         ]
     )
