@@ -7,7 +7,8 @@ from imagefs import api
 from imagefs.build.builder import BUILT_ANNOTATION
 from imagefs.image import load_resolved
 from imagefs.indexes import PushedIndexes, needs_index, push_indexes
-from imagefs.layers.index import IndexStore, LayerIndex
+from imagefs.layers.index import LayerIndex
+from imagefs.layers.indexstore import IndexStore
 from imagefs.oci.reference import Reference
 
 
@@ -22,7 +23,7 @@ async def publish_built_indexes(session: api.Session, reference: str) -> PushedI
     found: list[LayerIndex] = []
     for layer in image.layers:
         if needs_index(layer):
-            idx = await session.disk(indexes.load, layer.digest)
+            idx = await session.disk(indexes.load_layer, layer.digest)
             if idx is not None and idx.seek is not None:
                 found.append(idx)
     if not found:
