@@ -656,6 +656,7 @@ async def tag(session: Session, source: str, target: str) -> ImageRecord:
             source=src.source,
             index_digest=src.index_digest,
             created=now_rfc3339(),
+            extra=src.extra,  # e.g. `dev.imagefs.built`: a new name is the same image
         )
         _put_record(store, record)
         return record
@@ -799,8 +800,9 @@ class PruneResult:
         return sum(n for _, n in self.blobs) + self.derived_bytes
 
 
-async def prune(session: Session) -> PruneResult:
-    """docker image prune: dangling images that no mount uses, then unreferenced blobs."""
+async def prune(session: Session, *, build_cache: bool = False) -> PruneResult:
+    """docker image prune: dangling images that no mount uses, then what no image (and no
+    build cache entry) needs; `build_cache`: empty the build cache first."""
 
     def work() -> PruneResult:
         store = session.store
@@ -810,8 +812,13 @@ async def prune(session: Session) -> PruneResult:
             kept = [r for r in records if not is_dangling(r) or str(r.manifest.digest) in in_use]
             if len(kept) != len(records):
                 store.refs.save(kept)
+            cache_bytes = 0
+            if build_cache:
+                from imagefs.build.cache import remove_all
+
+                cache_bytes = remove_all(store.root)
             blobs = [(d, n) for d, n in store.collect_garbage() if n]
-            return PruneResult(blobs, sweep_derived(store))
+            return PruneResult(blobs, sweep_derived(store) + cache_bytes)
 
     result: PruneResult = await session.disk(work)
     return result
@@ -910,6 +917,7 @@ async def push(
             source=record.source,
             index_digest=record.index_digest,
             created=record.created,
+            extra=record.extra,
         )
         await session.disk(_put_record, store, new)
     return PushResult(ref, digest, len(image.manifest.raw), uploaded, mounted, existed)

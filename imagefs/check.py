@@ -97,7 +97,11 @@ def check_store(root: Path, repair: bool = False) -> CheckReport:
                 os.close(fd)
                 if path.stat().st_size == 0:
                     bad(f"empty partial download {path}", path)
-        for tmp in sorted(root.rglob(f"{fsutil.TEMP_PREFIX}*")):
+        # build-cache/build-tmp hold image contents (and a running build's mounts), not the
+        # store's own files: never walked.
+        tops = [p for p in root.iterdir() if p.name not in ("build-cache", "build-tmp")]
+        temps = (t for top in tops for t in [top, *(top.rglob("*") if top.is_dir() else ())])
+        for tmp in sorted(t for t in temps if t.name.startswith(fsutil.TEMP_PREFIX)):
             if "blobs" in tmp.parts:
                 continue  # reported above
             bad(f"leftover temporary file {tmp}", tmp)

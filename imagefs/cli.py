@@ -137,6 +137,116 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _build_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context", type=Path, help="the build context directory")
+    p.add_argument(
+        "-t",
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="name the image NAME[:TAG] (repeatable)",
+    )
+    p.add_argument(
+        "-f", "--file", metavar="DOCKERFILE", help="default CONTEXT/Dockerfile; - = stdin"
+    )
+    p.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="K[=V]",
+        help="set a build-time variable (K alone: from the environment)",
+    )
+    p.add_argument("--target", metavar="STAGE", help="build up to this stage")
+    p.add_argument("--no-cache", action="store_true", help="do not use the build cache")
+    p.add_argument("--pull", action="store_true", help="resolve base images again")
+    p.add_argument("--network", choices=["host", "none"], default="host", help="for RUN")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="K=V", help="add a label to the image"
+    )
+    p.add_argument(
+        "--compression",
+        default="gzip",
+        choices=["gzip", "estargz", "zstd:chunked"],
+        help="layer compression (only gzip so far)",
+    )
+    p.add_argument(
+        "--progress",
+        choices=["auto", "plain", "quiet"],
+        default="auto",
+        help="progress output (auto prints the plain style)",
+    )
+    p.add_argument("--platform", help="os/arch[/variant] of base images to pull")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
+
+
+async def cmd_build(s: api.Session, a: argparse.Namespace) -> int:
+    from imagefs.build.builder import BuildOptions, build
+    from imagefs.build.progress import Progress
+
+    def pairs(items: list[str], what: str, env_default: bool) -> dict[str, str]:
+        out = {}
+        for item in items:
+            k, eq, v = item.partition("=")
+            if not k:
+                raise UsageError(f"{what} wants K=V, not {item!r}")
+            if eq:
+                out[k] = v
+            elif env_default and k in os.environ:  # docker: `--build-arg K` takes $K
+                out[k] = os.environ[k]
+        return out
+
+    if a.file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(a.file) if a.file else a.context / "Dockerfile"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read Dockerfile {path}: {exc.strerror}") from None
+    opts = BuildOptions(
+        context=a.context,
+        dockerfile=text,
+        tags=a.tags,
+        build_args=pairs(a.build_arg, "--build-arg", True),
+        target=a.target,
+        no_cache=a.no_cache,
+        pull=a.pull,
+        network=a.network,
+        labels=pairs(a.label, "--label", False),
+        compression=a.compression,
+        platform=a.platform,
+    )
+    import signal
+
+    import trio
+
+    progress = Progress("quiet" if a.quiet or a.progress == "quiet" else "plain")
+    result = None
+    # SIGTERM cancels the build like Ctrl-C: mounts and containers are undone on the way out.
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_term() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def run() -> None:
+                nonlocal result
+                result = await build(s, opts, progress)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_term)
+            nursery.start_soon(run)
+    if result is None:
+        print(f"{PROG}: build terminated", file=sys.stderr)
+        return 143
+    print(result.image_id if a.quiet else f"Built {result.image_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Mount and manage OCI/Docker images, lazily.")
     _common(parser, top=True)
@@ -268,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
 
+    _build_parser(cmd("build", "Build an image from a Dockerfile, on lazily mounted bases (root)"))
+
     p = cmd("profile", "Prefetch profiles: record what a workload reads; publish them")
     psub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_CommandParser)
     psub.required = True
@@ -357,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="print only the total reclaimed space"
     )
+    p.add_argument("--build-cache", action="store_true", help="also empty the build cache")
     _short_usages(parser)
     return parser
 
@@ -531,6 +644,11 @@ async def cmd_push(s: api.Session, a: argparse.Namespace) -> int:
     result = await api.push(s, a.reference, progress=show)
     tag = result.reference.tag or "latest"
     print(f"{tag}: digest: {result.digest} size: {result.size}")
+    from imagefs.build.publish import publish_built_indexes
+
+    published = await publish_built_indexes(s, a.reference)
+    if published is not None and not a.quiet:
+        print(f"layer indexes: {published.layers} published ({published.manifest_digest})")
     return 0
 
 
@@ -748,7 +866,7 @@ async def cmd_check(s: api.Session, a: argparse.Namespace) -> int:
 async def cmd_prune(s: api.Session, a: argparse.Namespace) -> int:
     from imagefs import api
 
-    result = await api.prune(s)
+    result = await api.prune(s, build_cache=a.build_cache)
     if not a.quiet:
         for digest, _ in result.blobs:
             print(f"Deleted: {digest}")
@@ -1130,6 +1248,7 @@ COMMANDS: dict[str, Callable[[api.Session, argparse.Namespace], Any]] = {
     "mounts": cmd_mounts,
     "stats": cmd_stats,
     "profile": cmd_profile,
+    "build": cmd_build,
     "check": cmd_check,
     "ls": cmd_ls,
     "trace": cmd_trace,

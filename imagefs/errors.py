@@ -106,6 +106,11 @@ class LayerFormatError(ImageFSError):
     """A layer's tar or compression stream is malformed (truncated, lies about sizes, ...)."""
 
 
+class BuildError(ImageFSError):
+    """`imagefs build` cannot go on: a Dockerfile error (naming its line), a RUN that failed,
+    a missing COPY source, a runtime or overlay that refused."""
+
+
 def first_error(exc: BaseException) -> BaseException:
     """The first leaf of a (nested) exception group; `exc` itself if it is not a group."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:

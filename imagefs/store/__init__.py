@@ -143,6 +143,10 @@ class Store:
             if isinstance(manifest, Manifest):
                 keep.add(str(manifest.config.digest))
                 keep.update(str(layer.digest) for layer in manifest.layers)
+        # Layers `imagefs build` keeps for reuse (see imagefs.build.cache).
+        from imagefs.build.cache import cached_layer_digests
+
+        keep.update(cached_layer_digests(self.root))
         return keep
 
     def collect_garbage(

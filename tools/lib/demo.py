@@ -109,6 +109,26 @@ def main() -> None:
 
         say("unmount and clean up")
         run("umount", str(mnt), root=root)
+
+        say("build on it (root): the base is mounted lazily, each step is an overlay layer")
+        ctx = work / "ctx"
+        ctx.mkdir()
+        (ctx / "hello.txt").write_text("hello from imagefs build\n")
+        (ctx / "Dockerfile").write_text(
+            f"FROM {pushed.ref}\nCOPY hello.txt /srv/hello.txt\nENV GREETING=hello\n"
+            'LABEL demo=build\nCMD ["/usr/bin/bash"]\n'
+        )
+        built = f"{registry.host}/demo/built:v1"
+        registry.mark()
+        run("build", "-t", built, str(ctx), root=root)
+        fetched_report(root, pushed.ref, registry)
+        run("push", built, root=root)
+
+        say("mount the pushed build from an empty store: lazy at once (indexes published)")
+        run("mount", built, str(mnt), root=work / "fresh")
+        print(f"$ cat {mnt}/srv/hello.txt")
+        print((mnt / "srv" / "hello.txt").read_text(), end="")
+        run("umount", str(mnt), root=work / "fresh")
     finally:
         force_unmount(mnt)
         registry.stop()

@@ -6,6 +6,7 @@ IMAGEFS_DEBIAN_PACKAGES=(
     fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv   # pyfuse3 builds against libfuse3
     docker-registry   # the CNCF distribution registry the tests and the demo run on loopback
     skopeo umoci      # independent image producers and the reference extractor
+    runc buildah busybox-static attr   # `build`: RUN runtime; reference builder; test base
     tar gzip zstd     # GNU tar writes test layers; zstd for hand-made layers
 )
 

@@ -37,12 +37,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--experiment",
-        choices=("issue3", "lazy", "slacker"),
+        choices=("issue3", "lazy", "slacker", "build"),
         default="issue3",
         help="issue3: the systems and workloads below (default); lazy: an uncached image per "
         "lazy format against pull-and-extract, loopback and emulated WAN (a section of "
         "docs/bench.md); slacker: real workloads, lazy / profile / pull-and-extract "
-        "(docs/slacker.md and docs/slacker.svg)",
+        "(docs/slacker.md and docs/slacker.svg); build: `imagefs build` on a lazily mounted "
+        "base against `buildah bud` (a section of docs/bench.md)",
     )
     p.add_argument(
         "--nets", default="loopback,wan", help="lazy/slacker: loopback, wan or both (default)"
@@ -271,6 +272,16 @@ def lazy_main(args: argparse.Namespace, argv: list[str]) -> int:
         tools += report.machine_facts()
         registry = stack.enter_context(LocalRegistry(scratch / "registry"))
         fs = Imagefs(imagefs_bin, scratch / "imagefs")
+        if args.experiment == "build":
+            from bench import buildexp
+
+            section = buildexp.run_experiment(built, registry, imagefs_bin, nets, runs, scratch)
+            output = args.output or REPO / "docs" / "bench.md"
+            old = output.read_text() if output.exists() else ""
+            output.write_text(buildexp.splice(old, section))
+            sys.stdout.write(section + "\n")
+            log(f"written to {output}")
+            return 0
         if args.experiment == "lazy":
             names = ["gzip+index", "estargz", "zstd:chunked"]
             pushed = lazy.push_variants(built, registry, imagefs_bin, names)

@@ -1,0 +1,201 @@
+"""`imagefs build` end to end: cache, bad input, SIGTERM, the result as a stored image."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from imagefs.testing.buildbase import build_base
+from imagefs.testing.images import PushedImage, push
+from imagefs.testing.mounts import imagefs, mounted
+from imagefs.testing.registry import LocalRegistry
+
+pytestmark = [pytest.mark.fuse, pytest.mark.registry]
+
+
+@pytest.fixture(scope="module")
+def base(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
+    if shutil.which("runc") is None:
+        pytest.fail("test infrastructure: runc is missing (tools/lib/setup.sh)")
+    layout = tmp_path_factory.mktemp("buildbase2") / "layout"
+    return push(build_base(layout), registry, "build/base2:1")
+
+
+def _ctx(tmp: Path, dockerfile: str, **files: str) -> Path:
+    ctx = tmp / "ctx"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for name, text in files.items():
+        (ctx / name).write_text(text)
+    return ctx
+
+
+def _build(
+    root: Path, base: PushedImage, ctx: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return imagefs(root, "build", "--build-arg", f"BASE={base.ref}", *extra, str(ctx), check=False)
+
+
+def _clean(root: Path) -> None:
+    assert str(root) not in Path("/proc/self/mountinfo").read_text()
+    assert imagefs(root, "check", check=False).returncode == 0
+
+
+# `.tmp-keep` is image content in the build cache: `imagefs check` must not call it a
+# leftover temporary file of the store.
+DF = 'ARG BASE\nFROM $BASE\nCOPY f /f\nRUN echo ran > /r && touch /.tmp-keep\nCMD ["cat", "/r"]\n'
+
+
+def test_rebuild_is_cached_and_the_image_mounts(
+    base: PushedImage, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    ctx = _ctx(tmp_path, DF, f="one\n")
+    first = _build(root, base, ctx, "-t", "built:1")
+    assert first.returncode == 0, first.stderr
+    assert "CACHED" not in first.stderr
+    mounts_before = sorted((root / "logs").glob("mount-*.log"))
+    second = _build(root, base, ctx, "-t", "built:1")
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("CACHED") == 2
+    # every step cached: the base was not even mounted (each mount has a log of its own)
+    assert sorted((root / "logs").glob("mount-*.log")) == mounts_before
+    assert second.stdout == first.stdout or "Built sha256:" in second.stdout
+    (ctx / "f").write_text("two\n")  # new content: COPY and what follows run again
+    third = _build(root, base, ctx, "-t", "built:1")
+    assert "CACHED" not in third.stderr
+    nocache = _build(root, base, ctx, "--no-cache", "-t", "built:2")
+    assert nocache.returncode == 0 and "CACHED" not in nocache.stderr
+    assert "built" in imagefs(root, "images").stdout
+    with mounted(root, "built:1", tmp_path / "mnt") as mnt:
+        assert (mnt / "f").read_text() == "two\n"
+        assert (mnt / "r").read_text() == "ran\n"
+        assert (mnt / "etc" / "motd").read_text() == "hello\n"  # from the lazily read base
+    # push publishes the build's layer indexes: a mount from an empty store reads the new
+    # layers by byte ranges, never whole (status 200) blob GETs.
+    ref = f"{registry.host}/built/cached:1"
+    imagefs(root, "tag", "built:1", ref)
+    pushed = imagefs(root, "push", ref).stdout
+    assert "layer indexes: 3 published" in pushed  # the base layer indexed by its mount too
+    layers = json.loads(imagefs(root, "inspect", ref).stdout)[0]["ImageFS"]["Layers"]
+    new = [layer["Digest"] for layer in layers[1:]]
+    registry.mark()
+    with mounted(tmp_path / "fresh", ref, tmp_path / "mnt2") as mnt:
+        assert (mnt / "r").read_text() == "ran\n"
+        assert (mnt / "f").read_text() == "two\n"
+    whole = [
+        r for r in registry.requests()
+        if r.is_blob_get and r.status == 200 and any(d in r.path for d in new)
+    ]  # fmt: skip
+    assert whole == []
+    _clean(root)
+
+
+def test_prune_keeps_the_build_cache_unless_told(base: PushedImage, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    ctx = _ctx(tmp_path, DF, f="one\n")
+    assert _build(root, base, ctx, "-t", "p:1").returncode == 0
+    imagefs(root, "rmi", "p:1")
+    imagefs(root, "prune")
+    again = _build(root, base, ctx, "-t", "p:1")
+    assert again.returncode == 0 and again.stderr.count("CACHED") == 2, again.stderr
+    imagefs(root, "rmi", "p:1")
+    imagefs(root, "prune", "--build-cache")
+    assert not (root / "build-cache").exists()
+    fresh = _build(root, base, ctx, "-t", "p:1")
+    assert fresh.returncode == 0 and "CACHED" not in fresh.stderr
+    _clean(root)
+
+
+def test_onbuild_triggers_and_heredocs_run(base: PushedImage, tmp_path: Path) -> None:
+    # (not in the buildah corpus: buildah 1.28 knows no heredocs)
+    root = tmp_path / "store"
+    parent = _ctx(
+        tmp_path,
+        "ARG BASE\nFROM $BASE\nONBUILD RUN echo triggered > /t\n"
+        "RUN <<EOF\necho one > /h\necho two >> /h\nEOF\n"
+        "COPY <<EOF /doc.txt\nhere doc\nEOF\n",
+    )
+    assert _build(root, base, parent, "-t", "parent:1").returncode == 0
+    child = tmp_path / "child"
+    child.mkdir()
+    (child / "Dockerfile").write_text("FROM parent:1\nRUN cat /t > /t2\n")
+    proc = imagefs(root, "build", "-t", "child:1", str(child), check=False)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(imagefs(root, "inspect", "child:1").stdout)[0]["Config"]
+    assert not config.get("OnBuild")
+    with mounted(root, "child:1", tmp_path / "mnt") as mnt:
+        assert (mnt / "h").read_text() == "one\ntwo\n"
+        assert (mnt / "doc.txt").read_text() == "here doc\n"
+        assert (mnt / "t2").read_text() == "triggered\n"
+    _clean(root)
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "message"),
+    [
+        ("ARG BASE\nFROM $BASE\nFROBNICATE x\n", "Dockerfile:3: unknown instruction: FROBNICATE"),
+        ("ARG BASE\nFROM $BASE\nCOPY missing /x\n", "Dockerfile:3: COPY failed: source 'missing'"),
+        (
+            "ARG BASE\nFROM $BASE\nRUN echo last words && exit 3\n",
+            "exited with code 3; last output: last words",
+        ),
+        ("ARG BASE\nFROM ${BASE}-nosuchtag\n", "base image 127.0.0.1:"),
+        ("ARG BASE\nRUN true\n", "Dockerfile:2: RUN before the first FROM"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(
+    base: PushedImage, tmp_path: Path, dockerfile: str, message: str
+) -> None:
+    root = tmp_path / "store"
+    proc = _build(root, base, _ctx(tmp_path, dockerfile), "-t", "bad:1")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("imagefs: ") and message in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "bad" not in imagefs(root, "images").stdout
+    _clean(root)
+
+
+def test_sigterm_during_run_leaves_no_mount_and_no_image(base: PushedImage, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    ctx = _ctx(tmp_path, "ARG BASE\nFROM $BASE\nRUN echo started && sleep 4711\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagefs", "--root", str(root), "build", "-t", "term:1",
+         "--build-arg", f"BASE={base.ref}", str(ctx)],
+        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.rstrip().endswith("started"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 4711" not in ps.splitlines()  # the container's process is gone too
+    assert "term" not in imagefs(root, "images").stdout
+    _clean(root)
+
+
+def test_non_root_gets_one_clear_line() -> None:
+    # Not under pytest's tmp_path: its parents are closed to other users.
+    tmp_path = Path(tempfile.mkdtemp(prefix="imagefs-nonroot-"))
+    tmp_path.chmod(0o755)
+    ctx = _ctx(tmp_path, "FROM scratch\n")
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "imagefs", "--root", str(tmp_path / "store"), "build", str(ctx)],
+        capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    shutil.rmtree(tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "imagefs: imagefs build must run as root (it mounts overlayfs and runs RUN in namespaces)\n"
+    )
