@@ -28,10 +28,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import zstandard
-
 from imagefs.errors import IntegrityError, LayerFormatError
 from imagefs.layers.estargz import TOC, TOCEntry, parse_entry
+from imagefs.layers.seekindex import zstd_capped
 
 POSITION_KEY = "io.github.containers.zstd-chunked.manifest-position"
 CHECKSUM_KEY = "io.github.containers.zstd-chunked.manifest-checksum"
@@ -154,11 +153,17 @@ def decode_manifest(
             )
     if position.uncompressed_length > _MAX_TOC_SIZE:
         raise LayerFormatError("zstd:chunked: TOC too large")
+    # Output capped at the declared length (+1 to see a lie): a checksum only proves the
+    # compressed bytes are the ones the manifest names, not that they inflate to a sane size.
     try:
-        dec = zstandard.ZstdDecompressor().decompressobj()
-        raw = dec.decompress(compressed)
-    except zstandard.ZstdError as e:
+        raw = zstd_capped(compressed, position.uncompressed_length)
+    except LayerFormatError as e:
         raise LayerFormatError(f"zstd:chunked: TOC does not decompress: {e}") from None
+    if len(raw) > position.uncompressed_length:
+        raise LayerFormatError(
+            f"zstd:chunked: TOC inflates to more than the {position.uncompressed_length} "
+            "bytes its position declares"
+        )
     if len(raw) != position.uncompressed_length:
         raise LayerFormatError(
             f"zstd:chunked: TOC inflates to {len(raw)} bytes, "
@@ -240,8 +245,8 @@ def read_chunk(ref: ChunkRef, compressed: bytes) -> bytes:
     if len(compressed) != ref.end - ref.start:
         raise LayerFormatError(f"zstd:chunked: {ref.name}: short chunk data")
     try:
-        data = zstandard.ZstdDecompressor().decompressobj().decompress(compressed)
-    except zstandard.ZstdError as e:
+        data = zstd_capped(compressed, ref.size, across_frames=False)  # a frame a chunk
+    except LayerFormatError as e:
         raise LayerFormatError(f"zstd:chunked: {ref.name}: corrupt frame: {e}") from None
     if len(data) != ref.size:
         raise LayerFormatError(

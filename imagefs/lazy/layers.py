@@ -11,12 +11,14 @@ this manifest's TOC, this manifest's published index, else the whole blob).
   uncompressed span digest). A warm read is a `pread` of an open piece, on the event loop
   (a worker-thread hop costs ~50-100 µs, more than the pread of a small file).
 - a missing piece is made once (single flight per piece name): its compressed range comes
-  from the local blob or by a Range GET (grouped with neighbours, see `_plan`), is verified
+  from the local blob or by a Range GET (grouped with neighbours, see `making.plan`), is verified
   (span: compressed sha256; chunk: digest after inflating), inflated with output capped at
   the declared size, checked against the piece name, kept, and served. Decoding all the
   pieces of one request is one worker-thread hop.
 
-A sequential reader gets read-ahead; `prefetch*` bring pieces in ahead of need.
+Pieces are made by `lazy.making` (fetch planning, verification, single flight); a reader
+going on where it left off gets read-ahead and `prefetch*` bring pieces in ahead of need
+(`lazy.prefetch`).
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ from pathlib import Path
 import trio
 import zstandard
 
-from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError, unwrap_groups
+from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.image import Layer
 from imagefs.layers import chunks as chunk_tables
 from imagefs.layers.index import LayerIndex
 from imagefs.layers.indexstore import IndexStore
 from imagefs.layers.seekindex import SeekIndex, inflate_span, verify_raw_span, verify_span
 from imagefs.lazy import loading, telemetry
+from imagefs.lazy import prefetch as prefetching
 from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST, RemoteIndex
+from imagefs.lazy.making import MIN_FETCH, Job, PieceMaker
+from imagefs.lazy.prefetch import READ_AHEAD, ReadAhead
 from imagefs.store import Store, fsutil
 
 log = logging.getLogger("imagefs.lazy")
@@ -48,35 +53,12 @@ log = logging.getLogger("imagefs.lazy")
 FetchBlob = Callable[[Layer], Awaitable[None]]
 FetchRange = Callable[[Layer, int, int], Awaitable[bytes]]
 ZSTD_FLAT_THRESHOLD = 8 << 20  # single-frame zstd bigger than this: decompress once to a file
-# Chunks smaller than this are fetched together with their neighbours in one request: a round
-# trip costs far more than the few extra KiB (see docs/bench.md for the measurement).
-MIN_FETCH = 256 << 10
-READ_AHEAD = 4 << 20
 
 __all__ = ["ESTARGZ_TOC_DIGEST", "READ_AHEAD", "LayerSet", "LayerStats"]
 
 
 class _Gone(Exception):
     """A piece was evicted between making sure of it and reading it."""
-
-
-@dataclass(frozen=True)
-class _Job:
-    """How to make one piece: compressed bytes [start, end) -> verified payload."""
-
-    name: str  # sha256 hex of the payload
-    start: int
-    end: int
-    decode: Callable[[bytes], bytes]
-
-
-class _Flight:
-    """One piece being made; waiters take the payload from here (a tiny cache cap may have
-    evicted it again by the time they look)."""
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.payload: bytes | None = None
 
 
 @dataclass
@@ -108,18 +90,30 @@ class LayerSet:
         self.pieces: PieceCache = self.cache
         self._ready: list[LayerIndex | None] = [None] * len(self.layers)
         self._inflight: dict[int, trio.Event] = {}
-        self._flights: dict[str, _Flight] = {}
         self._flat: dict[int, Path] = {}
         self._fds: dict[int, int] = {}
         self._local: dict[int, bool] = {}
         self._local_checked: dict[int, float] = {}
-        self._last_end: dict[int, int] = {}
+        self.read_ahead = ReadAhead(self)
         self.stats = [LayerStats() for _ in self.layers]
-        self.inflations = 0  # pieces decoded by this process (a warm read decodes none)
+        self.maker = PieceMaker(
+            self.pieces,
+            self.fetch,
+            self.is_local,
+            self._pread,
+            self.cpu,
+            self.min_fetch,
+            describe=lambda i: self.layers[i].digest.short,
+        )
         # Background fetches (prefetch profiles, landmarks, --background-fetch) take at most
         # 2 of the 8 network slots, so on-demand reads always find room; 2 rather than 1
         # because one piece at a time pays a full round trip per piece on a WAN.
-        self._background = trio.CapacityLimiter(2)
+        self.background = trio.CapacityLimiter(2)
+
+    @property
+    def inflations(self) -> int:
+        """Pieces decoded by this process (a warm read decodes none)."""
+        return self.maker.inflations
 
     # -- indexes ----------------------------------------------------------------------------
 
@@ -209,13 +203,13 @@ class LayerSet:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def _chunk_job(self, table: chunk_tables.ChunkTable, k: int) -> _Job:
+    def chunk_job(self, table: chunk_tables.ChunkTable, k: int) -> Job:
         def decode(data: bytes) -> bytes:
             return table.decode(k, data)  # capped at the declared size, digest checked
 
-        return _Job(table.piece(k), table.starts[k], table.ends[k], decode)
+        return Job(table.piece(k), table.starts[k], table.ends[k], decode)
 
-    def _span_job(self, i: int, seek: SeekIndex, k: int) -> _Job:
+    def _span_job(self, i: int, seek: SeekIndex, k: int) -> Job:
         local = self.is_local(i)
 
         def decode(data: bytes) -> bytes:
@@ -226,115 +220,14 @@ class LayerSet:
             return raw
 
         start, end = seek.span_range(k)
-        return _Job(seek.raw_digests[k].hex(), start, end, decode)
-
-    async def _make(
-        self,
-        i: int,
-        jobs: Sequence[_Job],
-        neighbours: Sequence[_Job] = (),
-        *,
-        payloads: bool = True,
-    ) -> dict[str, bytes]:
-        """Make sure the pieces of `jobs` exist; returns the payloads this call made or
-        waited for (name -> bytes), the others are in the cache (open). Prefetches pass
-        `payloads=False`: what they make is not held in memory, only kept in the cache."""
-        cache = self.pieces
-        got: dict[str, bytes] = {}
-
-        def absent() -> tuple[list[_Job], list[_Job]]:
-            missing = [j for j in jobs if j.name not in got and not cache.open(j.name)]
-            # Neighbours only matter when something must be fetched; a cheap existence
-            # check for them (their content is checked when a read opens them).
-            company = [j for j in neighbours if not cache.exists(j.name)] if missing else []
-            return missing, company
-
-        while True:
-            # Neighbours come along only if absent: checked here, before the in-flight check
-            # below, so that no await separates that check from registering our flights.
-            missing, company = await trio.to_thread.run_sync(absent)
-            if not missing:
-                return got
-            waiting = [(j.name, self._flights[j.name]) for j in missing if j.name in self._flights]
-            if not waiting:
-                break
-            for name, flight in waiting:
-                await flight.event.wait()
-                if flight.payload is not None:
-                    got[name] = flight.payload
-        unique: dict[str, _Job] = {}
-        for j in missing:
-            unique.setdefault(j.name, j)
-        extra = {j.name: j for j in company if j.name not in unique and j.name not in self._flights}
-        plan = _plan(list(unique.values()), list(extra.values()), self.min_fetch)
-        flights = {j.name: _Flight() for group in plan for j in group}
-        self._flights.update(flights)
-        try:
-            with unwrap_groups():
-                async with trio.open_nursery() as nursery:
-                    wanted = set(unique) if payloads else set()
-                    for group in plan:
-                        nursery.start_soon(self._make_group, i, group, flights, wanted)
-        finally:
-            for name, flight in flights.items():
-                self._flights.pop(name, None)
-                flight.event.set()
-        for name in unique:
-            payload = flights[name].payload
-            if payload is not None:
-                got[name] = payload
-        return got
-
-    async def _make_group(
-        self, i: int, group: list[_Job], flights: dict[str, _Flight], wanted: set[str]
-    ) -> None:
-        """Fetch one compressed range, then decode, verify and keep all its pieces in one
-        worker-thread hop. A neighbour that fails is only logged: nobody asked for it."""
-        start, end = group[0].start, max(j.end for j in group)
-        local = self.is_local(i)
-        data = None if local else await self.fetch(i, start, end)
-        cache = self.pieces
-
-        def decode_and_keep() -> list[tuple[str, bytes]]:
-            blob = self._pread(i, start, end) if data is None else data
-            out = []
-            for j in group:
-                try:
-                    payload = j.decode(blob[j.start - start : j.end - start])
-                except (IntegrityError, LayerFormatError) as exc:
-                    if j.name in wanted:
-                        raise
-                    # a waiter on it finds no payload and fetches (and reports) itself
-                    log.warning("piece at %d-%d not kept: %s", j.start, j.end, exc)
-                    continue
-                cache.put(j.name, payload)
-                out.append((j.name, payload if j.name in wanted else b""))
-            return out
-
-        try:
-            made = await trio.to_thread.run_sync(decode_and_keep, limiter=self.cpu)
-        except (IntegrityError, LayerFormatError) as exc:
-            log.error(
-                "layer %d (%s): bytes %d-%d %s failed verification (%s); not served, not kept",
-                i,
-                self.layers[i].digest.short,
-                start,
-                end,
-                "of the local blob" if local else "from the registry",
-                exc,
-            )
-            raise IntegrityError(str(exc)) from None
-        self.inflations += len(made)
-        for name, payload in made:
-            if name in wanted:
-                flights[name].payload = payload
+        return Job(seek.raw_digests[k].hex(), start, end, decode)
 
     async def _assemble(
         self,
         i: int,
         parts: Sequence[tuple[str | None, int, int, int]],
-        jobs: Callable[[], list[_Job]],
-        neighbours: Callable[[], list[_Job]],
+        jobs: Callable[[], list[Job]],
+        neighbours: Callable[[], list[Job]],
     ) -> bytes:
         """Bytes from pieces: `parts` are (piece name or None for zeros, offset in the
         piece, length, piece index in `jobs()`); warm parts are preads on the event loop."""
@@ -363,7 +256,7 @@ class LayerSet:
             except _Gone:
                 all_jobs = jobs()
                 need = [all_jobs[p[3]] for p in parts if p[0] is not None]
-                fresh = await self._make(i, need, neighbours())
+                fresh = await self.maker.make(i, need, neighbours())
         raise ImageFSError("cache pieces keep vanishing under this read (cache cap too small?)")
 
     # -- reading ----------------------------------------------------------------------------
@@ -373,16 +266,11 @@ class LayerSet:
     ) -> bytes:
         """`length` bytes of layer i's (virtual) uncompressed stream at `offset`.
 
-        A read that continues the previous one is sequential: the pieces of the next
-        `READ_AHEAD` bytes are fetched in the background, up to `read_ahead_until` (the end
-        of the file being read, so that read-ahead does not run into the next file).
+        A reader that goes on where it left off gets read-ahead (`prefetch.ReadAhead`): up
+        to `read_ahead_until` (the end of the file being read), or past it once the reader
+        moves on through the layer's files in the order they are stored.
         """
         idx = await self.ensure(i)
-        sequential = self._last_end.get(i) == offset
-        self._last_end[i] = offset + length
-        ahead = READ_AHEAD
-        if read_ahead_until is not None:
-            ahead = min(ahead, read_ahead_until - (offset + length))
         if idx.chunks is not None:
             data = await self._read_chunks(i, idx.chunks, offset, length)
         else:
@@ -403,8 +291,8 @@ class LayerSet:
                     await self._flatten(i)
                     return self._pread(i, offset, end)
             data = await self._read_spans(i, seek, offset, end)
-        if sequential and ahead > 0 and not self.is_local(i):
-            self._read_ahead(i, offset + length, ahead)
+        if not self.is_local(i):
+            self.read_ahead.note(i, offset, length, read_ahead_until)
         return data
 
     async def _read_chunks(
@@ -418,13 +306,13 @@ class LayerSet:
             hi = min(offset + length, voff + size) - voff
             parts.append((None if table.zeros[k] else table.piece(k), lo, hi - lo, n))
 
-        def jobs() -> list[_Job]:
-            return [self._chunk_job(table, k) for k in ks]
+        def jobs() -> list[Job]:
+            return [self.chunk_job(table, k) for k in ks]
 
-        def neighbours() -> list[_Job]:
+        def neighbours() -> list[Job]:
             last = ks[-1] if ks else 0
             return [
-                self._chunk_job(table, k)
+                self.chunk_job(table, k)
                 for k in range(last + 1, min(len(table), last + 64))
                 if not table.zeros[k]
             ]
@@ -440,27 +328,16 @@ class LayerSet:
             hi = min(end, seek.span_uncompressed_end(k)) - s
             parts.append((seek.raw_digests[k].hex(), lo, hi - lo, n))
 
-        def jobs() -> list[_Job]:
+        def jobs() -> list[Job]:
             return [self._span_job(i, seek, k) for k in ks]
 
         return await self._assemble(i, parts, jobs, list)
 
-    def _read_ahead(self, i: int, offset: int, length: int) -> None:
-        if self.nursery is None:
-            return
-
-        async def prefetch() -> None:
-            telemetry.current.set(None)  # read-ahead is nobody's read in a trace
-            with contextlib.suppress(ImageFSError):
-                await self.prefetch(i, offset, length)
-
-        self.nursery.start_soon(prefetch)
-
-    def _jobs_for(self, i: int, idx: LayerIndex, offset: int, length: int) -> list[_Job]:
+    def _jobs_for(self, i: int, idx: LayerIndex, offset: int, length: int) -> list[Job]:
         if idx.chunks is not None:
             table = idx.chunks
             return [
-                self._chunk_job(table, k)
+                self.chunk_job(table, k)
                 for k in table.covering(offset, length)
                 if not table.zeros[k]
             ]
@@ -477,68 +354,21 @@ class LayerSet:
         idx = await self.ensure(i)
         if self.is_local(i):
             return  # reads make pieces from the local blob as they need them
-        await self._make(i, self._jobs_for(i, idx, offset, length), payloads=False)
+        await self.maker.make(i, self._jobs_for(i, idx, offset, length), payloads=False)
 
     async def fetch_everything(self) -> None:
-        """Make the whole image local, a piece at a time, one fetch at a time, so that
-        on-demand reads (which may run several fetches at once) always get ahead."""
-        for i, layer in enumerate(self.layers):
-            try:
-                idx = await self.ensure(i)
-                size = idx.seek.uncompressed_size if idx.seek is not None else _virtual_size(idx)
-                for offset in range(0, size, READ_AHEAD):
-                    async with self._background:
-                        await self.prefetch(i, offset, READ_AHEAD)
-            except ImageFSError as exc:
-                log.warning("background fetch of layer %d (%s): %s", i, layer.digest.short, exc)
-        log.info("background fetch finished")
+        await prefetching.fetch_everything(self)
 
     async def prefetch_ranges(self, plan: Sequence[tuple[int, int, int]]) -> int:
-        """Fetch (layer, stream offset, length) ranges in order, in the background.
-
-        Through the background limiter (first come, first served, so the order of the plan
-        is kept): on-demand reads always find network slots free. Returns the ranges done.
-        """
-        done = 0
-
-        async def one(i: int, offset: int, length: int) -> None:
-            nonlocal done
-            try:
-                async with self._background:
-                    await self.prefetch(i, offset, length)
-                done += 1
-            except ImageFSError as exc:
-                log.warning("prefetch of layer %d at %d: %s", i, offset, exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, offset, length in plan:
-                if 0 <= i < len(self.layers):
-                    nursery.start_soon(one, i, offset, length)
-                    await trio.lowlevel.checkpoint()  # tasks queue on the limiter in order
-        return done
+        return await prefetching.prefetch_ranges(self, plan)
 
     async def prefetch_landmarks(self) -> None:
-        """eStargz: fetch the chunks stored before `.prefetch.landmark`, as the image's
-        builder asked. Costs the TOC of each eStargz layer up front."""
-        for i, layer in enumerate(self.layers):
-            if ESTARGZ_TOC_DIGEST not in layer.descriptor.annotations or self.is_local(i):
-                continue
-            try:
-                async with self._background:
-                    idx = await self.ensure(i)
-                table = idx.chunks
-                if table is None or not table.prefetch_until:
-                    continue
-                jobs = [
-                    self._chunk_job(table, k)
-                    for k in range(len(table))
-                    if table.starts[k] < table.prefetch_until and not table.zeros[k]
-                ]
-                async with self._background:
-                    await self._make(i, jobs, payloads=False)
-                log.info("layer %d: prefetched %d chunks before the landmark", i, len(jobs))
-            except ImageFSError as exc:
-                log.warning("landmark prefetch of layer %d: %s", i, exc)
+        await prefetching.prefetch_landmarks(self)
+
+    def stream_size(self, i: int) -> int:
+        """The length of loaded layer i's (virtual) uncompressed stream."""
+        idx = self.index(i)
+        return idx.seek.uncompressed_size if idx.seek is not None else _virtual_size(idx)
 
     async def _flatten(self, i: int) -> None:
         """Decompress a single-frame zstd layer once into `ROOT/cache/flat/<hex>`."""
@@ -575,32 +405,6 @@ class LayerSet:
                 os.close(fd)
         self._fds.clear()
         self.pieces.close()
-
-
-def _plan(missing: Sequence[_Job], neighbours: Sequence[_Job], min_fetch: int) -> list[list[_Job]]:
-    """Group the jobs of missing pieces into Range requests.
-
-    Pieces that touch or nearly touch are fetched together; a request smaller than
-    `min_fetch` takes the following neighbour pieces along (speculatively: files next to
-    each other in a layer tend to be read together).
-    """
-    jobs = sorted(missing, key=lambda j: (j.start, j.end))
-    groups: list[list[_Job]] = []
-    for j in jobs:
-        if groups and j.start - max(x.end for x in groups[-1]) <= min_fetch // 4:
-            groups[-1].append(j)
-        else:
-            groups.append([j])
-    if groups and neighbours:
-        last = groups[-1]
-        for n in sorted(neighbours, key=lambda j: (j.start, j.end)):
-            top = max(x.end for x in last)
-            if top - last[0].start >= min_fetch or n.start < top:
-                break
-            if n.start - top > min_fetch // 4:
-                break
-            last.append(n)
-    return groups
 
 
 def _virtual_size(idx: LayerIndex) -> int:

@@ -207,3 +207,34 @@ def test_bad_footer_and_manifest() -> None:
     wrong = zc.ManifestPosition(pos.offset, pos.length, pos.uncompressed_length + 1)
     with pytest.raises(LayerFormatError):
         zc.decode_manifest(blob[pos.offset : pos.offset + pos.length], wrong)
+
+
+def test_toc_bomb_is_refused_in_bounded_memory() -> None:
+    """A TOC frame of 64 MiB of zeros (a few KiB compressed) whose position declares 1 KiB,
+    its checksum matching: refused, and never more than ~the declared size inflated (the
+    old decoder inflated all 64 MiB, then compared lengths)."""
+    import tracemalloc
+
+    # No content size in the frame header: the decoder cannot size its output up front.
+    cctx = zstandard.ZstdCompressor(write_content_size=False)
+    bomb = cctx.compress(bytes(64 << 20))
+    pos = zc.ManifestPosition(0, len(bomb), 1024)
+    checksum = "sha256:" + hashlib.sha256(bomb).hexdigest()
+    tracemalloc.start()
+    try:
+        with pytest.raises(LayerFormatError, match="more than the 1024 bytes"):
+            zc.decode_manifest(bomb, pos, expected_checksum=checksum)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    # the same bound for one chunk of a file
+    ref = zc.ChunkRef("f", 0, len(bomb), 0, 1024, "sha256:" + "0" * 64)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LayerFormatError):
+            zc.read_chunk(ref, bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak

@@ -1,0 +1,210 @@
+"""Making pieces: fetch planning, verification and single flight.
+
+A *piece* is verified uncompressed data kept in the `PieceCache` under the sha256 of its
+payload. A `Job` says how to make one: compressed blob bytes [start, end) and a `decode`
+that verifies and inflates them (capped at the declared size). `PieceMaker.make` makes the
+missing pieces of a set of jobs:
+
+- single flight: a piece being made by another task is waited for, never made twice;
+- planning (`plan`): the compressed ranges of the missing pieces are grouped into Range
+  requests (pieces that touch or nearly touch go together; a small request takes following
+  neighbour pieces along; no request grows past `max_fetch` once it holds a piece, so a long
+  read-ahead becomes several requests in flight, each decoded as soon as it arrives);
+- one worker-thread hop per request decodes, verifies and keeps all its pieces.
+
+Where the compressed bytes come from (a local blob or the registry) is the caller's: this
+module sees a layer only as a number passed back to `fetch`, `is_local` and `pread`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from imagefs.errors import IntegrityError, LayerFormatError, unwrap_groups
+from imagefs.lazy.cache import PieceCache
+
+log = logging.getLogger("imagefs.lazy")
+
+# Chunks smaller than this are fetched together with their neighbours in one request: a round
+# trip costs far more than the few extra KiB (see docs/bench.md for the measurement).
+MIN_FETCH = 256 << 10
+# A request stops taking more pieces at this size: several requests of a long read-ahead are
+# then in flight at once and the first is decoded (on one core) while the next arrive.
+MAX_FETCH = 1 << 20
+
+
+@dataclass(frozen=True)
+class Job:
+    """How to make one piece: compressed bytes [start, end) -> verified payload."""
+
+    name: str  # sha256 hex of the payload
+    start: int
+    end: int
+    decode: Callable[[bytes], bytes]
+
+
+class Flight:
+    """One piece being made; waiters take the payload from here (a tiny cache cap may have
+    evicted it again by the time they look)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.payload: bytes | None = None
+
+
+def plan(
+    missing: Sequence[Job],
+    neighbours: Sequence[Job] = (),
+    min_fetch: int = MIN_FETCH,
+    max_fetch: int = MAX_FETCH,
+) -> list[list[Job]]:
+    """Group the jobs of missing pieces into Range requests.
+
+    Pieces that touch or nearly touch (a gap of at most `min_fetch // 4`) are fetched
+    together, up to `max_fetch` per request; a last request smaller than `min_fetch` takes
+    the following neighbour pieces along (speculatively: files next to each other in a layer
+    tend to be read together).
+    """
+    jobs = sorted(missing, key=lambda j: (j.start, j.end))
+    groups: list[list[Job]] = []
+    top = 0  # end of the last group
+    for j in jobs:
+        if groups and j.start - top <= min_fetch // 4 and j.end - groups[-1][0].start <= max_fetch:
+            groups[-1].append(j)
+            top = max(top, j.end)
+        else:
+            groups.append([j])
+            top = j.end
+    if groups and neighbours:
+        last = groups[-1]
+        for n in sorted(neighbours, key=lambda j: (j.start, j.end)):
+            if n.start < top:
+                continue  # before or inside the request: not a following neighbour
+            if top - last[0].start >= min_fetch or n.start - top > min_fetch // 4:
+                break
+            last.append(n)
+            top = max(top, n.end)
+    return groups
+
+
+@dataclass
+class PieceMaker:
+    """Makes pieces of the layers of one `LayerSet`, each at most once at a time."""
+
+    cache: PieceCache
+    fetch: Callable[[int, int, int], Awaitable[bytes]]  # layer, start, end -> blob bytes
+    is_local: Callable[[int], bool]  # whether the layer's whole blob is in the store
+    pread: Callable[[int, int, int], bytes]  # layer, start, end -> local blob bytes
+    cpu: trio.CapacityLimiter
+    min_fetch: int = MIN_FETCH
+    max_fetch: int = MAX_FETCH
+    describe: Callable[[int], str] = str  # a layer for the log
+
+    def __post_init__(self) -> None:
+        self.flights: dict[str, Flight] = {}
+        self.inflations = 0  # pieces decoded by this process (a warm read decodes none)
+
+    async def make(
+        self,
+        i: int,
+        jobs: Sequence[Job],
+        neighbours: Sequence[Job] = (),
+        *,
+        payloads: bool = True,
+    ) -> dict[str, bytes]:
+        """Make sure the pieces of `jobs` exist; returns the payloads this call made or
+        waited for (name -> bytes), the others are in the cache (open). Prefetches pass
+        `payloads=False`: what they make is not held in memory, only kept in the cache."""
+        cache = self.cache
+        got: dict[str, bytes] = {}
+
+        def absent() -> tuple[list[Job], list[Job]]:
+            missing = [j for j in jobs if j.name not in got and not cache.open(j.name)]
+            # Neighbours only matter when something must be fetched; a cheap existence
+            # check for them (their content is checked when a read opens them).
+            company = [j for j in neighbours if not cache.exists(j.name)] if missing else []
+            return missing, company
+
+        while True:
+            # Neighbours come along only if absent: checked here, before the in-flight check
+            # below, so that no await separates that check from registering our flights.
+            missing, company = await trio.to_thread.run_sync(absent)
+            if not missing:
+                return got
+            waiting = [(j.name, self.flights[j.name]) for j in missing if j.name in self.flights]
+            if not waiting:
+                break
+            for name, flight in waiting:
+                await flight.event.wait()
+                if flight.payload is not None:
+                    got[name] = flight.payload
+        unique: dict[str, Job] = {}
+        for j in missing:
+            unique.setdefault(j.name, j)
+        extra = {j.name: j for j in company if j.name not in unique and j.name not in self.flights}
+        groups = plan(list(unique.values()), list(extra.values()), self.min_fetch, self.max_fetch)
+        flights = {j.name: Flight() for group in groups for j in group}
+        self.flights.update(flights)
+        try:
+            with unwrap_groups():
+                async with trio.open_nursery() as nursery:
+                    wanted = set(unique) if payloads else set()
+                    for group in groups:
+                        nursery.start_soon(self._make_group, i, group, flights, wanted)
+        finally:
+            for name, flight in flights.items():
+                self.flights.pop(name, None)
+                flight.event.set()
+        for name in unique:
+            payload = flights[name].payload
+            if payload is not None:
+                got[name] = payload
+        return got
+
+    async def _make_group(
+        self, i: int, group: list[Job], flights: dict[str, Flight], wanted: set[str]
+    ) -> None:
+        """Fetch one compressed range, then decode, verify and keep all its pieces in one
+        worker-thread hop. A neighbour that fails is only logged: nobody asked for it."""
+        start, end = group[0].start, max(j.end for j in group)
+        local = self.is_local(i)
+        data = None if local else await self.fetch(i, start, end)
+        cache = self.cache
+
+        def decode_and_keep() -> list[tuple[str, bytes]]:
+            blob = self.pread(i, start, end) if data is None else data
+            out = []
+            for j in group:
+                try:
+                    payload = j.decode(blob[j.start - start : j.end - start])
+                except (IntegrityError, LayerFormatError) as exc:
+                    if j.name in wanted:
+                        raise
+                    # a waiter on it finds no payload and fetches (and reports) itself
+                    log.warning("piece at %d-%d not kept: %s", j.start, j.end, exc)
+                    continue
+                cache.put(j.name, payload)
+                out.append((j.name, payload if j.name in wanted else b""))
+            return out
+
+        try:
+            made = await trio.to_thread.run_sync(decode_and_keep, limiter=self.cpu)
+        except (IntegrityError, LayerFormatError) as exc:
+            log.error(
+                "layer %d (%s): bytes %d-%d %s failed verification (%s); not served, not kept",
+                i,
+                self.describe(i),
+                start,
+                end,
+                "of the local blob" if local else "from the registry",
+                exc,
+            )
+            raise IntegrityError(str(exc)) from None
+        self.inflations += len(made)
+        for name, payload in made:
+            if name in wanted:
+                flights[name].payload = payload

@@ -1,0 +1,145 @@
+"""Bringing pieces in before a read needs them.
+
+- `ReadAhead`: a reader that goes on where its last read ended gets the next `READ_AHEAD`
+  bytes of the layer fetched in the background, in windows of at least half `READ_AHEAD`
+  (few, large windows; `making.plan` splits each into several requests in flight). Within
+  one file it stops at the file's end; a reader that moves on to the data stored next in the
+  layer (the next file in TOC / tar order, after at most `STREAM_GAP` bytes of headers, as
+  `tar cf - .` or `cp -r` of a directory written in that order do) is *streaming*, and its
+  read-ahead runs on across file ends until it reads elsewhere.
+- `fetch_everything`, `prefetch_ranges`, `prefetch_landmarks`: background fetches through
+  the set's background limiter (2 of the 8 network slots), so on-demand reads find room.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from imagefs.errors import ImageFSError
+from imagefs.lazy import telemetry
+from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
+
+if TYPE_CHECKING:
+    from imagefs.lazy.layers import LayerSet
+
+log = logging.getLogger("imagefs.lazy")
+
+READ_AHEAD = 4 << 20
+# Between the end of one file's data and the start of the next one's in a layer's stream:
+# a tar header (512 bytes), PAX records, padding. More than this and the reader jumped.
+STREAM_GAP = 64 << 10
+
+
+class ReadAhead:
+    """Per layer: where the last read ended, how far read-ahead has been started, whether
+    the reader is streaming through the layer."""
+
+    def __init__(self, layers: LayerSet) -> None:
+        self.layers = layers
+        self._last_end: dict[int, int] = {}
+        self._until: dict[int, int] = {}
+        self._file_end: dict[int, int | None] = {}
+        self._streaming: set[int] = set()
+
+    def note(self, i: int, offset: int, length: int, file_end: int | None) -> None:
+        """A read of [offset, offset+length) of layer i, in a file ending at `file_end`
+        (None: no file, e.g. `prefetch` callers); starts a window when one is due."""
+        last = self._last_end.get(i)
+        last_file_end = self._file_end.get(i)
+        end = offset + length
+        self._last_end[i] = end
+        self._file_end[i] = file_end
+        if last is None or not 0 <= offset - last <= STREAM_GAP:
+            self._streaming.discard(i)  # a jump: random access until it goes on again
+            self._until.pop(i, None)
+            return
+        if offset != last or (last_file_end is not None and last >= last_file_end):
+            self._streaming.add(i)  # moved on to the next file stored in the layer
+        limit = None if i in self._streaming else file_end
+        target = end + READ_AHEAD if limit is None else min(end + READ_AHEAD, limit)
+        start = max(self._until.get(i, 0), end)
+        if target <= start or (target - start < READ_AHEAD // 2 and target != limit):
+            return
+        self._until[i] = target
+        self._start(i, start, target - start)
+
+    def _start(self, i: int, offset: int, length: int) -> None:
+        nursery = self.layers.nursery
+        if nursery is None:
+            return
+
+        async def prefetch() -> None:
+            telemetry.current.set(None)  # read-ahead is nobody's read in a trace
+            with contextlib.suppress(ImageFSError):  # the read that needs it will report
+                await self.layers.prefetch(i, offset, length)
+
+        nursery.start_soon(prefetch)
+
+
+async def fetch_everything(ls: LayerSet) -> None:
+    """Make the whole image local, a piece at a time, one fetch at a time, so that
+    on-demand reads (which may run several fetches at once) always get ahead."""
+    for i, layer in enumerate(ls.layers):
+        try:
+            await ls.ensure(i)
+            size = ls.stream_size(i)
+            for offset in range(0, size, READ_AHEAD):
+                async with ls.background:
+                    await ls.prefetch(i, offset, READ_AHEAD)
+        except ImageFSError as exc:
+            log.warning("background fetch of layer %d (%s): %s", i, layer.digest.short, exc)
+    log.info("background fetch finished")
+
+
+async def prefetch_ranges(ls: LayerSet, plan: Sequence[tuple[int, int, int]]) -> int:
+    """Fetch (layer, stream offset, length) ranges in order, in the background.
+
+    Through the background limiter (first come, first served, so the order of the plan
+    is kept): on-demand reads always find network slots free. Returns the ranges done.
+    """
+    done = 0
+
+    async def one(i: int, offset: int, length: int) -> None:
+        nonlocal done
+        try:
+            async with ls.background:
+                await ls.prefetch(i, offset, length)
+            done += 1
+        except ImageFSError as exc:
+            log.warning("prefetch of layer %d at %d: %s", i, offset, exc)
+
+    async with trio.open_nursery() as nursery:
+        for i, offset, length in plan:
+            if 0 <= i < len(ls.layers):
+                nursery.start_soon(one, i, offset, length)
+                await trio.lowlevel.checkpoint()  # tasks queue on the limiter in order
+    return done
+
+
+async def prefetch_landmarks(ls: LayerSet) -> None:
+    """eStargz: fetch the chunks stored before `.prefetch.landmark`, as the image's
+    builder asked. Costs the TOC of each eStargz layer up front."""
+    for i, layer in enumerate(ls.layers):
+        if ESTARGZ_TOC_DIGEST not in layer.descriptor.annotations or ls.is_local(i):
+            continue
+        try:
+            async with ls.background:
+                idx = await ls.ensure(i)
+            table = idx.chunks
+            if table is None or not table.prefetch_until:
+                continue
+            jobs = [
+                ls.chunk_job(table, k)
+                for k in range(len(table))
+                if table.starts[k] < table.prefetch_until and not table.zeros[k]
+            ]
+            async with ls.background:
+                await ls.maker.make(i, jobs, payloads=False)
+            log.info("layer %d: prefetched %d chunks before the landmark", i, len(jobs))
+        except ImageFSError as exc:
+            log.warning("landmark prefetch of layer %d: %s", i, exc)

@@ -1,0 +1,231 @@
+"""Fetch planning, single flight and read-ahead, driven by a fake `fetch_range` on trio's
+MockClock (pytest-trio's `autojump_clock`): no sockets, and a fetch "takes" a virtual second
+so that concurrent readers really pile up behind each other's flights."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from imagefs.errors import ImageFSError, IntegrityError
+from imagefs.image import Layer
+from imagefs.lazy.cache import PieceCache
+from imagefs.lazy.layers import LayerSet
+from imagefs.lazy.making import MAX_FETCH, MIN_FETCH, Job, PieceMaker, plan
+from imagefs.store import Store
+from tests.unit.test_pieces import FILES, _estargz_layer
+
+KiB = 1 << 10
+PIECE = 64 * KiB
+BLOB = random.Random(1).randbytes(64 * PIECE)  # 4 MiB: "compressed" = payload here
+
+
+def _job(k: int, *, size: int = PIECE, gap: int = 0) -> Job:
+    start = k * (PIECE + gap)
+    payload = BLOB[start : start + size]
+    name = hashlib.sha256(payload).hexdigest()
+
+    def decode(data: bytes) -> bytes:
+        if hashlib.sha256(data).hexdigest() != name:
+            raise IntegrityError(f"piece {k} fails its digest")
+        return data
+
+    return Job(name, start, start + size, decode)
+
+
+def test_plan_groups_near_pieces_caps_requests_and_takes_neighbours_along() -> None:
+    jobs = [_job(k) for k in range(64)]  # 4 MiB of touching pieces (a read-ahead window)
+    groups = plan(jobs)
+    assert [len(g) for g in groups] == [MAX_FETCH // PIECE] * (64 * PIECE // MAX_FETCH)
+    assert [j for g in groups for j in g] == jobs  # in blob order, each once
+    # a gap wider than a quarter of MIN_FETCH starts a new request
+    far = Job("x", jobs[3].end + MIN_FETCH // 4 + 1, jobs[3].end + MIN_FETCH // 4 + 2, bytes)
+    assert [len(g) for g in plan([jobs[2], far, jobs[3]])] == [2, 1]
+    # a small request takes following neighbours along up to MIN_FETCH, never earlier ones
+    groups = plan([jobs[10]], jobs[5:40])
+    assert [j.start for j in groups[0]] == [j.start for j in jobs[10 : 10 + MIN_FETCH // PIECE]]
+    # shuffled input: same plan
+    shuffled = jobs[:]
+    random.Random(2).shuffle(shuffled)
+    assert plan(shuffled) == plan(jobs)
+
+
+class FakeRegistry:
+    """`fetch_range` over BLOB: counts every byte it serves and how many fetches overlap."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.served: Counter[int] = Counter()  # blob offset // PIECE -> times served
+        self.calls: list[tuple[int, int]] = []
+        self.running = self.most_running = 0
+        self.fail_first = fail_first
+
+    async def fetch(self, _layer: int, start: int, end: int) -> bytes:
+        self.calls.append((start, end))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await trio.sleep(1)  # virtual: the MockClock jumps when every task waits
+            if self.fail_first:
+                self.fail_first -= 1
+                raise ImageFSError("registry said 503")
+            for k in range(start // PIECE, (end + PIECE - 1) // PIECE):
+                self.served[k] += 1
+            return BLOB[start:end]
+        finally:
+            self.running -= 1
+
+
+def _maker(tmp_path: Path, registry: FakeRegistry) -> PieceMaker:
+    def no_pread(_i: int, _start: int, _end: int) -> bytes:
+        raise AssertionError("nothing is local")
+
+    return PieceMaker(
+        PieceCache(tmp_path),
+        registry.fetch,
+        lambda _i: False,
+        no_pread,
+        trio.CapacityLimiter(2),
+    )
+
+
+async def test_a_long_window_goes_out_as_several_requests_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = FakeRegistry()
+    maker = _maker(tmp_path, registry)
+    jobs = [_job(k) for k in range(64)]
+    got = await maker.make(0, jobs)
+    assert len(got) == 64 and maker.inflations == 64
+    # the 4 MiB window (a read-ahead) went out as four 1 MiB requests in flight together
+    assert sorted(registry.calls) == [(k * MAX_FETCH, (k + 1) * MAX_FETCH) for k in range(4)]
+    assert registry.most_running == 4
+    # warm: nothing fetched or decoded again
+    assert await maker.make(0, jobs) == {}
+    assert len(registry.calls) == 4 and maker.inflations == 64
+
+
+async def test_single_flight_no_piece_fetched_twice(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = FakeRegistry()
+    maker = _maker(tmp_path, registry)
+    jobs = [_job(k) for k in range(64)]
+    results: list[tuple[range, dict[str, bytes]]] = []
+
+    async def reader(ks: range) -> None:
+        results.append((ks, await maker.make(0, [jobs[k] for k in ks])))
+
+    async with trio.open_nursery() as nursery:
+        for ks in (range(0, 64), range(10, 20), range(30, 64), range(0, 64), range(5, 6)):
+            nursery.start_soon(reader, ks)
+            await trio.sleep(0.1)  # each comes while the earlier ones are in flight
+    assert max(registry.served.values()) == 1 and len(registry.served) == 64, registry.calls
+    for ks, got in results:  # every reader got its payloads (made or waited for)
+        assert sorted(got) == sorted(jobs[k].name for k in ks)
+        assert all(hashlib.sha256(p).hexdigest() == n for n, p in got.items())
+    assert maker.inflations == 64 and not maker.flights
+
+
+async def test_a_failed_flight_wakes_its_waiters_who_try_themselves(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = FakeRegistry(fail_first=1)
+    maker = _maker(tmp_path, registry)
+    jobs = [_job(k) for k in range(4)]
+    outcome: list[str] = []
+
+    async def first() -> None:
+        try:
+            await maker.make(0, jobs)
+        except ImageFSError as exc:
+            outcome.append(f"first: {exc}")
+
+    async def second() -> None:
+        await trio.sleep(0.5)  # joins the first one's flight
+        got = await maker.make(0, jobs)
+        outcome.append(f"second: {len(got)}")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        nursery.start_soon(second)
+    assert sorted(outcome) == ["first: registry said 503", "second: 4"]
+    assert len(registry.calls) == 2 and max(registry.served.values()) == 1
+    assert not maker.flights
+
+
+async def test_a_piece_that_fails_verification_is_not_kept_and_fetched_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = FakeRegistry()
+    honest = registry.fetch
+
+    async def flips_a_byte(i: int, start: int, end: int) -> bytes:
+        data = bytearray(await honest(i, start, end))
+        data[7] ^= 1
+        return bytes(data)
+
+    maker = _maker(tmp_path, registry)
+    maker.fetch = flips_a_byte
+    job = _job(3)
+    with pytest.raises(IntegrityError):
+        await maker.make(0, [job])
+    assert not maker.cache.exists(job.name) and maker.inflations == 0
+    maker.fetch = honest
+    assert await maker.make(0, [job]) == {job.name: BLOB[job.start : job.end]}
+    assert maker.cache.exists(job.name) and maker.inflations == 1
+
+
+async def test_read_ahead_runs_across_files_read_in_stored_order(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """`tar cf - .` reads file after file in the order they are stored: once the reader has
+    moved on to the second file, the following files come in ahead of it, each byte once."""
+    layer, blob = _estargz_layer()
+    calls: list[tuple[int, int]] = []
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        calls.append((start, end))
+        await trio.sleep(1)
+        return blob[start:end]
+
+    async def fetch_blob(_: Layer) -> None:
+        raise AssertionError("the whole blob is never needed")
+
+    ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    idx = await ls.ensure(0)
+    after_toc = len(calls)
+
+    async def read_file(name: str) -> None:
+        entry = idx.toc.find(name.encode())
+        assert entry is not None
+        start, size = idx.toc.offset(entry), idx.toc.size(entry)
+        data = b""
+        for off in range(0, size, 128 * KiB):  # the kernel's read size
+            n = min(128 * KiB, size - off)
+            data += await ls.read(0, start + off, n, read_ahead_until=start + size)
+        assert data == FILES[name]
+
+    async with trio.open_nursery() as nursery:
+        ls.nursery = nursery
+        await read_file("f0.bin")
+        await read_file("f1.bin")
+    # (the nursery waited for the read-ahead those reads started)
+    before = len(calls)
+    async with trio.open_nursery() as nursery:
+        ls.nursery = nursery
+        for name in list(FILES)[2:]:
+            await read_file(name)
+    assert len(calls) == before, calls[before:]  # all there before the reader came
+    assert before - after_toc >= 2
+    # no byte of the blob fetched twice for pieces (the TOC fetch overlaps the last chunk)
+    pieces: Counter[int] = Counter()
+    for start, end in calls[after_toc:]:
+        pieces.update(range(start, end))
+    assert pieces and max(pieces.values()) == 1
+    ls.close()
