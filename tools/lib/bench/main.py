@@ -389,6 +389,8 @@ def _one_run(
         mine.setdefault(key, []).append(value)
 
     for phase in phases:
+        if phase not in system.phases:
+            continue
         if phase == "cold":
             for key, value in system.prepare_run().items():
                 add(f"prepare.cold.{key}", value)

@@ -16,14 +16,15 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bench.images import BuiltImage
+from bench.images import VARIANTS, BuiltImage
 from bench.util import (
     BenchError,
     force_unmount,
@@ -34,7 +35,7 @@ from bench.util import (
     stop_process,
     wait_for_mount,
 )
-from imagefs.testing.images import PushedImage, registry_args, skopeo_copy
+from imagefs.testing.images import PushedImage, registry_args, skopeo_copy, umoci_unpack
 from imagefs.testing.registry import LocalRegistry
 
 Phase = Literal["cold", "warm"]
@@ -61,14 +62,28 @@ class Tree:
     view: str
     ready_s: float | None = None
     """Command start to mount answering (None for a plain directory)."""
-    pid: int | None = None
-    """The process serving the tree, for its peak RSS."""
+    pid_of: Callable[[], int | None] | None = None
+    """Finds the process serving the tree (for its peak RSS, for py-spy). Asked only when
+    needed, so a first-byte workload does not wait for `imagefs mounts` first."""
+    started: float | None = None
+    """`time.perf_counter()` when the mount command started (first byte counts from it)."""
+    rss: bool = True
+    """Whether the serving process's peak RSS means anything (not for the in-memory floor)."""
+    _pid: int | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        if self._pid is None and self.pid_of is not None:
+            self._pid = self.pid_of()
+        return self._pid
 
 
 class System(ABC):
     name: str
     description: str
     view = "merged"
+    phases: tuple[Phase, ...] = ("cold", "warm")
+    """The phases this system runs in (the in-memory floor has no cold state)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -124,6 +139,14 @@ class Imagefs(System):
         self._cold_count = 0
         self.ref = ctx.pushed.ref
 
+    def setup(self) -> None:
+        super().setup()
+        if self.variant != "gzip":  # the run pushed plain gzip; push this variant beside it
+            pushed = VARIANTS[self.variant].push(
+                self.ctx.image, self.ctx.registry, self.ctx.imagefs_bin
+            )
+            self.ref = pushed.ref
+
     def _imagefs(self, root: Path, *args: str) -> str:
         # cwd: the daemon runs as `python -m imagefs`, which puts the cwd first on sys.path;
         # from the repo that would be the live work tree instead of the snapshot.
@@ -149,7 +172,9 @@ class Imagefs(System):
             self._imagefs(root, "mount", self.ref, str(mnt))
             os.stat(mnt)
             ready = time.perf_counter() - start
-            yield Tree(mnt, self.view, ready, self._daemon_pid(root, mnt))
+            yield Tree(
+                mnt, self.view, ready, pid_of=lambda: self._daemon_pid(root, mnt), started=start
+            )
         finally:
             try:
                 self._imagefs(root, "umount", str(mnt))
@@ -292,7 +317,7 @@ class Ratarmount(System):
         try:
             wait_for_mount(mnt, MOUNT_TIMEOUT, proc)
             ready = time.perf_counter() - start
-            yield Tree(mnt, self.view, ready, proc.pid)
+            yield Tree(mnt, self.view, ready, pid_of=lambda: proc.pid)
         finally:
             if os.path.ismount(mnt):
                 subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
@@ -323,8 +348,65 @@ class Ratarmount(System):
             pass
 
 
+# --------------------------------------------------------------------------------------------
+# the floor
+
+
+class Floor(System):
+    """`floorfs.py`: the same tree (a `umoci unpack` of the image) served from memory by a
+    minimal pyfuse3 filesystem with imagefs's kernel-cache settings: what FUSE itself costs.
+
+    Only warm sessions: it has no cold state (it reads the whole tree into memory before it
+    mounts), so its mount time and its RSS (the whole tree) mean nothing and are not shown.
+    """
+
+    name = "floor"
+    description = (
+        "minimal in-memory pyfuse3 filesystem serving the same tree (umoci unpack) with "
+        "imagefs's kernel-cache settings (`tools/lib/bench/floorfs.py`)"
+    )
+    phases = ("warm",)
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.rootfs = self.home / "bundle" / "rootfs"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rootfs = umoci_unpack(self.ctx.image.image, self.home / "bundle")
+
+    def warm_files(self) -> list[Path]:
+        return [self.rootfs]
+
+    @contextlib.contextmanager
+    def session(self, phase: Phase) -> Iterator[Tree]:
+        mnt = self.home / "mnt"
+        mnt.mkdir(exist_ok=True)
+        with open(self.home / "floorfs.log", "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(FLOORFS), str(self.rootfs), str(mnt)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                cwd=self.home,  # not the repo: the snapshot of imagefs must come first
+            )
+        try:
+            wait_for_mount(mnt, MOUNT_TIMEOUT, proc)
+            yield Tree(mnt, self.view, pid_of=lambda: proc.pid, rss=False)
+        finally:
+            if os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
+            stop_process(proc)
+            force_unmount(mnt)
+
+
+FLOORFS = Path(__file__).resolve().parent / "floorfs.py"
+
 SYSTEMS: dict[str, Callable[[Context], System]] = {
     "imagefs": lambda ctx: Imagefs(ctx),
+    "imagefs-index": lambda ctx: Imagefs(ctx, "imagefs-index", "gzip+index"),
+    "floor": Floor,
     "native": Native,
     "ratarmount": lambda ctx: Ratarmount(ctx, "all"),
     "ratarmount-layer": lambda ctx: Ratarmount(ctx, "biggest"),

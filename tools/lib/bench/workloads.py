@@ -69,7 +69,7 @@ class ReadAll(Workload):
         if tree.ready_s is not None:
             # What a user waits for from nothing to everything read: mount, then read.
             out["e2e_mbps"] = nbytes / (tree.ready_s + seconds) / MB
-        if tree.pid is not None:
+        if tree.rss and tree.pid is not None:
             rss = vm_hwm_mb(tree.pid)
             if rss is not None:
                 out["rss_mb"] = rss
@@ -129,6 +129,37 @@ class RandomReads(Workload):
         }
 
 
+FIRST_BYTE_FILE = "etc/debian_version"
+
+
+def first_byte_file(image: BuiltImage, view: str) -> str:
+    """/etc/debian_version when the view has it (as `--experiment lazy` reads), else the
+    first of the random small files."""
+    names = {p for p, _ in image.view(view).files}
+    return FIRST_BYTE_FILE if FIRST_BYTE_FILE in names else random_small_files(image, view)[0]
+
+
+class FirstByte(Workload):
+    """Start-up: from starting the mount command to the first byte of one small file, read
+    with one read(2) right after the mount answered. Runs first in its session, so nothing
+    else warmed the mount; systems without a mount command (a plain tree) report nothing."""
+
+    name = "firstbyte"
+
+    def run(self, tree: Tree, image: BuiltImage, phase: Phase) -> dict[str, float]:
+        if tree.started is None:
+            return {}
+        fd = os.open(tree.root / first_byte_file(image, tree.view), os.O_RDONLY)
+        try:
+            got = os.read(fd, 1)
+        finally:
+            os.close(fd)
+        seconds = time.perf_counter() - tree.started
+        if len(got) != 1:
+            raise BenchError(f"first byte: read {len(got)} bytes")
+        return {"s": seconds, "after_ready_s": seconds - (tree.ready_s or 0.0)}
+
+
 def _read(path: Path) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -141,5 +172,5 @@ def _read(path: Path) -> bytes:
 
 
 WORKLOADS: dict[str, Workload] = {
-    w.name: w for w in (FindLs(), ReadAll(), LargestFile(), RandomReads())
+    w.name: w for w in (FindLs(), ReadAll(), LargestFile(), RandomReads(), FirstByte())
 }
