@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -35,6 +36,17 @@ T = TypeVar("T")
 CACHE_TIMEOUT = 86400.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Open:
+    """An open file: its inode, and where its bytes are (layer, start in the layer's
+    uncompressed stream, size)."""
+
+    ino: int
+    layer: int
+    start: int
+    size: int
+
+
 class ImageOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -47,13 +59,17 @@ class ImageOperations(pyfuse3.Operations):
         # Directory inode -> its parent's, learnt as the kernel walks down (it reaches every
         # directory through a lookup or a readdirplus of its parent): what `..` lists.
         self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}
+        self._files: dict[int, _Open] = {}
         self._next_fh = 1
         self.telemetry: telemetry.Telemetry | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call a pure overlay method, loading layers it asks for, translating errors."""
+        """Call a pure overlay method, loading layers it asks for, translating errors.
+
+        Once the layers a request needs are loaded (every warm request), this is one call
+        of `fn` and nothing else: no await that yields, no thread hop."""
         for _ in range(self.overlay.layer_count + 2):
             try:
                 return fn(*args)
@@ -67,7 +83,8 @@ class ImageOperations(pyfuse3.Operations):
                 log.exception("%s%r failed", getattr(fn, "__name__", fn), args)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             finally:
-                self._log_overlay_warnings()
+                if self.overlay.warnings:
+                    self._log_overlay_warnings()
         raise pyfuse3.FUSEError(errno.EIO)
 
     def _log_overlay_warnings(self) -> None:
@@ -180,56 +197,63 @@ class ImageOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        attrs = await self._ask(self.overlay.getattr, inode)
-        if not stat.S_ISREG(attrs.mode):
-            raise pyfuse3.FUSEError(errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL)
+        # `locate` answers EISDIR for a directory and EINVAL for another non-regular file.
+        layer, entry = await self._ask(self.overlay.locate, inode)
+        toc = self.layers.index(layer).toc
         self._event("open", inode)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        fh = self._next_fh
+        self._next_fh += 1
+        # Everything a read needs, found once per open instead of once per read.
+        self._files[fh] = _Open(inode, layer, toc.offset(entry), toc.size(entry))
+        # keep_cache: the kernel keeps this file's pages across opens (the image never
+        # changes); direct_io stays off, so reads go through the page cache.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        layer, entry = await self._ask(self.overlay.locate, fh)
-        toc = self.layers.index(layer).toc
-        file_size = toc.size(entry)
-        if off >= file_size:
+        f = self._files.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if off >= f.size:
             return b""
-        n = min(size, file_size - off)
+        n = min(size, f.size - off)
+        tele = self.telemetry
         info = telemetry.ReadInfo()
         token = telemetry.current.set(info)
         try:
-            start = toc.offset(entry)
-            data = await self.layers.read(layer, start + off, n, read_ahead_until=start + file_size)
-            if self.telemetry is not None:
-                self.telemetry.read(
-                    fh,
-                    self.overlay.path(fh),
-                    layer,
-                    off,
-                    len(data),
-                    info,
-                    stream_offset=toc.offset(entry) + off,
-                )
+            data = await self.layers.read(
+                f.layer, f.start + off, n, read_ahead_until=f.start + f.size
+            )
+            if tele is not None:
+                # The path is only written to a trace; without one, do not look it up.
+                path = self.overlay.path(f.ino) if tele.tracing else b""
+                tele.read(f.ino, path, f.layer, off, len(data), info, stream_offset=f.start + off)
             return data
         except ImageFSError as exc:
-            log.error("read %r at %d: %s", self.overlay.path(fh), off, exc)
+            log.error("read %r at %d: %s", self.overlay.path(f.ino), off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            log.exception("read %r at %d", self.overlay.path(fh), off)
+            log.exception("read %r at %d", self.overlay.path(f.ino), off)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             telemetry.current.reset(token)
 
     def _event(self, op: str, ino: int, name: bytes | None = None) -> None:
-        if self.telemetry is not None:
-            try:
-                path = self.overlay.path(ino)
-            except ImageFSError:
-                path = b"?"
-            if name is not None:
-                path = path + b"/" + name if path else name
-            self.telemetry.event(op, path)
+        tele = self.telemetry
+        if tele is None:
+            return
+        if not tele.tracing:  # counted only: the path is for the trace
+            tele.count(op)
+            return
+        try:
+            path = self.overlay.path(ino)
+        except ImageFSError:
+            path = b"?"
+        if name is not None:
+            path = path + b"/" + name if path else name
+        tele.event(op, path)
 
     async def release(self, fh: int) -> None:
-        return None
+        self._files.pop(fh, None)
 
     # -- xattrs -----------------------------------------------------------------------------
 

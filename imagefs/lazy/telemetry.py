@@ -102,6 +102,15 @@ class Telemetry:
         self.fetches += 1
         self.latencies.append(seconds)
 
+    @property
+    def tracing(self) -> bool:
+        """Whether events are written to a trace (else they are only counted)."""
+        return self._trace is not None
+
+    def count(self, op: str) -> None:
+        """Count an operation that needs no trace record (no trace is being written)."""
+        self.ops[op] = self.ops.get(op, 0) + 1
+
     def event(self, op: str, path: bytes, **fields: Any) -> None:
         self.ops[op] = self.ops.get(op, 0) + 1
         if self._trace is None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import pyfuse3
@@ -13,8 +17,9 @@ import pytest
 from imagefs.errors import LayerFormatError
 from imagefs.fs.operations import ImageOperations
 from imagefs.layers.toc import EntryType, Toc, TocBuilder
+from imagefs.lazy import telemetry
 from imagefs.lazy.layers import LayerSet
-from imagefs.overlay import ROOT_INODE, Overlay
+from imagefs.overlay import ROOT_INODE, Attrs, Overlay
 
 
 @dataclass
@@ -49,6 +54,18 @@ class FakeLayers:
         if toc is None:
             raise LayerFormatError("layer tar: header checksum mismatch at offset 512")
         return _Index(toc)
+
+    def index(self, i: int) -> _Index:
+        toc = self.tocs[i]
+        assert toc is not None
+        return _Index(toc)
+
+    def loaded(self, i: int) -> bool:
+        return True
+
+    async def read(self, i: int, offset: int, length: int, **_: Any) -> bytes:
+        """Layer i's stream is the byte `offset % 251` at every offset."""
+        return bytes(b % 251 for b in range(offset, offset + length))
 
 
 def _toc(*entries: tuple[bytes, EntryType, dict[str, Any]]) -> Toc:
@@ -146,3 +163,104 @@ async def test_readdir_lists_dot_and_dotdot_first(monkeypatch: pytest.MonkeyPatc
     replies.clear()
     await ops.readdir(await ops.opendir(a_ino, ctx), 2, token)
     assert [r[0] for r in replies] == [b"b"]
+
+
+class _Counting(Overlay):
+    """The overlay, counting the calls the adapter makes of it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: Counter[str] = Counter()
+
+    def locate(self, ino: int) -> tuple[int, int]:
+        self.calls["locate"] += 1
+        return super().locate(ino)
+
+    def getattr(self, ino: int) -> Attrs:
+        self.calls["getattr"] += 1
+        return super().getattr(ino)
+
+    def path(self, ino: int) -> bytes:
+        self.calls["path"] += 1
+        return super().path(ino)
+
+
+def _counting_ops(tocs: list[Toc | None]) -> tuple[ImageOperations, _Counting]:
+    overlay = _Counting(len(tocs), exact_dir_nlink=False)
+    ops = ImageOperations(overlay, cast(LayerSet, FakeLayers(tocs)))
+    ops.telemetry = telemetry.Telemetry([1 << 20] * len(tocs))  # as the daemon sets it up
+    return ops, overlay
+
+
+_CTX = cast(pyfuse3.RequestContext, None)
+_TREE = _toc(
+    (b"", EntryType.DIR, {}),
+    (b"d", EntryType.DIR, {}),
+    (b"d/f", EntryType.REG, {"size": 300_000, "offset": 4096}),
+    (b"link", EntryType.SYMLINK, {"linkname": b"d/f"}),
+)
+
+
+async def test_reads_of_an_open_file_ask_the_overlay_nothing() -> None:
+    """open finds where the file's bytes are once; each read then goes straight to the
+    layer set (the old adapter located the file again on every read)."""
+    ops, overlay = _counting_ops([_TREE])
+    d = await ops.lookup(ROOT_INODE, b"d", _CTX)
+    f = await ops.lookup(d.st_ino, b"f", _CTX)
+    overlay.calls.clear()
+    info = await ops.open(f.st_ino, os.O_RDONLY, _CTX)
+    opened = overlay.calls.copy()
+    data = b""
+    while chunk := await ops.read(info.fh, len(data), 128 * 1024):
+        data += chunk
+    assert data == bytes(b % 251 for b in range(4096, 4096 + 300_000))
+    assert overlay.calls == opened  # 4 reads, not one overlay call among them
+    assert opened["getattr"] == 0  # open needs no attributes either
+    await ops.release(info.fh)
+    with pytest.raises(pyfuse3.FUSEError) as gone:
+        await ops.read(info.fh, 0, 1)
+    assert gone.value.errno == errno.EBADF
+
+
+async def test_without_a_trace_requests_look_up_no_paths() -> None:
+    """Telemetry only counts operations when no trace is written: no path is built for it."""
+    ops, overlay = _counting_ops([_TREE])
+    d = await ops.lookup(ROOT_INODE, b"d", _CTX)
+    f = await ops.lookup(d.st_ino, b"f", _CTX)
+    info = await ops.open(f.st_ino, os.O_RDONLY, _CTX)
+    await ops.read(info.fh, 0, 10)
+    await ops.readlink((await ops.lookup(ROOT_INODE, b"link", _CTX)).st_ino, _CTX)
+    assert overlay.calls["path"] == 0
+    assert ops.telemetry is not None
+    assert ops.telemetry.ops == {"lookup": 3, "open": 1, "read": 1, "readlink": 1}
+    assert ops.telemetry.bytes_served == 10
+
+
+async def test_with_a_trace_requests_are_recorded_with_their_paths(tmp_path: Path) -> None:
+    ops, _ = _counting_ops([_TREE])
+    ops.telemetry = telemetry.Telemetry([1 << 20], trace_path=tmp_path / "trace.jsonl")
+    d = await ops.lookup(ROOT_INODE, b"d", _CTX)
+    info = await ops.open((await ops.lookup(d.st_ino, b"f", _CTX)).st_ino, os.O_RDONLY, _CTX)
+    await ops.read(info.fh, 5, 10)
+    ops.telemetry.close()
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [(r["op"], r["path"]) for r in records] == [
+        ("lookup", "d"),
+        ("lookup", "d/f"),
+        ("open", "d/f"),
+        ("read", "d/f"),
+    ]
+    assert records[-1]["offset"] == 5 and records[-1]["stream_offset"] == 4096 + 5
+
+
+async def test_open_refuses_what_is_not_a_regular_file() -> None:
+    ops, _ = _counting_ops([_TREE])
+    d = await ops.lookup(ROOT_INODE, b"d", _CTX)
+    link = await ops.lookup(ROOT_INODE, b"link", _CTX)
+    for ino, code in ((d.st_ino, errno.EISDIR), (link.st_ino, errno.EINVAL)):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(ino, os.O_RDONLY, _CTX)
+        assert info.value.errno == code
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.open(d.st_ino, os.O_RDWR, _CTX)
+    assert info.value.errno == errno.EROFS
