@@ -87,6 +87,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "timings are perturbed, so the table goes to .bench/profile.md",
     )
     p.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the numbers of the previous run written to the same output (its raw "
+        ".bench/results-<name>.json) for every system and metric this run does not measure, "
+        "so one table can be made in parts (e.g. warm workloads, then cold first byte)",
+    )
+    p.add_argument(
+        "--imagefs-src",
+        type=Path,
+        default=REPO,
+        help="the checkout whose imagefs/ is measured (default: this one); e.g. a "
+        "`git worktree` of an older commit, to compare before and after",
+    )
+    p.add_argument(
         "--live",
         action="store_true",
         help="run imagefs from the work tree as it changes (default: a snapshot taken at start)",
@@ -94,13 +108,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def snapshot_imagefs(dest: Path) -> str:
-    """Copy the imagefs package to `dest` and put it first on PYTHONPATH for every imagefs
-    process we start, so edits made to the work tree during a long run do not mix versions.
-    Returns a short hash of the copied sources."""
+def snapshot_imagefs(dest: Path, source: Path = REPO) -> str:
+    """Copy the imagefs package (from `source`, a checkout) to `dest` and put it first on
+    PYTHONPATH for every imagefs process we start, so edits made to the work tree during a
+    long run do not mix versions. Returns a short hash of the copied sources."""
     remove_tree(dest)
     shutil.copytree(
-        REPO / "imagefs", dest / "imagefs", ignore=shutil.ignore_patterns("__pycache__")
+        source / "imagefs", dest / "imagefs", ignore=shutil.ignore_patterns("__pycache__")
     )
     digest = hashlib.sha256()
     for path in sorted((dest / "imagefs").rglob("*.py")):
@@ -115,15 +129,15 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def tool_versions(ratarmount: Path, sources: str) -> list[tuple[str, str]]:
+def tool_versions(ratarmount: Path, sources: str, src: Path = REPO) -> list[tuple[str, str]]:
     def first(args: list[str]) -> str:
         with contextlib.suppress(BenchError, OSError):
             lines = run(args).strip().splitlines()
             return lines[0] if lines else ""
         return "?"
 
-    rev = first(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = first(["git", "-C", str(REPO), "status", "--porcelain", "--", "imagefs"])
+    rev = first(["git", "-C", str(src), "rev-parse", "--short", "HEAD"])
+    dirty = first(["git", "-C", str(src), "status", "--porcelain", "--", "imagefs"])
     return [
         (
             "imagefs",
@@ -179,12 +193,20 @@ def main(argv: list[str]) -> int:
         f"{len(built.merged.files):,} files, {built.compressed_bytes / 1e6:,.0f} MB compressed"
     )
     results: report.Results = {}
+    raw = work / f"results-{output.stem}.json"
+    kept: report.Results = json.loads(raw.read_text()) if args.add and raw.exists() else {}
+    commands_file = raw.with_suffix(".commands.json")
+    commands = json.loads(commands_file.read_text()) if kept and commands_file.exists() else []
+    commands.append(command)
+    commands_file.write_text(json.dumps(commands))
     started: list[System] = []
     scratch = work / "run"
     with contextlib.ExitStack() as stack:
         remove_tree(scratch)
         stack.callback(remove_tree, scratch)
-        sources = "live work tree" if args.live else snapshot_imagefs(scratch / "src")
+        sources = (
+            "live work tree" if args.live else snapshot_imagefs(scratch / "src", args.imagefs_src)
+        )
         registry = stack.enter_context(LocalRegistry(scratch / "registry"))
         log(f"registry at {registry.url}; pushing")
         pushed = images.VARIANTS["gzip"].push(built, registry)
@@ -197,16 +219,23 @@ def main(argv: list[str]) -> int:
         for r in range(runs):
             for system in systems:
                 _one_run(system, r, runs, phases, workload_names, built, results, profile_dir)
-                _save_raw(work / f"results-{output.stem}.json", results)
+                _save_raw(raw, _merged(kept, results))
+        results = _merged(kept, results)
+        names = [s.name for s in started]
+        described = [(s.name, s.description) for s in started] + [
+            (name, SYSTEMS[name](ctx).description)
+            for name in SYSTEMS
+            if name in results and name not in names
+        ]
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = report.render(
         results,
-        [(s.name, s.description) for s in started],
+        described,
         built,
         runs,
-        command,
+        "\n".join(commands),
         date,
-        tool_versions(ratarmount, sources),
+        tool_versions(ratarmount, sources, args.imagefs_src),
         report.NOTES,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -423,6 +452,14 @@ def _one_run(
                 f"run {r + 1}/{runs} {system.name} {phase} {name}: {shown} "
                 f"(session {time.perf_counter() - start:.1f}s)"
             )
+
+
+def _merged(kept: report.Results, new: report.Results) -> report.Results:
+    """`new`, plus every (system, metric) of `kept` that `new` did not measure."""
+    out = {system: dict(metrics) for system, metrics in kept.items()}
+    for system, metrics in new.items():
+        out.setdefault(system, {}).update(metrics)
+    return out
 
 
 def _save_raw(path: Path, results: report.Results) -> None:

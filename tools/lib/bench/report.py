@@ -302,6 +302,20 @@ NOTES = (
     "cold comparison: ratarmount decompresses everything to index before it mounts, imagefs "
     "fetches and indexes a layer when first touched.",
     "largest file: the view's largest regular file read sequentially in 1 MiB reads.",
+    "floor: `tools/lib/bench/floorfs.py` loads a `umoci unpack` of the image into memory "
+    "(names, modes, owners, sizes, mtimes, symlinks, devices, xattrs, hard links, every byte) "
+    "and serves it through pyfuse3 with imagefs's mount options and kernel-cache settings "
+    "(imported from `imagefs.fs`: 1-day entry/attr timeouts, cached negative lookups, "
+    "`keep_cache`, readdirplus, no writeback cache, no direct_io). Every answer is a "
+    "dictionary look-up of an object built before mounting, so its time is what FUSE and "
+    "pyfuse3 themselves cost; it runs warm sessions only (nothing of it is cold), and its "
+    "RSS (the whole tree) is not shown. `imagefs ÷ floor` divides imagefs's median by the "
+    "floor's, measured in the same run.",
+    "first byte: from starting `imagefs mount` to the first byte of `/etc/debian_version` "
+    "(else the first of the random small files) read with one read(2) right after the mount "
+    "answered, in a session of its own. The issue 10 target is checked on the cold session "
+    "of `imagefs-index` (the same gzip image with its imagefs index published next to it: "
+    "truly lazy, nothing local); plain `imagefs` (no index) must fetch whole layers first.",
     "random small files: 2000 regular files of 1 B to 64 KiB, drawn with a fixed seed from "
     "the image's catalog, each opened and read whole, one after another in one process.",
     "peak RSS: VmHWM of the process serving the mount (the imagefs daemon from "
