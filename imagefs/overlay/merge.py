@@ -56,11 +56,10 @@ import stat
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from imagefs.errors import ImageFSError
 from imagefs.layers.tarscan import EntryType, show
 from imagefs.layers.toc import DEFAULT_DIR_MODE, Toc
+from imagefs.overlay.values import Attrs, InodeError, NeedLayer
 
 __all__ = ["ROOT_INODE", "Attrs", "InodeError", "NeedLayer", "Overlay"]
 
@@ -79,49 +78,6 @@ _S_IFMT = {
     EntryType.DIR: stat.S_IFDIR,
     EntryType.FIFO: stat.S_IFIFO,
 }
-
-
-class NeedLayer(Exception):
-    """Signal, not an error: the answer needs layer `index`'s TOC. Load it and call again."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__(f"layer {index} TOC needed")
-        self.index = index
-
-
-class InodeError(ImageFSError):
-    """An operation that does not apply to this inode (or an unknown inode); carries the
-    errno the FUSE adapter should answer with."""
-
-    def __init__(self, message: str, errno_: int) -> None:
-        super().__init__(message)
-        self.errno = errno_
-
-
-class Attrs(NamedTuple):
-    """What stat(2) shows for an inode. atime and ctime are the mtime (layers carry no more).
-
-    A NamedTuple rather than a frozen dataclass: one is built per entry a listing or a lookup
-    returns, and a tuple is built several times faster (`find -ls` of 49k entries builds 49k).
-    """
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    blocks: int
-    rdev: int
-    mtime_ns: int
-
-    @property
-    def atime_ns(self) -> int:
-        return self.mtime_ns
-
-    @property
-    def ctime_ns(self) -> int:
-        return self.mtime_ns
 
 
 @dataclass(frozen=True, slots=True)
