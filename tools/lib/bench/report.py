@@ -123,6 +123,21 @@ def _bound(
     return "not measured", None
 
 
+def _worst(results: Results, key: str, limit: float, unit: str) -> tuple[str, bool | None]:
+    """The highest median of `key` ("a|b" for several keys) over every imagefs system."""
+    found = [
+        (v, system)
+        for system in IMAGEFS_SYSTEMS
+        for k in key.split("|")
+        if (v := median(results, system, k)) is not None
+    ]
+    if not found:
+        return "not measured", None
+    value, system = max(found)
+    return f"{value:,.3g} {unit} ({system})", value <= limit
+
+
+IMAGEFS_SYSTEMS = ("imagefs", "imagefs-index")
 RATARMOUNTS = ("ratarmount", "ratarmount-layer")
 FLOOR = ("floor",)
 TARGETS: tuple[Target, ...] = (
@@ -144,7 +159,7 @@ TARGETS: tuple[Target, ...] = (
     Target(
         10,
         "peak RSS ≤ 150 MB after reading the image end to end",
-        lambda r: _bound(r, "readall.cold.rss_mb|readall.warm.rss_mb", 150, False, "MB"),
+        lambda r: _worst(r, "readall.cold.rss_mb|readall.warm.rss_mb", 150, "MB"),
     ),
     Target(
         10,
