@@ -104,6 +104,7 @@ def load(root: bytes) -> dict[int, Node]:
 
     stack = [add(root, os.lstat(root))[0]]
     paths = {stack[0]: root}
+    parents = {stack[0]: stack[0]}
     while stack:
         dir_ino = stack.pop()
         directory = nodes[dir_ino]
@@ -115,8 +116,11 @@ def load(root: bytes) -> dict[int, Node]:
             directory.children[name] = ino
             if new and stat.S_ISDIR(st.st_mode):
                 paths[ino] = path
+                parents[ino] = dir_ino
                 stack.append(ino)
-        directory.listing = sorted(directory.children.items())
+        # `.` and `..` first, as imagefs lists them (the root's `..` is the root).
+        dots = [(b".", dir_ino), (b"..", parents[dir_ino])]
+        directory.listing = dots + sorted(directory.children.items())
     return nodes
 
 
