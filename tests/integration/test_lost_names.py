@@ -175,6 +175,15 @@ def test_one_odd_name_costs_its_header_not_the_layer(
     # ... then motd's piece and its small neighbours
     assert sum(n for _, n in reading) < size // 50, (reading, size, stats)
     assert "built from the blob" not in stats, stats
+    # Once the whole blob is local, the TOC (recovered names included) is compared with the
+    # tar stream the diff_id covers: it agrees, so it is not refused.
+    imagefs(root, "pull", "--full", published.ref)
+    with mounted(root, published.ref, tmp_path / "mnt2") as mnt:
+        assert ODD in os.listdir(os.path.join(os.fsencode(mnt), b"data"))
+    logs = "".join(p.read_text() for p in (root / "logs").glob("mount-*.log"))
+    assert "disagrees with the tar stream" not in logs
+    assert "TOC could not carry" in logs
+    assert not list((root / "indexes").glob("refused/*"))
 
 
 def _fetched(registry: LocalRegistry, pub: Published) -> list[tuple[int, int]]:
