@@ -47,9 +47,11 @@ from imagefs.layers.seekindex import zstd_capped
 from imagefs.layers.tarscan import BLOCK, EntryType, TarScanner, clean_path
 
 LOST = "\ufffd"
-# Headers of the entries between two payloads; PAX records can make one header big, but
-# never this big (tarscan caps an extension at far less).
+# Room for the headers of the entries between two payloads: a few blocks each, more with
+# PAX records (xattrs); bounded so that a bomb in a header range costs bounded memory.
 _HEADER_ROOM = 1 << 20
+_PER_HEADER = 16 << 10
+_MAX_HEADERS = 64 << 20
 TYPES = {  # CRFS TOC entry types as tar entry types
     "reg": EntryType.REG,
     "dir": EntryType.DIR,
@@ -168,7 +170,8 @@ def recover(gap: Gap, codec: str, compressed: bytes, entries: Sequence[TOCEntry]
     """
     if len(compressed) != gap.end - gap.start:
         raise LayerFormatError("tar header range came back short")
-    cap = gap.skip + gap.pad + _HEADER_ROOM * len(gap.expect)
+    room = min(_HEADER_ROOM + _PER_HEADER * len(gap.expect), _MAX_HEADERS)
+    cap = gap.skip + gap.pad + room
     data = _inflate(codec, compressed, cap)
     if gap.skip:
         algo, _, hexd = gap.skip_digest.partition(":")
