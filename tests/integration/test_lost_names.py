@@ -175,6 +175,8 @@ def test_one_odd_name_costs_its_header_not_the_layer(
     # ... then motd's piece and its small neighbours
     assert sum(n for _, n in reading) < size // 50, (reading, size, stats)
     assert "built from the blob" not in stats, stats
+    # the kept TOC record (recovered names in its parameters) re-derives to its kept index
+    assert "derived index" not in imagefs(root, "check").stdout
     # Once the whole blob is local, the TOC (recovered names included) is compared with the
     # tar stream the diff_id covers: it agrees, so it is not refused.
     imagefs(root, "pull", "--full", published.ref)
