@@ -27,21 +27,13 @@ import xxhash
 import zstandard
 
 from imagefs.errors import IntegrityError, LayerFormatError
-from imagefs.layers import estargz, zstdchunked
+from imagefs.layers import estargz, lostnames, zstdchunked
 from imagefs.layers.seekindex import zstd_capped
 from imagefs.layers.tarscan import EntryType
 from imagefs.layers.toc import Toc, TocBuilder
 
 MAGIC = b"IFSCHNK2"
-_TYPES = {
-    "reg": EntryType.REG,
-    "dir": EntryType.DIR,
-    "symlink": EntryType.SYMLINK,
-    "hardlink": EntryType.HARDLINK,
-    "char": EntryType.CHAR,
-    "block": EntryType.BLOCK,
-    "fifo": EntryType.FIFO,
-}
+_TYPES = lostnames.TYPES
 ZERO_DIGEST = b"\0" * 32
 
 
@@ -195,13 +187,20 @@ def build_chunked(
     codec: str,
     *,
     estargz_layer: bool = False,
+    names: lostnames.Names | None = None,
 ) -> tuple[Toc, ChunkTable, list[str]]:
     """A Toc and a ChunkTable from CRFS entries and each file's pieces.
 
     `pieces` are (name, file_offset, size, start, end, inner, digest, zeros) in file order.
-    JSON cannot carry names that are not UTF-8: writers put U+FFFD there, so such a TOC is
-    refused (LayerFormatError) and the caller reads the layer's tar stream instead.
+    JSON cannot carry names that are not UTF-8: writers put U+FFFD there. `names` holds the
+    true bytes of such entries (TOC entry index -> (name, link target), read back from their
+    tar headers by `lostnames`); a lossy entry without one raises `LostNames`, so the
+    caller can recover them (or read the layer's tar stream instead).
     """
+    names = names or {}
+    lost = [k for k in lostnames.lost_entries(entries) if k not in names]
+    if lost:
+        raise lostnames.LostNames(entries, lost)
     builder = TocBuilder(estargz=estargz_layer)
     by_name: dict[str, list[tuple[str, int, int, int, int, int, str, bool]]] = {}
     for p in pieces:
@@ -209,9 +208,7 @@ def build_chunked(
     voff = 0
     rows: list[tuple[int, int, int, int, int, bytes, bool]] = []
     warnings: list[str] = []
-    for e in entries:
-        if "\ufffd" in e.name or "\ufffd" in e.link_name:
-            raise LayerFormatError(f"TOC lost a non-UTF-8 name ({e.name!r})")
+    for k, e in enumerate(entries):
         kind = _TYPES.get(e.type)
         if kind is None:
             continue  # "chunk" continuation entries, or types we do not show
@@ -242,8 +239,9 @@ def build_chunked(
             if covered != e.size:
                 raise LayerFormatError(f"{e.name}: chunks hold {covered} of {e.size} bytes")
             voff += e.size
+        name, link = names.get(k) or (_name(e.name), _name(e.link_name))
         builder.add(
-            _name(e.name),
+            name,
             kind,
             mode=e.mode & 0o7777,
             uid=e.uid,
@@ -254,7 +252,7 @@ def build_chunked(
             devmajor=e.dev_major,
             devminor=e.dev_minor,
             offset=offset,
-            linkname=_name(e.link_name),
+            linkname=link,
             xattrs=[(k.encode(), v) for k, v in e.xattrs.items()],
         )
     toc = builder.build()
@@ -272,7 +270,9 @@ def build_chunked(
     return toc, table, warnings
 
 
-def from_estargz(toc: estargz.TOC, toc_offset: int) -> tuple[Toc, ChunkTable, list[str]]:
+def from_estargz(
+    toc: estargz.TOC, toc_offset: int, names: lostnames.Names | None = None
+) -> tuple[Toc, ChunkTable, list[str]]:
     """eStargz: a chunk ends where the next member starts (or at the TOC member)."""
     member_starts = {
         e.offset for e in toc.entries if e.type == "chunk" or (e.type == "reg" and e.size)
@@ -303,14 +303,16 @@ def from_estargz(toc: estargz.TOC, toc_offset: int) -> tuple[Toc, ChunkTable, li
                 False,
             )
         )
-    t, table, warnings = build_chunked(toc.entries, pieces, "gzip", estargz_layer=True)
+    t, table, warnings = build_chunked(toc.entries, pieces, "gzip", estargz_layer=True, names=names)
     landmark = next((e.offset for e in toc.entries if e.name == estargz.PREFETCH_LANDMARK), 0)
     if landmark:
         table = dataclasses.replace(table, prefetch_until=landmark)
     return t, table, warnings
 
 
-def from_zstd_chunked(toc: estargz.TOC) -> tuple[Toc, ChunkTable, list[str]]:
+def from_zstd_chunked(
+    toc: estargz.TOC, names: lostnames.Names | None = None
+) -> tuple[Toc, ChunkTable, list[str]]:
     refs = zstdchunked.chunks(toc)
     pieces = [(r.name, r.file_offset, r.size, r.start, r.end, 0, r.digest, r.zeros) for r in refs]
-    return build_chunked(toc.entries, pieces, "zstd")
+    return build_chunked(toc.entries, pieces, "zstd", names=names)

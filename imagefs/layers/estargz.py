@@ -361,6 +361,12 @@ def _tar_header(spec: FileSpec, size: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+def _json_name(name: str) -> str:
+    """A name as Go's encoding/json (ctr-remote's writer) puts it in the TOC: bytes that are
+    not UTF-8 (surrogate-escaped here) become U+FFFD; the tar header keeps the true bytes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _modtime(mtime: int) -> str:
     return datetime.datetime.fromtimestamp(mtime, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -396,7 +402,7 @@ def write_estargz(
         size = len(spec.data) if spec.type == "reg" else 0
         w.write(_tar_header(spec, size))
         entry: dict[str, Any] = {
-            "name": spec.name,
+            "name": _json_name(spec.name),
             "type": spec.type,
             "modtime": _modtime(spec.mtime),
             "mode": spec.mode,
@@ -404,7 +410,7 @@ def write_estargz(
             "gid": spec.gid,
         }
         if spec.link_name:
-            entry["linkName"] = spec.link_name
+            entry["linkName"] = _json_name(spec.link_name)
         if spec.xattrs:
             entry["xattrs"] = {
                 k: base64.b64encode(v).decode("ascii") for k, v in spec.xattrs.items()
@@ -420,7 +426,7 @@ def write_estargz(
             e = (
                 entry
                 if chunk_offset == 0
-                else {"name": spec.name, "type": "chunk", "chunkOffset": chunk_offset}
+                else {"name": _json_name(spec.name), "type": "chunk", "chunkOffset": chunk_offset}
             )
             e["offset"] = w.cut()
             # The spec: the last chunk (or an unchunked file) has chunkSize 0.

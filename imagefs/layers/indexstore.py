@@ -40,7 +40,7 @@ from typing import Any
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.layers import chunks as chunk_tables
-from imagefs.layers import estargz, zstdchunked
+from imagefs.layers import estargz, lostnames, zstdchunked
 from imagefs.layers.index import LayerIndex
 from imagefs.oci.digest import Digest
 from imagefs.store import fsutil
@@ -79,14 +79,16 @@ def derive(bound: Bound, params: dict[str, Any], raw: bytes) -> LayerIndex:
         )
     if bound.kind == ESTARGZ:
         toc = estargz.parse_toc(raw)
-        t, table, warnings = chunk_tables.from_estargz(toc, int(params["toc_offset"]))
+        names = lostnames.from_params(params.get("names"))
+        t, table, warnings = chunk_tables.from_estargz(toc, int(params["toc_offset"]), names)
         return LayerIndex(bound.layer, t, chunks=table, warnings=tuple(warnings))
     if bound.kind == ZSTD_CHUNKED:
         position = zstdchunked.ManifestPosition(
             int(params["offset"]), int(params["length"]), int(params["uncompressed"])
         )
         ztoc = zstdchunked.decode_manifest(raw, position)
-        t, table, warnings = chunk_tables.from_zstd_chunked(ztoc)
+        names = lostnames.from_params(params.get("names"))
+        t, table, warnings = chunk_tables.from_zstd_chunked(ztoc, names)
         return LayerIndex(bound.layer, t, chunks=table, warnings=tuple(warnings))
     if bound.kind == PUBLISHED:
         idx = LayerIndex.from_bytes(bound.layer, raw)

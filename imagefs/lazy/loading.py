@@ -22,13 +22,13 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.image import Layer
-from imagefs.layers import estargz, tocverify, zstdchunked
+from imagefs.layers import estargz, lostnames, tocverify, zstdchunked
 from imagefs.layers.index import LayerIndex, build_from_blob
 from imagefs.layers.indexstore import ESTARGZ, ZSTD_CHUNKED, Bound, derive
 from imagefs.oci import mediatypes
@@ -104,6 +104,7 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
     if idx is not None:
         ls.stats[i].source = f"{source} (kept)"
         return idx
+    params: dict[str, Any]
     try:
         if bound.kind == ESTARGZ:
             params, raw = await _fetch_estargz_toc(ls, i)
@@ -111,7 +112,11 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
             position = zstdchunked.position_from_annotations(layer.descriptor.annotations)
             assert position is not None
             params, raw = await _fetch_zstd_toc(ls, i, position[0])
-        idx = await trio.to_thread.run_sync(derive, bound, params, raw, limiter=ls.cpu)
+        try:
+            idx = await trio.to_thread.run_sync(derive, bound, params, raw, limiter=ls.cpu)
+        except lostnames.LostNames as lost:
+            params = await _recover_names(ls, i, bound, params, lost)
+            idx = await trio.to_thread.run_sync(derive, bound, params, raw, limiter=ls.cpu)
     except (LayerFormatError, IntegrityError) as exc:
         log.warning(
             "layer %d (%s): lazy TOC unusable (%s); fetching the whole layer",
@@ -123,6 +128,37 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
     await trio.to_thread.run_sync(ls.indexes.save_bound, bound, params, raw, idx)
     ls.stats[i].source = source
     return idx
+
+
+async def _recover_names(
+    ls: LayerSet, i: int, bound: Bound, params: dict[str, Any], lost: lostnames.LostNames
+) -> dict[str, Any]:
+    """Read the true names a TOC could not carry from their tar headers, fetched by range
+    (see `layers.lostnames` for where they sit and why they can be trusted)."""
+    if bound.kind == ESTARGZ:
+        codec, data_end = "gzip", int(params["toc_offset"])
+    else:
+        codec, data_end = "zstd", int(params["offset"])
+    gaps = lostnames.gaps(lost.entries, codec, data_end)
+    names: dict[int, tuple[bytes, bytes]] = {}
+    fetched = 0
+    for gap in gaps:
+        if gap.end <= gap.start:
+            raise LayerFormatError("a lost name's tar header has no place in the blob")
+        compressed = await ls.fetch(i, gap.start, gap.end)
+        fetched += len(compressed)
+        got = await trio.to_thread.run_sync(
+            lostnames.recover, gap, codec, compressed, lost.entries, limiter=ls.cpu
+        )
+        names.update(got)
+    log.info(
+        "layer %d (%s): %d name(s) the TOC could not carry read from tar headers (%d bytes)",
+        i,
+        ls.layers[i].digest.short,
+        len(lost.lost),
+        fetched,
+    )
+    return {**params, "names": lostnames.to_params(names)}
 
 
 async def _fetch_estargz_toc(ls: LayerSet, i: int) -> tuple[dict[str, int], bytes]:
