@@ -89,7 +89,9 @@ def unpacked(source: LayoutImage, tmp_path_factory: pytest.TempPathFactory) -> P
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private containerd for ctr-remote to convert with (its own root, state, socket)."""
     if shutil.which("containerd") is None or shutil.which("ctr-remote") is None:
-        pytest.skip("containerd / ctr-remote (Debian stargz-snapshotter) not installed")
+        # tools/test installs both (tools/lib/setup.sh): a missing one is a broken set-up,
+        # never a silent skip.
+        pytest.fail("containerd / ctr-remote (Debian stargz-snapshotter) not installed")
     work = tmp_path_factory.mktemp("containerd")
     sock = work / "c.sock"
     (work / "config.toml").write_text(

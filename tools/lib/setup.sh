@@ -7,6 +7,7 @@ IMAGEFS_DEBIAN_PACKAGES=(
     docker-registry   # the CNCF distribution registry the tests and the demo run on loopback
     skopeo umoci      # independent image producers and the reference extractor
     runc buildah busybox-static attr   # `build`: RUN runtime; reference builder; test base
+    containerd stargz-snapshotter   # ctr-remote: eStargz images made by the reference converter
     tar gzip zstd     # GNU tar writes test layers; zstd for hand-made layers
 )
 
