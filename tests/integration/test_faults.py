@@ -24,9 +24,7 @@ from imagefs.testing.images import SampleImage, skopeo_inspect
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.proxy import FaultProxy, Rule
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.test_lazy_ranges import BIG, SMALL, Published, estargz_image
-
-__all__ = ["estargz_image"]
+from tests.integration.lazy_content import BIG, SMALL, Published
 
 FAST = TransportOptions(retry=RetryPolicy(attempts=4, base_delay=0.01, max_delay=2.0))
 
