@@ -37,10 +37,14 @@ def parse_rate(text: str) -> float:
 class Link:
     latency: float = 0.0  # seconds added before each request (one round trip)
     bandwidth: float | None = None  # bytes per second shared by all transfers, or unlimited
+    # what crossed the link, so a caller can see the emulation was in the path without a clock
+    requests: int = field(default=0, init=False)
+    sent: int = field(default=0, init=False)  # response body bytes
     _free_at: float = field(default=0.0, init=False)
 
     async def transfer(self, n: int) -> None:
         """Account for `n` bytes crossing the link; sleeps until the link would be done."""
+        self.sent += max(n, 0)
         if not self.bandwidth or n <= 0:
             return
         now = trio.current_time()
@@ -68,6 +72,7 @@ class EmulatedTransport(httpx.AsyncBaseTransport):
         self._link = link
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self._link.requests += 1
         if self._link.latency:
             await trio.sleep(self._link.latency)
         response = await self._inner.handle_async_request(request)

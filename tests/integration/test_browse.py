@@ -31,19 +31,7 @@ from imagefs.testing.images import (
 )
 from imagefs.testing.mounts import mounted
 from imagefs.testing.registry import InfraError, LocalRegistry
-from tests.integration.test_lazy_ranges import (
-    BIG,
-    FILES,
-    SMALL,
-    Published,
-    estargz_image,
-    gzip_image,
-    layer_fetches,
-    published,
-    zstd_chunked_image,
-)
-
-__all__ = ["estargz_image", "gzip_image", "published", "zstd_chunked_image"]  # shared fixtures
+from tests.integration.lazy_content import BIG, FILES, SMALL, Published, layer_fetches
 
 
 @pytest.fixture(autouse=True)

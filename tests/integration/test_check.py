@@ -8,10 +8,9 @@ import pytest
 
 from imagefs.testing.images import SampleImage
 from imagefs.testing.mounts import imagefs, mounted
-from tests.integration.test_lazy_ranges import BIG, Published, estargz_image
+from tests.integration.lazy_content import BIG, Published
 
 pytestmark = pytest.mark.fuse
-__all__ = ["estargz_image"]
 
 
 def _flip_last_byte(path: Path) -> None:

@@ -26,10 +26,9 @@ from imagefs.testing.images import SampleImage, skopeo_inspect
 from imagefs.testing.mounts import force_unmount, imagefs, mounted
 from imagefs.testing.proxy import FaultProxy, Rule
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.test_lazy_ranges import FILES, Published, estargz_image
+from tests.integration.lazy_content import FILES, Published
 
 pytestmark = pytest.mark.fuse
-__all__ = ["estargz_image"]
 
 
 @pytest.fixture

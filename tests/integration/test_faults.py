@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +23,7 @@ from imagefs.testing.images import SampleImage, skopeo_inspect
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.proxy import FaultProxy, Rule
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.test_lazy_ranges import BIG, SMALL, Published, estargz_image
-
-__all__ = ["estargz_image"]
+from tests.integration.lazy_content import BIG, SMALL, Published
 
 FAST = TransportOptions(retry=RetryPolicy(attempts=4, base_delay=0.01, max_delay=2.0))
 
@@ -110,12 +107,10 @@ async def test_redirect_loop_on_one_host_is_a_clear_error(
     tmp_path: Path, sample_image: SampleImage, proxy: FaultProxy
 ) -> None:
     proxy.add(Rule("GET", r"/manifests/", "redirect_loop"))
-    started = time.monotonic()
     async with api.Session(root=tmp_path / "root", options=FAST) as s:
         with pytest.raises(RegistryError) as info:
             await api.pull(s, via(proxy, sample_image))
         assert not s.store.records()
-    assert time.monotonic() - started < 10
     assert "too many redirects" in str(info.value) and proxy.host in str(info.value)
     hops = [r for r in proxy.recorded if "/manifests/" in r.path]
     assert len(hops) == connection.MAX_REDIRECTS + 1  # followed a few times, not retried
@@ -175,14 +170,14 @@ async def test_short_content_length_on_a_manifest_stores_nothing(
 async def test_stalled_registry_fails_within_the_registry_timeout(
     tmp_path: Path, sample_image: SampleImage, proxy: FaultProxy
 ) -> None:
-    proxy.add(Rule("GET", r"/manifests/", "stall", stall_seconds=30))
+    rule = proxy.add(Rule("GET", r"/manifests/", "stall", stall_seconds=30))
     options = TransportOptions(retry=FAST.retry, timeout=1.5)
-    started = time.monotonic()
     async with api.Session(root=tmp_path / "root", options=options) as s:
         with pytest.raises(RegistryUnreachable, match=r"no answer within 1\.5s"):
             await api.pull(s, via(proxy, sample_image))
-    elapsed = time.monotonic() - started
-    assert 1.4 <= elapsed < 5, elapsed
+    # the deadline ended the one stalled request (the stall is 30 s): no retry behind it.
+    # How long the deadline takes is tested on trio's virtual clock (test_client_bounds.py).
+    assert rule.hits == 1, rule.hits
 
 
 async def test_stall_in_the_middle_of_a_blob_is_resumed(
@@ -191,11 +186,9 @@ async def test_stall_in_the_middle_of_a_blob_is_resumed(
     layer = biggest_layer(sample_image)
     proxy.add(Rule("GET", layer, "stall_body", times=1, truncate_to=40_000, stall_seconds=30))
     options = TransportOptions(retry=FAST.retry, timeout=1.5)
-    started = time.monotonic()
     async with api.Session(root=tmp_path / "root", options=options) as s:
         await api.pull(s, via(proxy, sample_image), full=True)
         stored = s.store.blobs.path(Digest.parse(layer)).read_bytes()
-    assert time.monotonic() - started < 10
     assert stored == sample_image.layout.blob(layer)
     gets = [r for r in proxy.recorded if layer in r.path]
     assert len(gets) == 2 and gets[1].headers.get("Range") == "bytes=40000-"
@@ -204,16 +197,14 @@ async def test_stall_in_the_middle_of_a_blob_is_resumed(
 def test_registry_timeout_flag_bounds_a_cli_pull(
     tmp_path: Path, sample_image: SampleImage, proxy: FaultProxy
 ) -> None:
-    proxy.add(Rule("GET", r"/manifests/", "stall", stall_seconds=30))
-    started = time.monotonic()
+    rule = proxy.add(Rule("GET", r"/manifests/", "stall", stall_seconds=30))
     proc = imagefs(
         tmp_path / "root", "--registry-timeout", "2", "pull", via(proxy, sample_image), check=False
     )
-    elapsed = time.monotonic() - started
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no answer within 2s" in lines[0], proc.stderr
-    assert elapsed < 8, elapsed
+    assert rule.hits == 1, rule.hits  # the deadline ended the stalled request, no retry
     bad = imagefs(tmp_path / "root", "--registry-timeout", "soon", "images", check=False)
     assert bad.returncode == 2 and "not a number of seconds" in bad.stderr
 
@@ -233,12 +224,12 @@ def test_uncached_read_gives_eio_within_the_registry_timeout_then_recovers(
         rule = proxy.add(
             Rule("GET", r"/blobs/", fault, stall_seconds=60, truncate_to=1000, times=1000)
         )
-        started = time.monotonic()
         with pytest.raises(OSError) as info:
             (mnt / "data" / "big3.bin").read_bytes()
-        elapsed = time.monotonic() - started
         assert info.value.errno == errno.EIO
-        assert 1.5 <= elapsed < 8, elapsed  # about the timeout: no hang, no 5 x 60 s
+        # the deadline ended the read, not a retry budget of stalls (how long the deadline
+        # takes is tested on trio's virtual clock, test_client_bounds.py)
+        assert rule.hits < RetryPolicy().attempts, rule.hits
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         assert (mnt / "etc" / "motd").read_bytes() == SMALL["etc/motd"]  # cached: still served
         assert os.path.ismount(mnt)

@@ -10,126 +10,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import random
-import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from imagefs.layers import estargz
-from imagefs.testing.images import (
-    LayoutImage,
-    build_umoci_image,
-    init_layout,
-    layout_append_blob,
-    push,
-)
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.proxy import FaultProxy, Rule
 from imagefs.testing.registry import LocalRegistry
+from tests.integration.lazy_content import BIG, FILES, SMALL, Published, layer_fetches
 
 pytestmark = pytest.mark.fuse
-
-SMALL = {
-    "etc/motd": b"lazy loading: only what is read\n",
-    "etc/hostname": b"imagefs\n",
-    "usr/share/doc/readme.txt": b"read me\n" * 100,
-}
-BIG = {f"data/big{k}.bin": random.Random(k).randbytes(3 << 20) for k in range(4)}
-FILES = {**SMALL, **BIG}
-
-
-@dataclass(frozen=True)
-class Published:
-    ref: str
-    layer_digests: list[str]
-    layer_size: int  # the (single) content layer's blob size
-
-
-def _write(rootfs: Path) -> None:
-    for name, data in FILES.items():
-        path = rootfs / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-
-def _layers_of(layout: LayoutImage) -> list[dict[str, Any]]:
-    return layout.layers()
-
-
-@pytest.fixture(scope="module")
-def gzip_image(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> Published:
-    work = tmp_path_factory.mktemp("gz")
-    image = build_umoci_image(work / "layout", [_write], tag="gz")
-    pushed = push(image, registry, "lazy/gzip:v1")
-    # publish the imagefs layer index next to it, as `imagefs index --push` does for users
-    imagefs(work / "indexer", "index", "--push", pushed.ref)
-    layers = _layers_of(image)
-    return Published(pushed.ref, [str(x["digest"]) for x in layers], int(layers[-1]["size"]))
-
-
-@pytest.fixture(scope="module")
-def zstd_chunked_image(
-    registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory
-) -> Published:
-    work = tmp_path_factory.mktemp("zc")
-    image = build_umoci_image(work / "layout", [_write], tag="zc")
-    pushed = push(image, registry, "lazy/zstd-chunked:v1", compression="zstd:chunked")
-    out = subprocess.run(
-        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{pushed.ref}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    import json
-
-    layers = json.loads(out)["layers"]
-    return Published(pushed.ref, [x["digest"] for x in layers], int(layers[-1]["size"]))
-
-
-@pytest.fixture(scope="module")
-def estargz_image(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> Published:
-    work = tmp_path_factory.mktemp("esgz")
-    layout = init_layout(work / "layout")
-    subprocess.run(["umoci", "new", "--image", f"{layout}:esgz"], check=True)
-    dirs = sorted({str(Path(n).parent) for n in FILES} | {"usr", "usr/share"})
-    specs = [estargz.FileSpec(name=d + "/", type="dir", mode=0o755) for d in dirs]
-    specs += [estargz.FileSpec(name=n, data=d) for n, d in sorted(FILES.items())]
-    blob = estargz.write_estargz(specs, chunk_size=1 << 20)
-    image = layout_append_blob(
-        LayoutImage(layout, "esgz"),
-        blob.blob,
-        diff_id=blob.diff_id,
-        media_type="application/vnd.oci.image.layer.v1.tar+gzip",
-        annotations={"containerd.io/snapshot/stargz/toc.digest": blob.toc_digest},
-    )
-    pushed = push(image, registry, "lazy/estargz:v1")
-    layers = _layers_of(image)
-    return Published(pushed.ref, [str(x["digest"]) for x in layers], int(layers[-1]["size"]))
-
-
-def layer_fetches(registry: LocalRegistry, pub: Published) -> list[tuple[int, int]]:
-    """(status, bytes) of every GET of the image's layer blobs since the last mark."""
-    return [
-        (r.status, r.bytes_written or 0)
-        for r in registry.blob_gets()
-        if r.path.rsplit("/", 1)[1] in pub.layer_digests
-    ]
-
-
-@pytest.fixture(params=["gzip+index", "zstd:chunked", "estargz"])
-def published(request: pytest.FixtureRequest) -> Published:
-    name = {
-        "gzip+index": "gzip_image",
-        "zstd:chunked": "zstd_chunked_image",
-        "estargz": "estargz_image",
-    }[request.param]
-    pub: Published = request.getfixturevalue(name)
-    return pub
 
 
 def test_cat_of_one_small_file_fetches_only_its_pieces(

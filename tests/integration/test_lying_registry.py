@@ -26,9 +26,7 @@ from imagefs.testing.images import SampleImage
 from imagefs.testing.mounts import mounted
 from imagefs.testing.proxy import FaultProxy, Rule
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.test_lazy_ranges import BIG, SMALL, Published, estargz_image
-
-__all__ = ["estargz_image"]
+from tests.integration.lazy_content import BIG, SMALL, Published
 
 FAST = TransportOptions(retry=RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.1))
 ENDLESS_MAX = 256 << 20  # where the proxy gives up; an unbounded client reads all of it

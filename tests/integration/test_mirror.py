@@ -15,9 +15,7 @@ import pytest
 
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.test_lazy_ranges import BIG, SMALL, Published, estargz_image
-
-__all__ = ["estargz_image"]
+from tests.integration.lazy_content import BIG, SMALL, Published
 
 pytestmark = pytest.mark.fuse
 

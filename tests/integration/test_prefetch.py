@@ -16,10 +16,9 @@ from imagefs.testing.images import LayoutImage, init_layout, layout_append_blob,
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.proxy import FaultProxy
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.test_lazy_ranges import BIG, SMALL, Published, estargz_image
+from tests.integration.lazy_content import BIG, SMALL, Published
 
 pytestmark = pytest.mark.fuse
-__all__ = ["estargz_image"]
 
 
 def _wait_fetched(root: Path, mnt: Path, at_least: int, timeout: float = 30) -> dict[str, object]:

@@ -9,10 +9,9 @@ import pytest
 
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.test_lazy_ranges import BIG, SMALL, Published, estargz_image
+from tests.integration.lazy_content import BIG, SMALL, Published
 
 pytestmark = pytest.mark.fuse
-__all__ = ["estargz_image"]  # the module-scoped fixture, shared
 
 
 def test_trace_records_each_operation_and_where_bytes_came_from(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,11 +64,10 @@ async def test_transient_5xx_and_429_are_retried(
     proxy.add(Rule("GET", r"/manifests/", "status", times=2, status=503))
     proxy.add(Rule("GET", r"/blobs/", "status", times=1, status=502))
     proxy.add(Rule("GET", r"/blobs/", "status", times=1, status=429, retry_after="1"))
-    started = time.monotonic()
     async with api.Session(root=tmp_path / "root", options=FAST) as s:
         result = await api.pull(s, via(proxy, sample_image), full=True)
     assert str(result.image.repo_digest) == sample_image.digest
-    assert time.monotonic() - started >= 0.9  # Retry-After: 1 was honoured, not 10 ms backoff
+    # that Retry-After is waited for is tested on trio's virtual clock (test_client_bounds.py)
     statuses = [r.status for r in proxy.recorded]
     assert statuses.count(503) == 2 and statuses.count(502) == 1 and statuses.count(429) == 1
 
@@ -151,11 +149,10 @@ async def test_network_emulation_adds_latency_and_caps_bandwidth(
     total = sum(int(layer["size"]) for layer in sample_image.layout.layers())
     link = Link(latency=0.05, bandwidth=1_000_000)  # 50 ms per request, 8 Mbit/s
     options = TransportOptions(link=link)
-    started = time.monotonic()
     async with api.Session(root=tmp_path / "root", options=options) as s:
         await api.pull(s, sample_image.ref, full=True)
         requests = sum(c.requests_sent for c in s._clients.values())
-    elapsed = time.monotonic() - started
-    # lower bounds only: every byte crossed the 1 MB/s link, every request waited 50 ms
-    assert elapsed >= total / 1_000_000
-    assert requests >= 3 and elapsed >= 0.05 * 3
+    # every request and every layer byte went through the link; what the link then waits
+    # (50 ms a request, 1 MB/s) is tested on trio's virtual clock (test_client_bounds.py)
+    assert requests >= 3 and link.requests >= requests
+    assert link.sent >= total

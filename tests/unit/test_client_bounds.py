@@ -1,5 +1,8 @@
 """The registry client's bounds and origins, against `httpx.MockTransport` fakes.
 
+Waits (Retry-After, `--registry-timeout`, the emulated link) are measured on trio's virtual
+clock (`autojump_clock`): exact, and independent of how loaded the machine is.
+
 The real registry cannot redirect to another scheme on the same host and port, or name an
 upload location on another host; a mock transport can, and it sees every header the client
 sends. Bodies here are async generators that never end: a bounded read stops on its own.
@@ -9,15 +12,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
+import trio
+import trio.testing
 
-from imagefs.errors import IntegrityError, Unauthorized
+from imagefs.errors import IntegrityError, RegistryUnreachable, Unauthorized
 from imagefs.oci.digest import Digest
 from imagefs.registry import bodies
 from imagefs.registry.client import RegistryClient
 from imagefs.registry.credentials import Credentials
+from imagefs.registry.netem import EmulatedTransport, Link
+from imagefs.registry.transport import TransportOptions
 
 ALICE = Credentials("alice", "wonderland")
 BLOB = b"x" * 1000
@@ -47,8 +55,14 @@ class Once(httpx.AsyncByteStream):
             yield self.data
 
 
-def client_with(handler: Callable[[httpx.Request], httpx.Response]) -> RegistryClient:
-    client = RegistryClient("reg.example:5000", credential_lookup=lambda host: ALICE)
+def client_with(
+    handler: Callable[[httpx.Request], Any], options: TransportOptions | None = None
+) -> RegistryClient:
+    client = RegistryClient(
+        "reg.example:5000",
+        credential_lookup=lambda host: ALICE,
+        options=options or TransportOptions(),
+    )
     fake = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=False)
     client._upstream.client = fake
     client._upstream.base_url = "https://reg.example:5000"
@@ -200,3 +214,61 @@ async def test_credentials_never_go_to_a_plain_http_token_realm(creds: bool) -> 
             assert not [r for r in seen if r.url.host == "auth.example"]
         else:
             assert await client.get_blob("r", DIGEST, len(BLOB)) == BLOB
+
+
+# -- waits, on the virtual clock --------------------------------------------------------------
+
+
+async def test_retry_after_is_waited_for(autojump_clock: trio.testing.MockClock) -> None:
+    answers = iter(
+        [
+            httpx.Response(429, headers={"Retry-After": "3"}, stream=Once()),
+            httpx.Response(
+                206, headers={"Content-Range": "bytes 10-19/1000"}, stream=Once(BLOB[10:20])
+            ),
+        ]
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return next(answers)
+
+    async with client_with(handler) as client:
+        start = trio.current_time()
+        assert await client.get_blob_range("r", DIGEST, 10, 20) == BLOB[10:20]
+        # the server's 3 s, not the policy's 0.25 s first backoff
+        assert trio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_registry_timeout_bounds_a_request_that_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    asked = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal asked
+        asked += 1
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with client_with(handler, TransportOptions(timeout=1.5)) as client:
+        start = trio.current_time()
+        with pytest.raises(RegistryUnreachable, match=r"no answer within 1\.5s"):
+            await client.get_blob_range("r", DIGEST, 10, 20)
+        assert trio.current_time() - start == pytest.approx(1.5)
+    assert asked == 1
+
+
+async def test_emulated_link_adds_latency_per_request_and_paces_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Once(b"x" * 500))
+
+    link = Link(latency=0.05, bandwidth=1000)  # 50 ms a request, 1000 bytes a second
+    transport = EmulatedTransport(httpx.MockTransport(handler), link)
+    async with httpx.AsyncClient(transport=transport) as http:
+        start = trio.current_time()
+        for _ in range(3):
+            assert len((await http.get("http://reg.example/")).content) == 500
+        assert trio.current_time() - start == pytest.approx(3 * 0.05 + 3 * 500 / 1000)
+    assert (link.requests, link.sent) == (3, 1500)

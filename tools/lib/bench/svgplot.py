@@ -2,6 +2,8 @@
 
 `render([Panel(title, [Group(label, [(series, value), ...]), ...], unit), ...])` stacks the
 panels vertically; each series keeps one colour across panels, shown in a legend per panel.
+The SVG building blocks (escaping, text, rectangles, lines) are imagefs's own, shared with
+`imagefs trace report` (`imagefs.report.svg`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from html import escape
+
+from imagefs.report import svg
 
 PALETTE = (
     "#4e79a7",
@@ -28,7 +31,7 @@ LABEL_W = 150
 RIGHT_PAD = 80
 BAR_H = 11
 GROUP_GAP = 10
-FONT = "font-family='DejaVu Sans, Arial, sans-serif'"
+FONT = ' font-family="DejaVu Sans, Arial, sans-serif"'
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,7 @@ def _panel(p: Panel, y0: float, colours: dict[str, str]) -> tuple[list[str], flo
             math.log10(hi) - math.log10(lo)
         )
 
-    out.append(f"<text x='10' y='{y0 + 16}' font-size='14' font-weight='bold' {FONT}>")
-    out.append(f"{escape(p.title)}</text>")
+    out.append(svg.text(10, y0 + 16, p.title, extra=f' font-size="14" font-weight="bold"{FONT}'))
     y = y0 + 28
     series = list(dict.fromkeys(name for g in p.groups for name, _ in g.bars))
     lx: float = LABEL_W
@@ -76,26 +78,26 @@ def _panel(p: Panel, y0: float, colours: dict[str, str]) -> tuple[list[str], flo
         if lx + 24 + 6.5 * len(name) > WIDTH - 10:
             lx = LABEL_W
             y += 16
-        out.append(
-            f"<rect x='{lx}' y='{y}' width='10' height='10' fill='{colours[name]}'/>"
-            f"<text x='{lx + 14}' y='{y + 9}' font-size='11' {FONT}>{escape(name)}</text>"
-        )
+        out.append(svg.rect(lx, y, 10, 10, colours[name]))
+        out.append(svg.text(lx + 14, y + 9, name, extra=f' font-size="11"{FONT}'))
         lx += 24 + 6.5 * len(name)
     y += 22
     top = y
     for g in p.groups:
         gh = BAR_H * len(g.bars)
         out.append(
-            f"<text x='{LABEL_W - 6}' y='{y + gh / 2 + 4}' font-size='12' text-anchor='end' "
-            f"{FONT}>{escape(g.label)}</text>"
+            svg.text(
+                LABEL_W - 6, y + gh / 2 + 4, g.label, anchor="end", extra=f' font-size="12"{FONT}'
+            )
         )
         for name, v in g.bars:
             w = x(v) - LABEL_W
+            tip = f"{name}: {_fmt(v)} {p.unit}"
+            out.append(svg.rect(LABEL_W, y, max(w, 1), BAR_H - 1, colours[name], tip))
             out.append(
-                f"<rect x='{LABEL_W}' y='{y}' width='{max(w, 1):.1f}' height='{BAR_H - 1}' "
-                f"fill='{colours[name]}'><title>{escape(name)}: {_fmt(v)} {p.unit}</title></rect>"
-                f"<text x='{LABEL_W + max(w, 1) + 3:.1f}' y='{y + BAR_H - 2}' font-size='9' "
-                f"{FONT}>{_fmt(v)}</text>"
+                svg.text(
+                    LABEL_W + max(w, 1) + 3, y + BAR_H - 2, _fmt(v), extra=f' font-size="9"{FONT}'
+                )
             )
             y += BAR_H
         y += GROUP_GAP
@@ -103,11 +105,9 @@ def _panel(p: Panel, y0: float, colours: dict[str, str]) -> tuple[list[str], flo
     d = lo
     while d <= hi * 1.0001:
         gx = x(d)
-        out.append(
-            f"<line x1='{gx:.1f}' y1='{top - 4}' x2='{gx:.1f}' y2='{y}' stroke='#ccc' "
-            f"stroke-width='0.5'/><text x='{gx:.1f}' y='{y + 12}' font-size='10' "
-            f"text-anchor='middle' {FONT}>{_fmt(d)} {p.unit}</text>"
-        )
+        out.append(svg.line(gx, top - 4, gx, y, extra=' stroke="#ccc" stroke-width="0.5"'))
+        label = f"{_fmt(d)} {p.unit}"
+        out.append(svg.text(gx, y + 12, label, anchor="middle", extra=f' font-size="10"{FONT}'))
         d *= 10
     return out, y + 24
 
