@@ -628,7 +628,9 @@ def _missing(root: Path, paths: Sequence[str]) -> list[str]:
 def _remove_mountpoints(root: Path, created: Sequence[str]) -> None:
     """Take back the empty mount points runc made, so they are not part of the layer."""
     for path in sorted(created, key=lambda p: -p.count("/")):
-        target = root / path.lstrip("/")
+        # resolved inside the rootfs: `root / path` would follow an image's `/etc -> /host`
+        # link out to the host and delete a file there
+        target = rootfs.resolve(root, path, follow_last=False)
         with contextlib.suppress(OSError):
             if target.is_dir() and not target.is_symlink():
                 target.rmdir()  # only if empty
