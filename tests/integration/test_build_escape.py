@@ -63,6 +63,7 @@ def test_symlinks_in_the_base_never_reach_the_host(
     evil: str, victim: Path, tmp_path: Path, steps: str
 ) -> None:
     root = tmp_path / "store"
+    (victim / "hosts").write_text("")  # each case on its own, whatever ran before
     before = sorted((p.name, p.stat().st_size) for p in victim.iterdir())
     ctx = _ctx(tmp_path, f"FROM {evil}\n" + steps, f="file\n")
     (ctx / "m").write_text("member\n")
