@@ -29,6 +29,7 @@ from imagefs.build import config as cfgmod
 from imagefs.build import context as ctx
 from imagefs.build import copy as copymod
 from imagefs.build import frontend, layerdiff, rootfs, runtime
+from imagefs.build.fetch import fetch_source
 from imagefs.build.progress import Progress, Step
 from imagefs.build.stage import StageState, rfc3339
 from imagefs.build.words import Lexer
@@ -404,9 +405,9 @@ class Builder:
             proc = runtime.Process(args, env, uid, gid, tuple(groups), workdir)
             spec = runtime.runtime_spec(merged, proc, network=network)
             dests = runtime.mount_destinations(spec)
-            missing = await self.session.disk(_missing, merged, dests)
+            missing = await self.session.disk(runtime.missing_mountpoints, merged, dests)
             result = await runtime.run(self.work / f"bundle-{self._n}", spec, step.line)
-            await self.session.disk(_remove_mountpoints, merged, missing)
+            await self.session.disk(runtime.remove_mountpoints, merged, missing)
             if result.exit_code != 0:
                 tail = " | ".join(result.tail[-5:])
                 raise BuildError(
@@ -454,11 +455,15 @@ class Builder:
             remote: set[int] = set()
             for pattern in srcs:
                 if pattern.startswith("<<") and pattern[2:].lstrip("-") in heredoc_names:
-                    groups.append(self._heredoc_source(ins, pattern))
+                    name = pattern[2:].lstrip("-")
+                    doc = next(h for h in ins.heredocs if h.name == name)
+                    groups.append(ctx.heredoc_source(self.work, name, doc.content))
                     continue
                 scheme = pattern.split("://")[0] if "://" in pattern else ""
                 if ins.cmd == "ADD" and scheme in ("http", "https"):
-                    groups.append(await self._download(ins, pattern, dest))
+                    groups.append(
+                        await fetch_source(self.work, ins.line, pattern, dest, self.session.options)
+                    )
                     remote.add(len(groups) - 1)  # a downloaded archive is not extracted
                     continue
                 if ins.cmd == "ADD" and scheme:
@@ -513,33 +518,6 @@ class Builder:
 
             await self._fs_step(st, key, created_by, step, action)
 
-    async def _download(self, ins: frontend.Instruction, url: str, dest: str) -> list[ctx.Source]:
-        """ADD URL: fetched to a file (mode 0600, mtime from Last-Modified, as docker does),
-        named after the URL's last path segment unless the destination names the file."""
-        from imagefs.build.fetch import download
-
-        name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-        if not dest.endswith("/") and not name:
-            name = os.path.basename(dest)
-        if not name:
-            raise BuildError(f"Dockerfile:{ins.line}: cannot name the file of ADD {url}")
-        path = self.work / f"download-{uuid.uuid4().hex[:8]}" / name
-        path.parent.mkdir(parents=True)
-        try:
-            await download(url, path, self.session.options)
-        except BuildError as exc:
-            raise BuildError(f"Dockerfile:{ins.line}: ADD {url}: {exc}") from None
-        return [ctx.Source(path, "")]
-
-    def _heredoc_source(self, ins: frontend.Instruction, pattern: str) -> list[ctx.Source]:
-        name = pattern[2:].lstrip("-")
-        doc = next(h for h in ins.heredocs if h.name == name)
-        path = self.work / f"heredoc-{uuid.uuid4().hex[:8]}" / name
-        path.parent.mkdir(parents=True)
-        path.write_text(doc.content)
-        os.chmod(path, 0o644)
-        return [ctx.Source(path, "")]
-
     @contextlib.asynccontextmanager
     async def _source_root(
         self, df: frontend.Dockerfile, st: StageState, src: str | None
@@ -559,7 +537,7 @@ class Builder:
             # No upper dir: a read-only overlay (it wants two lowers at least).
             lowers = ":".join(str(p) for p in [*other.lowers(), empty])
             merged.mkdir()
-            await trio.to_thread.run_sync(_mount_ro, lowers, merged)
+            await trio.to_thread.run_sync(runtime.mount_ro, lowers, merged)
             try:
                 yield merged, other.key
             finally:
@@ -599,41 +577,6 @@ class Builder:
         return BuildResult(
             config_digest, manifest_digest, names, self.layers_built, self.steps_cached
         )
-
-
-def _mount_ro(lowers: str, merged: Path) -> None:
-    import subprocess
-
-    proc = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowers}", str(merged)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise BuildError(f"mounting a stage read-only at {merged}: {proc.stderr.strip()}")
-
-
-def _missing(root: Path, paths: Sequence[str]) -> list[str]:
-    """Mount destinations (and their parents) that do not exist yet: runc will create them."""
-    out: list[str] = []
-    for path in paths:
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts) + 1):
-            sub = "/" + "/".join(parts[:i])
-            if sub not in out and not os.path.lexists(rootfs.resolve(root, sub)):
-                out.append(sub)
-    return out
-
-
-def _remove_mountpoints(root: Path, created: Sequence[str]) -> None:
-    """Take back the empty mount points runc made, so they are not part of the layer."""
-    for path in sorted(created, key=lambda p: -p.count("/")):
-        target = root / path.lstrip("/")
-        with contextlib.suppress(OSError):
-            if target.is_dir() and not target.is_symlink():
-                target.rmdir()  # only if empty
-            elif target.is_file() and target.stat().st_size == 0:
-                target.unlink()
 
 
 async def build(

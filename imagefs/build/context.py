@@ -16,6 +16,7 @@ import os
 import posixpath
 import re
 import stat
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,3 +174,12 @@ def digest_sources(sources: Sequence[Source]) -> str:
                     h.update(chunk)
             h.update(f"\0{st.st_size}\0".encode())
     return h.hexdigest()
+
+
+def heredoc_source(work: Path, name: str, content: str) -> list[Source]:
+    """A COPY <<NAME here-document, written to a file in `work` (0644, as BuildKit does)."""
+    path = work / f"heredoc-{uuid.uuid4().hex[:8]}" / name
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    os.chmod(path, 0o644)
+    return [Source(path, "")]

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import email.utils
 import os
+import uuid
 from pathlib import Path
 
 import httpx
 import trio
 
+from imagefs.build.context import Source
 from imagefs.errors import BuildError
 from imagefs.registry.transport import TransportOptions, effective_timeouts
 
@@ -38,3 +40,22 @@ async def download(url: str, path: Path, options: TransportOptions) -> None:
         except (TypeError, ValueError):
             return
         os.utime(path, (when, when))
+
+
+async def fetch_source(
+    work: Path, line: int, url: str, dest: str, options: TransportOptions
+) -> list[Source]:
+    """ADD URL (Dockerfile line `line`): fetched into `work`, named after the URL's last path
+    segment unless the destination names the file."""
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    if not dest.endswith("/") and not name:
+        name = os.path.basename(dest)
+    if not name:
+        raise BuildError(f"Dockerfile:{line}: cannot name the file of ADD {url}")
+    path = work / f"download-{uuid.uuid4().hex[:8]}" / name
+    path.parent.mkdir(parents=True)
+    try:
+        await download(url, path, options)
+    except BuildError as exc:
+        raise BuildError(f"Dockerfile:{line}: ADD {url}: {exc}") from None
+    return [Source(path, "")]

@@ -3,7 +3,8 @@
 The upper directory of a step *is* its diff: what the step created or changed is there, a
 deleted lower entry is a character device 0:0 (a whiteout), and a directory whose lower
 children must all be hidden carries `trusted.overlay.opaque=y`. In the layer those become
-`.wh.NAME` and `DIR/.wh..wh..opq` (OCI image-spec layer.md).
+`.wh.NAME` (an empty regular file, mode 0, owner 0:0, mtime 0, as containerd 2 writes
+it for BuildKit) and `DIR/.wh..wh..opq` (OCI image-spec layer.md).
 
 The tar is what BuildKit writes: entries in lexical order, parents before children, numeric
 owners without names, PAX headers where needed (long or non-UTF-8 names, `SCHILY.xattr.*`,
@@ -135,8 +136,11 @@ def write_tar(upper: Path, out: IO[bytes], epoch: int | None = None) -> int:
             parent, _, base = rel.rpartition("/")
             if is_whiteout(st):
                 wh = f"{parent}/{WHITEOUT_PREFIX}{base}" if parent else WHITEOUT_PREFIX + base
-                info = _info(wh, st, epoch)
-                info.mode = 0o644
+                # as containerd 2 (BuildKit's differ) writes it: mode 0, owner 0:0, mtime 0
+                # -- who deleted the entry, and when, is not part of the layer
+                info = tarfile.TarInfo(wh)
+                info.mode = info.uid = info.gid = info.mtime = 0
+                info.uname = info.gname = ""
                 info.type = tarfile.REGTYPE
                 tar.addfile(info)
                 count += 1

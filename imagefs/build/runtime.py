@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from imagefs.build.rootfs import resolve
 from imagefs.errors import BuildError
 
 RUNTIME = "runc"
@@ -254,3 +255,38 @@ async def run(
 
 def _delete_container(cid: str) -> None:
     subprocess.run([RUNTIME, "delete", "--force", cid], capture_output=True)
+
+
+def mount_ro(lowers: str, merged: Path) -> None:
+    proc = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowers}", str(merged)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise BuildError(f"mounting a stage read-only at {merged}: {proc.stderr.strip()}")
+
+
+def missing_mountpoints(root: Path, paths: Sequence[str]) -> list[str]:
+    """Mount destinations (and their parents) that do not exist yet: runc will create them."""
+    out: list[str] = []
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/" + "/".join(parts[:i])
+            if sub not in out and not os.path.lexists(resolve(root, sub)):
+                out.append(sub)
+    return out
+
+
+def remove_mountpoints(root: Path, created: Sequence[str]) -> None:
+    """Take back the empty mount points runc made, so they are not part of the layer."""
+    for path in sorted(created, key=lambda p: -p.count("/")):
+        # resolved inside the rootfs: `root / path` would follow an image's `/etc -> /host`
+        # link out to the host and delete a file there
+        target = resolve(root, path, follow_last=False)
+        with contextlib.suppress(OSError):
+            if target.is_dir() and not target.is_symlink():
+                target.rmdir()  # only if empty
+            elif target.is_file() and target.stat().st_size == 0:
+                target.unlink()

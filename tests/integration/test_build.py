@@ -15,7 +15,7 @@ import pytest
 from imagefs.testing.buildbase import build_base
 from imagefs.testing.images import PushedImage, push
 from imagefs.testing.mounts import imagefs, mounted
-from imagefs.testing.registry import LocalRegistry
+from imagefs.testing.registry import LocalRegistry, free_port
 
 pytestmark = [pytest.mark.fuse, pytest.mark.registry]
 
@@ -199,3 +199,18 @@ def test_non_root_gets_one_clear_line() -> None:
     assert proc.stderr == (
         "imagefs: imagefs build must run as root (it mounts overlayfs and runs RUN in namespaces)\n"
     )
+
+
+def test_add_of_a_url_that_fails_is_one_line(
+    base: PushedImage, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    gone = f"{registry.url}/v2/no/such/blobs/none"  # the registry answers 404
+    closed = f"http://127.0.0.1:{free_port()}/file"  # nothing listens there
+    for url, why in ((gone, "HTTP 404"), (closed, "ConnectError")):
+        proc = _build(root, base, _ctx(tmp_path, f"ARG BASE\nFROM $BASE\nADD {url} /x\n"))
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"imagefs: Dockerfile:3: ADD {url}: {why}"), proc.stderr
+        assert "Traceback" not in proc.stderr
+    _clean(root)

@@ -41,3 +41,22 @@ def test_upper_dir_becomes_a_layer(tmp_path: Path) -> None:
     out1, out2 = io.BytesIO(), io.BytesIO()
     a, b = write_layer(up, out1, 1_000), write_layer(up, out2, 1_000)
     assert a == b and out1.getvalue() == out2.getvalue()  # reproducible bytes
+
+
+def test_whiteouts_are_written_as_buildkit_writes_them(tmp_path: Path) -> None:
+    # containerd 2 (BuildKit's differ): a zero-size regular file, mode 0, owner 0:0, mtime
+    # 1970-01-01 -- whoever deleted it and whenever, so the layer does not depend on either.
+    up = tmp_path / "upper"
+    up.mkdir()
+    os.mknod(up / "gone", 0o600 | 0o020000, os.makedev(0, 0))
+    os.chown(up / "gone", 1000, 1000, follow_symlinks=False)
+    os.utime(up / "gone", (1_700_000_000, 1_700_000_000), follow_symlinks=False)
+    for epoch in (None, 1_000):
+        buf = io.BytesIO()
+        write_tar(up, buf, epoch=epoch)
+        buf.seek(0)
+        with tarfile.open(fileobj=buf) as tar:
+            (wh,) = tar.getmembers()
+        assert wh.name == ".wh.gone" and wh.isreg() and wh.size == 0
+        assert (wh.mode, wh.uid, wh.gid, wh.mtime) == (0, 0, 0, 0)
+        assert (wh.uname, wh.gname) == ("", "")
