@@ -179,7 +179,7 @@ def check_mountpoint(mountpoint: Path, store: Store) -> list[str]:
         clear_dead_mount(mountpoint)
         notes.append(f"cleared the dead imagefs mount left at {mountpoint} by a killed daemon")
     if not os.path.lexists(mountpoint):
-        raise NotFound(f"mountpoint {mountpoint} does not exist")
+        raise UsageError(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     try:
