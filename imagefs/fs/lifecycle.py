@@ -123,9 +123,11 @@ class MountRegistration:
 
 
 def _stat_error(path: Path) -> int | None:
-    """The errno of stat(path), or None when it answers."""
+    """The errno of statvfs(path), or None when it answers. statvfs, not stat: the kernel
+    answers stat from its attribute cache (a day, for an immutable image) even when the
+    daemon is gone; statfs always asks the daemon."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno
     return None
