@@ -1150,6 +1150,8 @@ async def cmd_stats(s: api.Session, a: argparse.Namespace) -> int:
             stats = await trio.to_thread.run_sync(ask_stats, path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotFound(f"{a.mountpoint} is not an imagefs mount of {s.root}") from None
+        if "error" in stats:  # the daemon could not make its snapshot (it says why in its log)
+            raise ImageFSError(f"{a.mountpoint}: the mount could not answer: {stats['error']}")
         if a.json:
             text = json.dumps(stats, indent=2) + "\n"
         elif a.format == "table":
