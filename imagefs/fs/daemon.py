@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -148,7 +147,7 @@ def fuse_init(
 
     libfuse and fusermount3 print why a mount failed on fd 2 and pyfuse3 raises a bare
     "fuse_session_mount failed"; so fd 2 goes to a temp file for the call, and what it
-    caught is copied to the real stderr (the log) and put into the one-line error."""
+    caught goes to the log and into the one-line error."""
     saved = os.dup(2)
     failure: str | None = None
     with tempfile.TemporaryFile() as captured:
@@ -162,12 +161,11 @@ def fuse_init(
             os.close(saved)
         captured.seek(0)
         said = captured.read(16384).decode(errors="replace")
-    if said:
-        sys.stderr.write(said)
-        sys.stderr.flush()
+    reasons = [line.strip() for line in said.splitlines() if line.strip()]
+    for line in reasons:
+        log.info("libfuse: %s", line)
     if failure is None:
         return
-    reasons = [line.strip() for line in said.splitlines() if line.strip()]
     where = f" (log: {log_path})" if log_path is not None else ""
     raise ImageFSError(f"cannot mount on {mountpoint}: {'; '.join(reasons) or failure}{where}")
 

@@ -211,21 +211,18 @@ def open_log(root: Path, log_path: Path) -> int:
 
 def spawn_daemon(argv: Sequence[str], log_path: Path, mountpoint: Path, root: Path) -> int:
     """Start the foreground mount in a detached child; return its pid once the mount answers."""
-    r, w = os.pipe()
     log = open_log(root, log_path)
+    r, w = os.pipe()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "imagefs", *argv, "--ready-fd", str(w)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(w,),
-            start_new_session=True,
-            close_fds=True,
-        )
+        proc = _popen_daemon(argv, log, w)
+    except OSError as exc:
+        os.close(r)
+        raise ImageFSError(
+            f"cannot start the mount daemon {sys.executable}: {exc.strerror or exc}"
+        ) from None
     finally:
         os.close(log)
-    os.close(w)
+        os.close(w)
     message = b""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     try:
@@ -258,6 +255,18 @@ def spawn_daemon(argv: Sequence[str], log_path: Path, mountpoint: Path, root: Pa
     tail = _log_tail(root, log_path)
     raise ImageFSError(
         f"mount daemon exited with status {proc.returncode}: {tail} (log: {log_path})"
+    )
+
+
+def _popen_daemon(argv: Sequence[str], log: int, w: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagefs", *argv, "--ready-fd", str(w)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        pass_fds=(w,),
+        start_new_session=True,
+        close_fds=True,
     )
 
 
