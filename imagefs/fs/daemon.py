@@ -97,8 +97,7 @@ async def serve(
 
                 def snapshot() -> dict[str, object]:
                     return _stats_snapshot(
-                        tele,
-                        {
+                        lambda: {
                             "image": name,
                             "manifest_digest": str(record.manifest.digest),
                             "mountpoint": str(mountpoint),
@@ -112,6 +111,7 @@ async def serve(
                             },
                             "layer_sources": [st.source for st in layer_set.stats],
                         },
+                        tele,
                     )
 
                 sock = control_socket(store, mountpoint)
@@ -200,10 +200,10 @@ async def guarded(what: str, fn: Callable[..., Awaitable[object]], *args: object
             log.error("%s failed: %s: %s", what, type(leaf).__name__, leaf, exc_info=exc)
 
 
-def _stats_snapshot(tele: Telemetry, extra: dict[str, object]) -> dict[str, object]:
+def _stats_snapshot(extra: Callable[[], dict[str, object]], tele: Telemetry) -> dict[str, object]:
     """A stats answer that cannot take the control socket down: an error is an answer."""
     try:
-        snap = tele.snapshot(extra)
+        snap = tele.snapshot(extra())
         json.dumps(snap)
         return snap
     except Exception as exc:
