@@ -217,9 +217,12 @@ def read_bytes(path: Path, *, root: Path | None = None, limit: int | None = None
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as f:
-        if limit is not None and os.fstat(f.fileno()).st_size > limit:
+        if limit is None:
+            return f.read()
+        data = f.read(limit + 1)  # bounded even if the file grows while we read
+        if len(data) > limit:
             raise StoreError(f"{path} is larger than the {limit} bytes expected")
-        return f.read()
+        return data
 
 
 def lstat(path: Path, *, root: Path | None = None) -> os.stat_result | None:
