@@ -116,9 +116,10 @@ class Lease:
         os.close(self._fd)
 
 
-def _read_fd(fd: int, limit: int = 16 << 20) -> bytes:
-    """What an open (locked) record holds, read from the fd we have: never a second open."""
-    return os.pread(fd, limit, 0)
+def _read_fd(fd: int, limit: int = 64 << 20) -> bytes:
+    """What an open (locked) record holds, read from the fd we have: never a second open.
+    Bounded: a lease lists digests (~72 bytes each), a mount record is one small object."""
+    return os.pread(fd, min(os.fstat(fd).st_size, limit), 0)
 
 
 class Store:
