@@ -49,9 +49,18 @@ STORE_DIRS = (
     "leases",
     "mounts",
     "indexes",
-    "indexes/sha256",
+    "indexes/layer",
+    "indexes/layer/sha256",
+    "indexes/bound",
+    "indexes/bound/sha256",
+    "indexes/referrers",
+    "indexes/referrers/sha256",
+    "indexes/refused",
+    "indexes/sha256",  # earlier versions' layer-keyed indexes (prune/check remove them)
     "cache",
-    "cache/chunks",
+    "cache/pieces",
+    "cache/pieces/sha256",
+    "cache/chunks",  # earlier versions' offset-keyed chunk cache
     "cache/flat",
     "logs",
 )

@@ -74,7 +74,18 @@ def repair_removes_the_link(root: Path, link: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "area", ["cache/chunks", "indexes/sha256", "cache/flat", "leases", "mounts", "blobs/sha256"]
+    "area",
+    [
+        "cache/pieces/sha256",
+        "indexes/layer/sha256",
+        "indexes/bound/sha256",
+        "cache/flat",
+        "leases",
+        "mounts",
+        "blobs/sha256",
+        "cache/chunks",  # earlier versions' areas, removed by prune
+        "indexes/sha256",
+    ],
 )
 def test_a_symlinked_store_directory_is_refused_and_repaired(
     root: Path, victim: Victim, area: str, sample_image: SampleImage
@@ -96,7 +107,28 @@ def test_a_symlinked_store_directory_is_refused_and_repaired(
     victim.assert_intact()
 
 
-def test_links_inside_cache_and_index_areas_are_removed_never_followed(
+def test_links_among_pieces_and_bound_indexes_are_removed_never_followed(
+    root: Path, victim: Victim
+) -> None:
+    piece = root / "cache" / "pieces" / "sha256" / ("e" * 64)
+    piece.parent.mkdir(parents=True, exist_ok=True)
+    piece.symlink_to(victim.file)
+    bound = root / "indexes" / "bound" / "sha256" / ("f" * 64)
+    bound.parent.mkdir(parents=True, exist_ok=True)
+    bound.symlink_to(victim.dir)
+    found = imagefs(root, "check", check=False)
+    assert f"symbolic link {piece}" in found.stdout and f"symbolic link {bound}" in found.stdout
+    victim.assert_intact()
+    imagefs(root, "prune")
+    victim.assert_intact()
+    repaired = imagefs(root, "check", "--repair", check=False)
+    assert "removed" in repaired.stdout
+    assert not os.path.lexists(piece) and not os.path.lexists(bound)
+    victim.assert_intact()
+    assert imagefs(root, "check").stdout.strip().endswith("all good")
+
+
+def test_links_inside_earlier_cache_and_index_areas_are_removed_never_followed(
     root: Path, victim: Victim, sample_image: SampleImage
 ) -> None:
     layer_dir = root / "cache" / "chunks" / ("b" * 64)
@@ -110,8 +142,9 @@ def test_links_inside_cache_and_index_areas_are_removed_never_followed(
     assert f"symbolic link {index}" in repaired.stdout
     assert not os.path.lexists(layer_dir) and not os.path.lexists(index)
     victim.assert_intact()
-    layer_dir.symlink_to(victim.dir)
-    index.symlink_to(victim.file)
+    for link, target in ((layer_dir, victim.dir), (index, victim.file)):
+        link.parent.mkdir(parents=True, exist_ok=True)  # --repair removed the old areas
+        link.symlink_to(target)
     imagefs(root, "prune")  # removes the links of unused layers, not what they point at
     assert not os.path.lexists(layer_dir) and not os.path.lexists(index)
     victim.assert_intact()
