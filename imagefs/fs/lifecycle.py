@@ -209,8 +209,12 @@ def open_log(root: Path, log_path: Path) -> int:
         raise fsutil.os_error(exc, log_path, "opening") from exc
 
 
-def spawn_daemon(argv: Sequence[str], log_path: Path, mountpoint: Path, root: Path) -> int:
-    """Start the foreground mount in a detached child; return its pid once the mount answers."""
+def spawn_daemon(
+    argv: Sequence[str], log_path: Path, mountpoint: Path, root: Path | None = None
+) -> int:
+    """Start the foreground mount in a detached child; return its pid once the mount answers.
+    `root` (default: ROOT of `ROOT/logs/<log>`) is where the log is reached without links."""
+    root = log_path.parent.parent if root is None else root
     log = open_log(root, log_path)
     r, w = os.pipe()
     try:
