@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.fuse
 
 
 def daemon_pid(root: Path) -> int:
-    return int(json.loads(imagefs(root, "mounts", "--format", "json").stdout)[0]["pid"])
+    return int(imagefs(root, "mounts", "--format", "{{.PID}}").stdout.split()[0])
 
 
 def kill_daemon(root: Path, mnt: Path) -> None:
