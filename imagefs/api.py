@@ -37,7 +37,7 @@ from imagefs.oci.reference import Reference
 from imagefs.registry import credentials
 from imagefs.registry.client import RegistryClient
 from imagefs.registry.transport import TransportOptions
-from imagefs.store import ImageRecord, Ingest, Store
+from imagefs.store import ImageRecord, Ingest, Store, fsutil
 from imagefs.store.lookup import find_record, find_records, image_platform, platform_warning
 
 if TYPE_CHECKING:  # imported lazily: `imagefs mount` and friends start faster without it
@@ -381,15 +381,15 @@ def sweep_derived(store: Store) -> int:
     """Drop layer indexes, manifest-bound indexes, referrer records and flattened layers of
     layers (manifests) no image uses, and the caches of earlier versions (`cache/chunks`,
     `indexes/sha256`). Pieces are content-addressed and shared: the cache cap's LRU
-    eviction bounds them. Hold `store.locked()`. Returns the bytes freed."""
-    import shutil
+    eviction bounds them. Hold `store.locked()`. Returns the bytes freed.
 
+    Nothing is followed: a symlinked area is refused (LinkInStore), a link inside one is
+    removed itself, never what it points at (see `fsutil.safe_rmtree`).
+    """
     keep = {Digest.parse(d).hex for d in store.reachable(store.records()) if ":" in d}
     freed = 0
     for old in (store.root / "cache" / "chunks", store.root / "indexes" / "sha256"):
-        if old.is_dir() and not old.is_symlink():
-            freed += sum(f.stat().st_size for f in old.rglob("*") if f.is_file())
-            shutil.rmtree(old, ignore_errors=True)
+        freed += fsutil.safe_rmtree(old, root=store.root)
     for area in (
         store.root / "indexes" / "layer" / "sha256",
         store.root / "indexes" / "bound" / "sha256",
@@ -397,18 +397,11 @@ def sweep_derived(store: Store) -> int:
         store.root / "indexes" / "refused",
         store.root / "cache" / "flat",
     ):
-        if not area.is_dir() or area.is_symlink():
-            continue
-        for entry in area.iterdir():
+        for entry in fsutil.scan(area, root=store.root):
             name = entry.name.split("-", 1)[0]  # refused/<layer hex>-<kind>-<verifier hex>
             if name in keep or name.startswith("."):
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                freed += sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                freed += entry.lstat().st_size
-                entry.unlink(missing_ok=True)
+            freed += fsutil.safe_rmtree(area / entry.name, root=store.root)
     return freed
 
 
@@ -927,9 +920,9 @@ async def _blob_source(
     session: Session, record: ImageRecord, desc: Descriptor
 ) -> AsyncIterator[bytes]:
     """The blob's bytes: from the store if present, else from the source registry, verified."""
-    path = session.store.blobs.path(desc.digest)
-    if path.is_file():
-        async with await trio.open_file(path, "rb") as f:
+    if await session.disk(session.store.blobs.has, desc.digest):
+        raw = await session.disk(session.store.blobs.open, desc.digest)  # never through a link
+        async with trio.wrap_file(raw) as f:
             while chunk := await f.read(1 << 20):
                 yield chunk
         return

@@ -7,7 +7,9 @@
   and derive to its `.idx`; anything else under `indexes/` (and the layer-keyed
   `indexes/sha256`, `cache/chunks` of earlier versions) cannot be bound and is removed;
 - `index.json` parses, and every image it names has its manifest and config;
-- leftovers of killed processes: temporary files, empty or stale ingest partials.
+- leftovers of killed processes: temporary files, empty or stale ingest partials;
+- symbolic links (and FIFOs, devices) anywhere under the root: imagefs never follows them,
+  and `--repair` removes the link itself, never what it points at.
 
 Without `--repair` it only reports; with it, damaged blobs, pieces and indexes are deleted
 (a later pull or read fetches them again) and leftovers are removed. Partial downloads that
@@ -19,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from imagefs.layers.indexstore import KINDS, Bound, IndexStore, derive
 from imagefs.lazy.cache import PieceCache, is_piece_name, piece_payload
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
-from imagefs.store import Store, fsutil, locks
+from imagefs.store import Store, fsutil, layout_links, locks
 from imagefs.store.blobs import sha256_file
 
 
@@ -50,25 +52,24 @@ class CheckReport:
 
 def check_store(root: Path, repair: bool = False) -> CheckReport:
     """Synchronous; takes the store lock so no gc runs meanwhile."""
-    store = Store(root)
     report = CheckReport()
 
     def bad(what: str, path: Path | None = None) -> None:
         report.problems.append(what)
         if repair and path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            fsutil.safe_rmtree(path, root=root)  # a link: the link itself goes
             report.removed.append(str(path))
 
+    layout_links(root)  # a symlinked root is refused (one line), never repaired
+    _find_links(root, bad)
+    if layout_links(root):
+        return report  # without --repair: the store cannot be looked at safely
+    store = Store(root)
     with store.locked():
-        for alg_dir in sorted((root / "blobs").glob("*")):
-            for path in sorted(alg_dir.iterdir()):
-                if path.name.startswith(fsutil.TEMP_PREFIX):
-                    bad(f"leftover temporary file {path}", path)
-                    continue
-                report.blobs += 1
-                if alg_dir.name != "sha256" or sha256_file(path) != f"sha256:{path.name}":
-                    bad(f"blob {alg_dir.name}:{path.name} does not match its digest", path)
+        for alg, name, path in _files(root, root / "blobs", bad):
+            report.blobs += 1
+            if alg != "sha256" or sha256_file(path, root=root) != f"sha256:{name}":
+                bad(f"blob {alg}:{name} does not match its digest", path)
 
         _check_pieces(root, report, bad)
         _check_indexes(root, report, bad, repair)
@@ -89,23 +90,87 @@ def check_store(root: Path, repair: bool = False) -> CheckReport:
                 report.problems.append(f"image {name}: {exc} (pull it again)")
 
         ingest = root / "ingest"
-        if ingest.is_dir():
-            for path in sorted(ingest.glob("*.partial")):
-                fd = locks.try_lock(ingest / f"{path.stem}.lock")
-                if fd is None:
-                    continue  # a pull is writing it right now
+        for entry in fsutil.scan(ingest, root=root):
+            if entry.kind != "file" or not entry.name.endswith(".partial"):
+                continue
+            stem = entry.name.removesuffix(".partial")
+            fd = locks.try_lock(ingest / f"{stem}.lock", root=root)
+            if fd is None and fsutil.lstat(ingest / f"{stem}.lock", root=root) is not None:
+                continue  # a pull is writing it right now
+            if fd is not None:
                 os.close(fd)
-                if path.stat().st_size == 0:
-                    bad(f"empty partial download {path}", path)
-        # build-cache/build-tmp hold image contents (and a running build's mounts), not the
-        # store's own files: never walked.
-        tops = [p for p in root.iterdir() if p.name not in ("build-cache", "build-tmp")]
-        temps = (t for top in tops for t in [top, *(top.rglob("*") if top.is_dir() else ())])
-        for tmp in sorted(t for t in temps if t.name.startswith(fsutil.TEMP_PREFIX)):
-            if "blobs" in tmp.parts:
-                continue  # reported above
+            if entry.size == 0:
+                bad(f"empty partial download {ingest / entry.name}", ingest / entry.name)
+        for tmp in _temp_files(root):
             bad(f"leftover temporary file {tmp}", tmp)
     return report
+
+
+def _files(
+    root: Path, area: Path, temp: Callable[[str, Path], None] | None = None
+) -> Iterator[tuple[str, str, Path]]:
+    """(subdirectory, name, path) of the regular files in `area/*/` (links were reported
+    by `_find_links`); temp files go to `temp` when given."""
+    for sub in fsutil.scan(area, root=root):
+        if sub.kind != "dir":
+            continue
+        for entry in fsutil.scan(area / sub.name, root=root):
+            path = area / sub.name / entry.name
+            if entry.kind != "file":
+                continue
+            if temp is not None and entry.name.startswith(fsutil.TEMP_PREFIX):
+                temp(f"leftover temporary file {path}", path)
+                continue
+            yield sub.name, entry.name, path
+
+
+NOT_WALKED = ("build-cache", "build-tmp")
+"""Top-level areas holding image contents (with their own links) and a running build's
+mounts, not the store's own files: never walked."""
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str, int, os.stat_result]]:
+    """(directory, name, directory fd, lstat) of everything under `root`; no link followed."""
+    rfd = fsutil.open_dir(root, root=root)
+    try:
+        for top, dirs, files, dfd in os.fwalk(".", dir_fd=rfd, follow_symlinks=False):
+            if top == ".":
+                dirs[:] = [d for d in dirs if d not in NOT_WALKED]  # fwalk honours this
+                files = [f for f in files if f not in NOT_WALKED]
+            here = root / top if top != "." else root
+            for name in sorted(dirs + files):
+                with contextlib.suppress(FileNotFoundError):
+                    yield here, name, dfd, os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    finally:
+        os.close(rfd)
+
+
+def _find_links(root: Path, bad: Callable[[str, Path], None]) -> None:
+    """Symbolic links, FIFOs and devices under the root: never imagefs's own (it makes
+    regular files, directories and its mounts' sockets only)."""
+    for here, name, dfd, st in _walk(root):
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            with contextlib.suppress(OSError):
+                target = os.readlink(name, dir_fd=dfd)
+                bad(f"symbolic link {here / name} -> {target} (never followed)", here / name)
+                continue
+            bad(f"symbolic link {here / name} (never followed)", here / name)
+        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISSOCK(mode)):
+            bad(f"{here / name} is not a regular file (never opened)", here / name)
+
+
+def _temp_files(root: Path) -> list[Path]:
+    """Temporary files outside blobs/ (reported with their blobs above)."""
+    out: list[Path] = []
+    for here, name, _, st in _walk(root):
+        rel = (here / name).relative_to(root).parts
+        if not name.startswith(fsutil.TEMP_PREFIX) or not stat.S_ISREG(st.st_mode):
+            continue
+        if rel[0] == "blobs":
+            continue
+        out.append(here / name)
+    return out
 
 
 Bad = Callable[[str, "Path | None"], None]
@@ -113,16 +178,15 @@ Bad = Callable[[str, "Path | None"], None]
 
 def _check_pieces(root: Path, report: CheckReport, bad: Bad) -> None:
     pieces = PieceCache(root).dir
-    if not pieces.is_dir():
-        return
-    for path in sorted(pieces.iterdir()):
-        if path.name.startswith(fsutil.TEMP_PREFIX):
-            continue  # reported with the other leftovers
-        if not is_piece_name(path.name) or path.is_symlink() or not path.is_file():
+    for entry in fsutil.scan(pieces, root=root):
+        path = pieces / entry.name
+        if entry.name.startswith(fsutil.TEMP_PREFIX) or entry.kind in ("link", "other"):
+            continue  # reported with the other leftovers / by _find_links
+        if not is_piece_name(entry.name) or entry.kind != "file":
             bad(f"stray file in the cache: {path}", path)
             continue
         report.pieces += 1
-        payload = piece_payload(path.read_bytes())
+        payload = piece_payload(fsutil.read_bytes(path, root=root) or b"")
         if payload is None or hashlib.sha256(payload).hexdigest() != path.name:
             bad(f"cache piece {path} is damaged", path)
 
@@ -130,21 +194,16 @@ def _check_pieces(root: Path, report: CheckReport, bad: Bad) -> None:
 def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> None:
     store = IndexStore(root)
     old = store.dir / "sha256"  # layer-keyed indexes of earlier versions: bound to nothing
-    if old.is_dir():
-        bad(f"layer indexes of an earlier version, bound to no manifest: {old}", None)
-        if repair:
-            shutil.rmtree(old, ignore_errors=True)
-            report.removed.append(str(old))
+    if _is_dir(root, old):
+        bad(f"layer indexes of an earlier version, bound to no manifest: {old}", old)
     chunks = root / "cache" / "chunks"
-    if chunks.is_dir():
-        bad(f"chunk cache of an earlier version, keyed by offsets: {chunks}", None)
-        if repair:
-            shutil.rmtree(chunks, ignore_errors=True)
-            report.removed.append(str(chunks))
+    if _is_dir(root, chunks):
+        bad(f"chunk cache of an earlier version, keyed by offsets: {chunks}", chunks)
     layer_dir = store.dir / "layer" / "sha256"
-    if layer_dir.is_dir():
-        for path in sorted(layer_dir.iterdir()):
-            if path.name.startswith(fsutil.TEMP_PREFIX):
+    if _is_dir(root, layer_dir):
+        for entry in fsutil.scan(layer_dir, root=root):
+            path = layer_dir / entry.name
+            if entry.name.startswith(fsutil.TEMP_PREFIX) or entry.kind in ("link", "other"):
                 continue
             report.indexes += 1
             try:
@@ -153,17 +212,20 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
                 bad(f"stray file among layer indexes: {path}", path)
                 continue
             try:
-                if path.is_symlink():
-                    raise LayerFormatError("a symlink")
-                idx = LayerIndex.from_bytes(digest, path.read_bytes())
+                if entry.kind != "file":
+                    raise LayerFormatError("not a regular file")
+                idx = LayerIndex.from_bytes(digest, fsutil.read_bytes(path, root=root) or b"")
                 if idx.seek is None or idx.seek.blob_digest != str(digest):
                     raise LayerFormatError("not built from this layer's blob")
             except ImageFSError as exc:
                 bad(f"layer index {path}: {exc}", path)
     bound_root = store.dir / "bound" / "sha256"
-    if bound_root.is_dir():
-        for layer_path in sorted(bound_root.iterdir()):
-            if layer_path.is_symlink() or not layer_path.is_dir():
+    if _is_dir(root, bound_root):
+        for layer_entry in fsutil.scan(bound_root, root=root):
+            layer_path = bound_root / layer_entry.name
+            if layer_entry.kind in ("link", "other"):
+                continue  # reported by _find_links
+            if layer_entry.kind != "dir":
                 bad(f"stray file among bound indexes: {layer_path}", layer_path)
                 continue
             for path in sorted(layer_path.iterdir()):
@@ -179,6 +241,15 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
             for path in sorted(layer_path.glob("*.idx")):
                 if not path.with_name(path.name[: -len(".idx")]).exists():
                     bad(f"derived index {path} has no verified bytes", path)
+
+
+def _is_dir(root: Path, path: Path) -> bool:
+    """A real directory (not a link to one), reached without following links."""
+    try:
+        st = fsutil.lstat(path, root=root)
+    except (fsutil.LinkInStore, FileNotFoundError):
+        return False
+    return st is not None and stat.S_ISDIR(st.st_mode)
 
 
 def _bound_problem(store: IndexStore, layer_hex: str, name: str) -> str | None:

@@ -915,11 +915,14 @@ async def cmd_mount(s: api.Session, a: argparse.Namespace) -> int:
 
     mountpoint = a.mountpoint.absolute()
     options = lifecycle.MountOptions.parse(a.options)
-    lifecycle.check_mountpoint(mountpoint, s.store)
+    notes = lifecycle.check_mountpoint(mountpoint, s.store)
+    if a.ready_fd is None:  # the detached parent already said these
+        for note in notes:
+            print(f"{PROG}: warning: {note}", file=sys.stderr)
     await _ensure_local(s, a)
-    log_path = s.root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
+    log_path = lifecycle.log_path_for(s.root, mountpoint)
     if a.ready_fd is None:  # a daemon's stderr already is this log file
-        _log_to_file(log_path, a.debug)
+        _log_to_file(s.root, log_path, a.debug)
     else:
         logging.getLogger("imagefs").setLevel(logging.DEBUG if a.debug else logging.INFO)
     await serve(
@@ -933,6 +936,7 @@ async def cmd_mount(s: api.Session, a: argparse.Namespace) -> int:
         trace=a.trace.absolute() if a.trace else None,
         prefetch=_load_profile(a.prefetch) if a.prefetch else None,
         landmarks=not a.no_prefetch_landmark,
+        log_path=log_path,
     )
     return 0
 
@@ -952,11 +956,12 @@ def mount_detached(a: argparse.Namespace) -> int:
     if not a.platform:
         _warn_local_platform(Store(root), a.reference)
     lifecycle.MountOptions.parse(a.options)  # a bad -o fails here, before any process starts
-    lifecycle.check_mountpoint(mountpoint, Store(root))
+    for note in lifecycle.check_mountpoint(mountpoint, Store(root)):
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
     if a.cache_size:
         _cache_size(a)
-    log_path = root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
-    pid = lifecycle.spawn_daemon(_daemon_argv(a, root, mountpoint), log_path, mountpoint)
+    log_path = lifecycle.log_path_for(root, mountpoint)
+    pid = lifecycle.spawn_daemon(_daemon_argv(a, root, mountpoint), log_path, mountpoint, root)
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0
 
@@ -1079,12 +1084,12 @@ def _cache_size(a: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
 
 
-def _log_to_file(path: Path, debug: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+def _log_to_file(root: Path, path: Path, debug: bool) -> None:
+    from imagefs.fs.lifecycle import open_log
+
+    handler = logging.StreamHandler(os.fdopen(open_log(root, path), "a"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
+    logging.getLogger().addHandler(handler)
     logging.getLogger("imagefs").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
@@ -1145,6 +1150,8 @@ async def cmd_stats(s: api.Session, a: argparse.Namespace) -> int:
             stats = await trio.to_thread.run_sync(ask_stats, path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotFound(f"{a.mountpoint} is not an imagefs mount of {s.root}") from None
+        if "error" in stats:  # the daemon could not make its snapshot (it says why in its log)
+            raise ImageFSError(f"{a.mountpoint}: the mount could not answer: {stats['error']}")
         if a.json:
             text = json.dumps(stats, indent=2) + "\n"
         elif a.format == "table":

@@ -151,12 +151,11 @@ class StoreSource:
         )
 
     async def open_blob(self, descriptor: Descriptor) -> AsyncIterator[bytes]:
-        path = self.store.blobs.path(descriptor.digest)
-        try:
-            f = await trio.open_file(path, "rb")
-        except FileNotFoundError:
-            raise NotFound(f"blob {descriptor.digest} is not in the local store") from None
-        async with f:
+        if not await trio.to_thread.run_sync(self.store.blobs.has, descriptor.digest):
+            raise NotFound(f"blob {descriptor.digest} is not in the local store")
+        # blobs.open never follows a link planted at the blob's name
+        raw = await trio.to_thread.run_sync(self.store.blobs.open, descriptor.digest)
+        async with trio.wrap_file(raw) as f:
             while chunk := await f.read(1 << 20):
                 yield chunk
 

@@ -46,7 +46,7 @@ def record_profile(
     mountpoint.mkdir()
     trace = work / "trace.jsonl"
     store = Store(root)
-    log_path = root / "logs" / f"mount-{lifecycle.mount_id(mountpoint)}.log"
+    log_path = lifecycle.log_path_for(root, mountpoint)
     argv = [
         *global_argv,
         "mount",
@@ -58,7 +58,7 @@ def record_profile(
         str(mountpoint),
     ]
     try:
-        lifecycle.spawn_daemon(argv, log_path, mountpoint)
+        lifecycle.spawn_daemon(argv, log_path, mountpoint, root)
         try:
             env = {**os.environ, "IMAGEFS_MOUNT": str(mountpoint)}
             code = subprocess.run(list(command), env=env, stdin=sys.stdin).returncode

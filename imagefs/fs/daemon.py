@@ -3,21 +3,32 @@
 `serve()` runs until the filesystem is unmounted (by `imagefs umount`, a plain
 `fusermount3 -u`, or SIGTERM/SIGINT, which unmount it) and cleans up after itself: the mount
 record and the lease on the image's blobs go away with the process.
+
+Nothing but an unmount or a signal ends the daemon: every task in its nursery (read-ahead,
+prefetch, landmarks, background fetch, the control socket) runs under `guarded`, which logs a
+failure — one line, plus the traceback for an exception of an unexpected type — instead of
+letting it cancel the nursery and with it the mount; the FUSE operations translate their own
+errors to errno (fs/operations.py). A failed mount says why: what libfuse and fusermount3
+printed (`/dev/fuse: Permission denied`, `allow_other only allowed if ...`) and the log path.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
+import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pyfuse3
 import trio
 
 from imagefs import api
-from imagefs.errors import ImageFSError
+from imagefs.errors import ImageFSError, first_error
 from imagefs.fs.lifecycle import MountOptions, MountRegistration, control_socket, report_ready
 from imagefs.fs.operations import ImageOperations
 from imagefs.image import Layer, load_resolved
@@ -43,6 +54,7 @@ async def serve(
     trace: Path | None = None,
     prefetch: Profile | None = None,
     landmarks: bool = True,
+    log_path: Path | None = None,
 ) -> None:
     store = session.store
     record = await session.disk(api.find_record, store, query)
@@ -67,10 +79,7 @@ async def serve(
     name = str(record.name or record.repo_digest or record.manifest.digest)
     with store.lease() as lease:
         lease.add(record.manifest.digest, image.id, *(layer.digest for layer in layers))
-        try:
-            pyfuse3.init(ops, str(mountpoint), options.fuse_options())
-        except RuntimeError as exc:
-            raise ImageFSError(f"cannot mount on {mountpoint}: {exc}") from None
+        fuse_init(ops, mountpoint, options, log_path)
         registration = MountRegistration(
             store,
             MountRecord(
@@ -83,11 +92,12 @@ async def serve(
         signalled: list[int] = []
         try:
             async with trio.open_nursery() as nursery:
+                background = GuardedNursery(nursery)
                 nursery.start_soon(_watch_signals, signalled)
 
                 def snapshot() -> dict[str, object]:
-                    return tele.snapshot(
-                        {
+                    return _stats_snapshot(
+                        lambda: {
                             "image": name,
                             "manifest_digest": str(record.manifest.digest),
                             "mountpoint": str(mountpoint),
@@ -100,18 +110,21 @@ async def serve(
                                 "corrupt": cache.corrupt,
                             },
                             "layer_sources": [st.source for st in layer_set.stats],
-                        }
+                        },
+                        tele,
                     )
 
-                nursery.start_soon(serve_control, control_socket(store, mountpoint), snapshot)
-                layer_set.nursery = nursery
+                sock = control_socket(store, mountpoint)
+                background.start_soon(serve_control, sock, snapshot, name="control socket")
+                # LayerSet starts read-aheads here; typed as a Nursery, it only calls start_soon.
+                layer_set.nursery = cast(trio.Nursery, background)
                 if prefetch is not None:
                     plan = profile_plan(prefetch, record.manifest.digest, layers)
-                    nursery.start_soon(layer_set.prefetch_ranges, plan)
+                    background.start_soon(layer_set.prefetch_ranges, plan, name="prefetch")
                 if landmarks:
-                    nursery.start_soon(layer_set.prefetch_landmarks)
+                    background.start_soon(layer_set.prefetch_landmarks, name="landmark prefetch")
                 if background_fetch:
-                    nursery.start_soon(layer_set.fetch_everything)
+                    background.start_soon(layer_set.fetch_everything, name="background fetch")
                 report_ready(ready_fd)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -125,6 +138,77 @@ async def serve(
                 if exc.errno != errno.EINVAL:
                     log.warning("closing the FUSE session: %s", exc)
             log.info("unmounted %s", mountpoint)
+
+
+def fuse_init(
+    ops: ImageOperations, mountpoint: Path, options: MountOptions, log_path: Path | None
+) -> None:
+    """pyfuse3.init, with the reason for a failure in the error, not only in the log.
+
+    libfuse and fusermount3 print why a mount failed on fd 2 and pyfuse3 raises a bare
+    "fuse_session_mount failed"; so fd 2 goes to a temp file for the call, and what it
+    caught goes to the log and into the one-line error."""
+    saved = os.dup(2)
+    failure: str | None = None
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            pyfuse3.init(ops, str(mountpoint), options.fuse_options())
+        except RuntimeError as exc:
+            failure = str(exc)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = captured.read(16384).decode(errors="replace")
+    reasons = [line.strip() for line in said.splitlines() if line.strip()]
+    for line in reasons:
+        log.info("libfuse: %s", line)
+    if failure is None:
+        return
+    where = f" (log: {log_path})" if log_path is not None else ""
+    raise ImageFSError(f"cannot mount on {mountpoint}: {'; '.join(reasons) or failure}{where}")
+
+
+class GuardedNursery:
+    """The daemon's nursery as background tasks see it: `start_soon` runs each task under
+    `guarded`, so a task's failure is logged and never cancels the mount."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    @property
+    def cancel_scope(self) -> trio.CancelScope:
+        return self._nursery.cancel_scope
+
+    def start_soon(
+        self, fn: Callable[..., Awaitable[object]], *args: object, name: object = None
+    ) -> None:
+        what = str(name or getattr(fn, "__qualname__", fn))
+        self._nursery.start_soon(guarded, what, fn, *args, name=what)
+
+
+async def guarded(what: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Run one background task; its failure costs that task, never the daemon."""
+    try:
+        await fn(*args)
+    except Exception as exc:  # cancellation (a BaseException) still goes through
+        leaf = first_error(exc)
+        if isinstance(leaf, ImageFSError):
+            log.warning("%s: %s", what, leaf)
+        else:
+            log.error("%s failed: %s: %s", what, type(leaf).__name__, leaf, exc_info=exc)
+
+
+def _stats_snapshot(extra: Callable[[], dict[str, object]], tele: Telemetry) -> dict[str, object]:
+    """A stats answer that cannot take the control socket down: an error is an answer."""
+    try:
+        snap = tele.snapshot(extra())
+        json.dumps(snap)
+        return snap
+    except Exception as exc:
+        log.exception("stats snapshot")
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 async def _watch_signals(signalled: list[int]) -> None:

@@ -9,12 +9,20 @@ log.
 
 Each live daemon keeps `ROOT/mounts/<id>.json` locked with flock; a record whose lock is free
 belongs to a dead daemon and is ignored and removed (see `Store.active_mounts`).
+
+A daemon killed with `kill -9` leaves a dead FUSE mount behind (every access: ENOTCONN).
+`umount DIR` and `mount ... DIR` recognise it — the kernel's mount table says `fuse.imagefs`
+there, and either the access fails with ENOTCONN or only a dead daemon's record names it —
+and clear it with `fusermount3 -u` (lazily, `-z`, if something still holds it open). Whether
+a directory holds an imagefs mount is decided by `/proc/self/mountinfo` (see `mountinfo`):
+`umount` refuses a tmpfs, `/proc` or anything else imagefs did not mount.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagefs.errors import ImageFSError, ImageInUse, NotFound, UsageError
-from imagefs.store import MountRecord, Store
+from imagefs.fs import mountinfo
+from imagefs.store import MountRecord, Store, fsutil
 
 
 @dataclass(frozen=True)
@@ -90,46 +99,134 @@ class MountRegistration:
     """The daemon's record in ROOT/mounts, locked for as long as the daemon lives."""
 
     def __init__(self, store: Store, record: MountRecord) -> None:
+        self.root = store.root
         self.path = store.mounts_dir / f"{mount_id(Path(record.mountpoint))}.json"
-        store.mounts_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # locked before it becomes visible under its name
-        os.write(fd, json.dumps(dataclasses.asdict(record)).encode())
-        os.replace(tmp, self.path)
+        with fsutil.dir_fd(store.mounts_dir, root=store.root, create=True) as d:
+            # A fresh temp name (O_EXCL, no link followed), locked before it becomes
+            # visible under its name, then renamed over whatever sat there.
+            fd, tmp = fsutil.create_temp(d)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, json.dumps(dataclasses.asdict(record)).encode())
+                os.replace(tmp, self.path.name, src_dir_fd=d, dst_dir_fd=d)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=d)
+                raise
         self._fd = fd
 
     def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        with contextlib.suppress(ImageFSError):
+            fsutil.safe_unlink(self.path, root=self.root)
         os.close(self._fd)
 
 
-def check_mountpoint(mountpoint: Path, store: Store) -> None:
+def _stat_error(path: Path) -> int | None:
+    """The errno of statvfs(path), or None when it answers. statvfs, not stat: the kernel
+    answers stat from its attribute cache (a day, for an immutable image) even when the
+    daemon is gone; statfs always asks the daemon."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def _kernel_mount(path: Path) -> mountinfo.MountInfo | None:
+    return mountinfo.mount_at(mountinfo.read_mounts(), os.path.realpath(path))
+
+
+def _is_dead(path: Path, store: Store) -> bool:
+    """An imagefs mount at `path` whose daemon is gone: ENOTCONN, or only dead records."""
+    if _stat_error(path) == errno.ENOTCONN:
+        return True
+    records = [(m, alive) for m, alive in store.mount_records() if Path(m.mountpoint) == path]
+    return bool(records) and not any(alive for _, alive in records)
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+    return subprocess.run([tool, *args], capture_output=True, text=True)
+
+
+def clear_dead_mount(path: Path) -> None:
+    """Unmount a dead imagefs mount: `fusermount3 -u`, or `-u -z` when something (a shell's
+    cwd) still holds it — lazily detaching a mount that cannot serve anything loses nothing."""
+    if _fusermount("-u", str(path)).returncode == 0:
+        return
+    proc = _fusermount("-u", "-z", str(path))
+    if proc.returncode != 0:
+        raise ImageFSError(
+            f"cannot clear the dead imagefs mount at {path}: "
+            f"{proc.stderr.strip() or 'fusermount3 failed'}"
+        )
+
+
+def check_mountpoint(mountpoint: Path, store: Store) -> list[str]:
+    """Refuse a mountpoint that cannot take a mount; returns warnings to show the user.
+
+    A dead imagefs mount left by a killed daemon is cleared first (and says so)."""
+    notes: list[str] = []
+    kernel = _kernel_mount(mountpoint)
+    if kernel is not None:
+        if not kernel.is_imagefs:
+            raise ImageInUse(f"{mountpoint} is already a mountpoint ({kernel.fstype})")
+        if not _is_dead(mountpoint, store):
+            owner = next(
+                (m for m in store.active_mounts() if Path(m.mountpoint) == mountpoint), None
+            )
+            what = f" of {owner.image} (pid {owner.pid})" if owner else ""
+            raise ImageInUse(f"{mountpoint} is already an imagefs mount{what}")
+        clear_dead_mount(mountpoint)
+        notes.append(f"cleared the dead imagefs mount left at {mountpoint} by a killed daemon")
+    if not os.path.lexists(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
-    for m in store.active_mounts():
-        if Path(m.mountpoint) == mountpoint:
-            raise ImageInUse(f"{mountpoint} is already an imagefs mount of {m.image} (pid {m.pid})")
-    if os.path.ismount(mountpoint):
-        raise ImageInUse(f"{mountpoint} is already a mountpoint")
-
-
-def spawn_daemon(argv: Sequence[str], log_path: Path, mountpoint: Path) -> int:
-    """Start the foreground mount in a detached child; return its pid once the mount answers."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    r, w = os.pipe()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "imagefs", *argv, "--ready-fd", str(w)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(w,),
-            start_new_session=True,
-            close_fds=True,
+    try:
+        with os.scandir(mountpoint) as it:
+            nonempty = next(it, None) is not None
+    except OSError as exc:
+        raise ImageFSError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if nonempty:
+        notes.append(
+            f"{mountpoint} is not empty: the mount hides its contents until it is unmounted"
         )
-    os.close(w)
+    return notes
+
+
+def log_path_for(root: Path, mountpoint: Path) -> Path:
+    return root / "logs" / f"mount-{mount_id(mountpoint)}.log"
+
+
+def open_log(root: Path, log_path: Path) -> int:
+    """The mount's log for appending, under the store: never through a planted link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    try:
+        return fsutil.safe_open(log_path.parent, log_path.name, flags, root=root)
+    except OSError as exc:
+        raise fsutil.os_error(exc, log_path, "opening") from exc
+
+
+def spawn_daemon(
+    argv: Sequence[str], log_path: Path, mountpoint: Path, root: Path | None = None
+) -> int:
+    """Start the foreground mount in a detached child; return its pid once the mount answers.
+    `root` (default: ROOT of `ROOT/logs/<log>`) is where the log is reached without links."""
+    root = log_path.parent.parent if root is None else root
+    log = open_log(root, log_path)
+    r, w = os.pipe()
+    try:
+        proc = _popen_daemon(argv, log, w)
+    except OSError as exc:
+        os.close(r)
+        raise ImageFSError(
+            f"cannot start the mount daemon {sys.executable}: {exc.strerror or exc}"
+        ) from None
+    finally:
+        os.close(log)
+        os.close(w)
     message = b""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     try:
@@ -159,16 +256,33 @@ def spawn_daemon(argv: Sequence[str], log_path: Path, mountpoint: Path) -> int:
         err = ImageFSError(msg)
         err.exit_code = int(code) if code.isdigit() else 1
         raise err
-    tail = _log_tail(log_path)
-    raise ImageFSError(f"mount daemon exited with status {proc.returncode}: {tail}")
+    tail = _log_tail(root, log_path)
+    raise ImageFSError(
+        f"mount daemon exited with status {proc.returncode}: {tail} (log: {log_path})"
+    )
 
 
-def _log_tail(path: Path) -> str:
+def _popen_daemon(argv: Sequence[str], log: int, w: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagefs", *argv, "--ready-fd", str(w)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        pass_fds=(w,),
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+def _log_tail(root: Path, path: Path) -> str:
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
+        fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=root)
+        with os.fdopen(fd, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except (OSError, ImageFSError):
         return "(no log)"
-    return lines[-1] if lines else f"(empty log {path})"
+    return lines[-1] if lines else "(empty log)"
 
 
 def report_ready(fd: int | None) -> None:
@@ -187,13 +301,25 @@ def report_error(fd: int | None, err: ImageFSError) -> None:
 
 
 def unmount(mountpoint: Path, store: Store, *, wait: float = 10.0) -> MountRecord | None:
-    """`fusermount3 -u`; says so when the mount is busy; waits for the daemon to exit."""
+    """Unmount the imagefs mount at `mountpoint` (a dead one too); refuse anything else.
+
+    `fusermount3 -u`; says so when the mount is busy; waits for the daemon to exit.
+    """
     mountpoint = mountpoint.absolute()
-    record = next((m for m in store.active_mounts() if Path(m.mountpoint) == mountpoint), None)
-    if record is None and not os.path.ismount(mountpoint):
+    kernel = _kernel_mount(mountpoint)
+    if kernel is None:
         raise NotFound(f"{mountpoint} is not mounted")
-    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
-    proc = subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, text=True)
+    if not kernel.is_imagefs:
+        raise NotFound(
+            f"{mountpoint} is not an imagefs mount (it is {kernel.fstype} from "
+            f"{kernel.source}); not unmounting it"
+        )
+    record = next((m for m in store.active_mounts() if Path(m.mountpoint) == mountpoint), None)
+    if record is None and _is_dead(mountpoint, store):
+        clear_dead_mount(mountpoint)
+        store.active_mounts()  # drops the dead daemon's record
+        return None
+    proc = _fusermount("-u", str(mountpoint))
     if proc.returncode != 0:
         err = proc.stderr.strip()
         if "busy" in err.lower():

@@ -14,10 +14,12 @@ would write answers EROFS.
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,6 +33,7 @@ from imagefs.overlay import ROOT_INODE, Attrs, NeedLayer, Overlay
 log = logging.getLogger("imagefs.fs")
 
 T = TypeVar("T")
+C = TypeVar("C", bound=type[pyfuse3.Operations])
 
 # The image is immutable: let the kernel cache names and attributes for a day.
 CACHE_TIMEOUT = 86400.0
@@ -47,6 +50,40 @@ class _Open:
     size: int
 
 
+def _edge(name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(fn)
+    async def handler(self: ImageOperations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, ImageFSError):
+                log.error("%s: %s", name, exc)
+            else:
+                log.exception("%s%r: unexpected failure", name, args[:3])
+            if name == "forget":  # the kernel expects no answer to forget
+                return None
+            raise (_fuse_error(exc) if isinstance(exc, ImageFSError) else _eio()) from None
+
+    return handler
+
+
+def _eio() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+def errno_edge(cls: C) -> C:
+    """Wrap every request handler of `cls`: pyfuse3 ends `main()` — the whole mount — when a
+    handler raises anything but FUSEError, so whatever slipped past a handler's own
+    translation becomes its errno (EIO when unexpected) and a log line here instead."""
+    for name, fn in list(vars(cls).items()):
+        if hasattr(pyfuse3.Operations, name) and inspect.iscoroutinefunction(fn):
+            setattr(cls, name, _edge(name, fn))
+    return cls
+
+
+@errno_edge
 class ImageOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 

@@ -12,14 +12,21 @@ Garbage collection keeps every blob reachable from `index.json` and from a live 
 lease is a file its owner holds an flock on; a lease whose owner died is unlocked, so gc knows
 to ignore and remove it. That lets `pull` and `prune` run at the same time without `prune`
 deleting a blob that `pull` has stored but not yet named.
+
+Nothing under the root is reached through a symbolic link (see `fsutil`): a store whose own
+directories (`STORE_DIRS`) are links is refused with one line, and links planted among blobs,
+leases or mount records are skipped, never followed; `imagefs check --repair` removes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
+import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +42,57 @@ __all__ = ["BlobStore", "ImageRecord", "Ingest", "Lease", "MountRecord", "Store"
 
 _lease_counter = itertools.count()
 
+STORE_DIRS = (
+    "blobs",
+    "blobs/sha256",
+    "ingest",
+    "leases",
+    "mounts",
+    "indexes",
+    "indexes/layer",
+    "indexes/layer/sha256",
+    "indexes/bound",
+    "indexes/bound/sha256",
+    "indexes/referrers",
+    "indexes/referrers/sha256",
+    "indexes/refused",
+    "indexes/sha256",  # earlier versions' layer-keyed indexes (prune/check remove them)
+    "cache",
+    "cache/pieces",
+    "cache/pieces/sha256",
+    "cache/chunks",  # earlier versions' offset-keyed chunk cache
+    "cache/flat",
+    "logs",
+)
+"""imagefs's own directories under the root: none of them may be a symbolic link."""
+
+
+def layout_links(root: Path) -> list[Path]:
+    """The store's own directories that are symbolic links (or not directories at all).
+
+    A symlinked root is an error here (StoreError): unlike its subdirectories it is the
+    administrator's choice, so `check --repair` must not remove it either."""
+    st = os.lstat(root) if os.path.lexists(root) else None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise fsutil.LinkInStore(
+            f"store root {root} is a symbolic link; imagefs never follows links in its "
+            "store (use the real path with --root)"
+        )
+    bad: list[Path] = []
+    for rel in STORE_DIRS:
+        path = root / rel
+        if path.parent in bad:
+            continue
+        try:
+            lst = fsutil.lstat(path, root=root)
+        except fsutil.LinkInStore:
+            continue  # its parent is in `bad` already
+        except FileNotFoundError:
+            continue
+        if lst is not None and not stat.S_ISDIR(lst.st_mode):
+            bad.append(path)
+    return bad
+
 
 @dataclass(frozen=True)
 class MountRecord:
@@ -48,12 +106,13 @@ class MountRecord:
 class Lease:
     """Protects the listed blobs from gc while the owning process lives."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        import fcntl
-
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = root
+        self.path = root / "leases" / name
+        # O_EXCL: a name nobody (no planted link) had; locked before gc can see it as dead.
+        self._fd = fsutil.safe_open(
+            self.path.parent, name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, root=root
+        )
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def add(self, *digests: Digest) -> None:
@@ -61,9 +120,15 @@ class Lease:
             os.write(self._fd, "".join(f"{d}\n" for d in digests).encode())
 
     def release(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        with contextlib.suppress(StoreError):
+            fsutil.safe_unlink(self.path, root=self.root)
         os.close(self._fd)
+
+
+def _read_fd(fd: int, limit: int = 64 << 20) -> bytes:
+    """What an open (locked) record holds, read from the fd we have: never a second open.
+    Bounded: a lease lists digests (~72 bytes each), a mount record is one small object."""
+    return os.pread(fd, min(os.fstat(fd).st_size, limit), 0)
 
 
 class Store:
@@ -78,14 +143,20 @@ class Store:
         self._init_layout()
 
     def _init_layout(self) -> None:
+        bad = layout_links(self.root)
+        if bad:
+            raise fsutil.LinkInStore(
+                f"store directory {bad[0]} is a symbolic link or not a directory; imagefs "
+                "never follows links in its store (`imagefs check --repair` removes it)"
+            )
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            fsutil.ensure_dir(self.root, root=self.root)
             layout = self.root / "oci-layout"
-            if not layout.exists():
-                fsutil.atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}\n')
-            if not self.refs.path.exists():
+            if fsutil.lstat(layout, root=self.root) is None:
+                fsutil.atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}\n', root=self.root)
+            if not self.refs.exists():
                 with self.locked():
-                    if not self.refs.path.exists():
+                    if not self.refs.exists():
                         self.refs.save([])
         except OSError as exc:
             raise fsutil.os_error(exc, self.root, "creating the store in") from exc
@@ -93,12 +164,13 @@ class Store:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive: for read-modify-write of index.json and for gc."""
-        with locks.locked(self.root / "lock"):
+        with locks.locked(self.root / "lock", root=self.root):
             yield
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Lease]:
-        lease = Lease(self.leases_dir / f"{os.getpid()}-{next(_lease_counter)}")
+        name = f"{os.getpid()}-{next(_lease_counter)}-{secrets.token_hex(4)}"
+        lease = Lease(self.root, name)
         try:
             yield lease
         finally:
@@ -116,18 +188,34 @@ class Store:
 
     def _live_lease_digests(self) -> set[str]:
         live: set[str] = set()
-        if not self.leases_dir.is_dir():
-            return live
-        for path in self.leases_dir.iterdir():
-            fd = locks.try_lock(path)
-            if fd is not None:  # nobody holds it: its owner is gone
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                os.close(fd)
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                live.update(path.read_text().split())
+        for entry in fsutil.scan(self.leases_dir, root=self.root):
+            if entry.kind != "file":
+                continue  # a planted link is not a lease: never opened (check --repair)
+            content = self._locked_by_someone(self.leases_dir / entry.name)
+            if content is not None:
+                live.update(content.decode(errors="replace").split())
         return live
+
+    def _locked_by_someone(self, path: Path) -> bytes | None:
+        """The content of a record some live process holds locked; a record nobody holds
+        (its owner died) is removed and None returned, like one that is not a file."""
+        try:
+            fd = locks.try_lock(path, root=self.root)
+        except fsutil.LinkInStore:
+            return None  # swapped for a link since the scan: not ours to follow
+        if fd is not None:  # nobody holds it: its owner is gone
+            with contextlib.suppress(StoreError):
+                fsutil.safe_unlink(path, root=self.root)
+            os.close(fd)
+            return None
+        try:
+            fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=self.root)
+        except (FileNotFoundError, fsutil.LinkInStore):
+            return None
+        try:
+            return _read_fd(fd)
+        finally:
+            os.close(fd)
 
     def reachable(self, records: Iterable[ImageRecord]) -> set[str]:
         """Digests (as strings) of every blob the given images need."""
@@ -169,15 +257,37 @@ class Store:
     def active_mounts(self) -> list[MountRecord]:
         """Mounts whose daemon still holds its record's lock (dead ones are cleaned up)."""
         found: list[MountRecord] = []
-        if not self.mounts_dir.is_dir():
-            return found
-        for path in sorted(self.mounts_dir.glob("*.json")):
-            fd = locks.try_lock(path)
-            if fd is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                os.close(fd)
+        for entry in fsutil.scan(self.mounts_dir, root=self.root):
+            if entry.kind != "file" or not entry.name.endswith(".json"):
                 continue
-            with contextlib.suppress(Exception):
-                found.append(MountRecord(**json.loads(path.read_text())))
+            content = self._locked_by_someone(self.mounts_dir / entry.name)
+            if content is not None:
+                with contextlib.suppress(Exception):
+                    found.append(MountRecord(**json.loads(content)))
         return found
+
+    def mount_records(self) -> list[tuple[MountRecord, bool]]:
+        """Every readable mount record with whether its daemon still holds it (alive).
+
+        Unlike `active_mounts` this removes nothing: `umount` needs a dead daemon's record
+        to recognise the mount it left behind."""
+        out: list[tuple[MountRecord, bool]] = []
+        for entry in fsutil.scan(self.mounts_dir, root=self.root):
+            if entry.kind != "file" or not entry.name.endswith(".json"):
+                continue
+            path = self.mounts_dir / entry.name
+            try:
+                fd = fsutil.safe_open(path.parent, path.name, os.O_RDWR, root=self.root)
+            except (FileNotFoundError, fsutil.LinkInStore):
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    alive = False
+                except BlockingIOError:
+                    alive = True
+                with contextlib.suppress(Exception):
+                    out.append((MountRecord(**json.loads(_read_fd(fd))), alive))
+            finally:
+                os.close(fd)
+        return out

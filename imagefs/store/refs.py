@@ -34,6 +34,7 @@ SOURCE = "dev.imagefs.source"
 INDEX = "dev.imagefs.index"
 CREATED = "dev.imagefs.created"
 OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+INDEX_JSON_LIMIT = 256 << 20  # ~1 million images; more is damage, not a store
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,15 @@ class RefStore:
     """Reads and rewrites `index.json`. Writers hold the store lock (see `Store.locked`)."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.path = root / "index.json"
 
+    def exists(self) -> bool:
+        return fsutil.lstat(self.path, root=self.root) is not None
+
     def load(self) -> list[ImageRecord]:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
+        raw = fsutil.read_bytes(self.path, root=self.root, limit=INDEX_JSON_LIMIT)
+        if raw is None:
             return []
         try:
             obj = json.loads(raw)
@@ -110,4 +114,4 @@ class RefStore:
             "mediaType": OCI_INDEX_MEDIA_TYPE,
             "manifests": [r.to_descriptor_json() for r in records],
         }
-        fsutil.atomic_write(self.path, json.dumps(obj, indent=2).encode() + b"\n")
+        fsutil.atomic_write(self.path, json.dumps(obj, indent=2).encode() + b"\n", root=self.root)

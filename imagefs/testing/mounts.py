@@ -27,7 +27,11 @@ def imagefs(
 
 
 def force_unmount(mountpoint: Path) -> None:
-    if os.path.ismount(mountpoint):
+    """Detach whatever is mounted there, a dead mount too (os.path.ismount says False for
+    one: its stat fails with ENOTCONN), so the kernel's table decides."""
+    from imagefs.fs.mountinfo import mount_at, read_mounts
+
+    if mount_at(read_mounts(), os.path.realpath(mountpoint)) is not None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 

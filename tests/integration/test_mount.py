@@ -223,7 +223,7 @@ def test_mount_errors_are_printed_by_the_command(tmp_path: Path, registry: Local
     assert unknown.returncode == 1 and "not found" in unknown.stderr
     assert "Traceback" not in unknown.stderr
     missing = imagefs(root, "mount", "whatever:1", str(tmp_path / "nodir"), check=False)
-    assert missing.returncode == 2 and "is not a directory" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
     bad_opt = imagefs(root, "mount", "-o", "rw", "x:1", str(tmp_path / "mnt"), check=False)
     assert bad_opt.returncode == 2 and "read-only" in bad_opt.stderr
 
