@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -379,19 +380,27 @@ class LayerSet:
         seek = self.index(i).seek
         assert seek is not None
 
+        root = self.store.root
+
         def work() -> None:
-            if target.exists() and target.stat().st_size == seek.uncompressed_size:
-                return
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{fsutil.TEMP_PREFIX}{layer.digest.hex}.{os.getpid()}")
-            try:
-                with open(self.store.blobs.path(layer.digest), "rb") as src, open(tmp, "wb") as dst:
-                    zstandard.ZstdDecompressor().copy_stream(src, dst)
-                if tmp.stat().st_size != seek.uncompressed_size:
-                    raise LayerFormatError(f"layer {layer.digest.short}: zstd size mismatch")
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            # Under the store nothing is reached through a link: the directory is opened
+            # from the root without following any, the temp file is O_EXCL|O_NOFOLLOW, and
+            # the rename is relative to that directory.
+            with fsutil.dir_fd(target.parent, root=root, create=True) as d:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(target.name, dir_fd=d, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_size == seek.uncompressed_size:
+                        return
+                fd, tmp = fsutil.create_temp(d)
+                try:
+                    with self.store.blobs.open(layer.digest) as src, os.fdopen(fd, "wb") as dst:
+                        zstandard.ZstdDecompressor().copy_stream(src, dst)
+                    if os.stat(tmp, dir_fd=d).st_size != seek.uncompressed_size:
+                        raise LayerFormatError(f"layer {layer.digest.short}: zstd size mismatch")
+                    os.replace(tmp, target.name, src_dir_fd=d, dst_dir_fd=d)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp, dir_fd=d)
 
         await trio.to_thread.run_sync(work, limiter=self.cpu)
         old = self._fds.pop(i, None)

@@ -11,13 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from imagefs.fs.lifecycle import log_path_for
-from imagefs.testing.images import SampleImage
+from imagefs.lazy.layers import ZSTD_FLAT_THRESHOLD
+from imagefs.testing.images import (
+    LayoutImage,
+    SampleImage,
+    init_layout,
+    layout_add_tar_layer,
+    push,
+)
 from imagefs.testing.mounts import force_unmount, imagefs, mounted
+from imagefs.testing.registry import LocalRegistry
 
 pytestmark = pytest.mark.fuse
 
@@ -246,3 +257,43 @@ def test_a_log_link_is_never_appended_to(
     finally:
         force_unmount(mnt)
     victim.assert_intact()
+
+
+@pytest.mark.parametrize("planted", ["file", "directory"])
+def test_a_flattened_zstd_layer_is_never_written_through_a_link(
+    tmp_path: Path, registry: LocalRegistry, victim: Victim, planted: str
+) -> None:
+    """A single-frame zstd layer bigger than `ZSTD_FLAT_THRESHOLD`, whole in the store, is
+    decompressed once into `cache/flat/<hex>`: a link planted at that name is replaced, never
+    written through; a link planted as `cache/flat` itself is refused in one line."""
+    big = random.Random(7).randbytes(ZSTD_FLAT_THRESHOLD + (1 << 20))
+    layout = init_layout(tmp_path / "layout")
+    subprocess.run(["umoci", "new", "--image", f"{layout}:flat"], check=True)
+
+    def populate(tree: Path) -> None:
+        (tree / "big.bin").write_bytes(big)
+
+    image = layout_add_tar_layer(LayoutImage(layout, "flat"), populate, compression="zstd")
+    pushed = push(image, registry, "links/flat:v1")
+    root = tmp_path / "root"
+    imagefs(root, "pull", "--full", pushed.ref)
+    layer = image.layers()[-1]["digest"].split(":")[1]
+    flat = root / "cache" / "flat"
+    if planted == "file":
+        flat.mkdir(parents=True, exist_ok=True)
+        (flat / layer).symlink_to(victim.file)
+    else:
+        flat.parent.mkdir(parents=True, exist_ok=True)
+        flat.symlink_to(victim.dir)
+    argv = [sys.executable, "-m", "imagefs", "--root", str(root), "cat", pushed.ref, "/big.bin"]
+    got = subprocess.run(argv, capture_output=True, check=False)
+    victim.assert_intact()
+    if planted == "file":
+        assert got.returncode == 0, got.stderr
+        assert hashlib.sha256(got.stdout).digest() == hashlib.sha256(big).digest()
+        assert not (flat / layer).is_symlink()  # replaced by the decompressed stream
+    else:
+        one_line_error(
+            type("P", (), {"returncode": got.returncode, "stderr": got.stderr.decode()})(),
+            "symbolic link",
+        )
