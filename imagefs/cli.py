@@ -175,7 +175,7 @@ def _build_parser(p: argparse.ArgumentParser) -> None:
         "--progress",
         choices=["auto", "plain", "quiet"],
         default="auto",
-        help="progress output (auto prints the plain style)",
+        help="progress output (auto: a live view on a terminal, plain otherwise)",
     )
     p.add_argument("--platform", help="os/arch[/variant] of base images to pull")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
@@ -222,10 +222,12 @@ async def cmd_build(s: api.Session, a: argparse.Namespace) -> int:
 
     import trio
 
-    progress = Progress("quiet" if a.quiet or a.progress == "quiet" else "plain")
+    tty = a.progress == "auto" and sys.stderr.isatty()
+    mode = "quiet" if a.quiet or a.progress == "quiet" else "tty" if tty else "plain"
+    progress = Progress(mode)
     result = None
     # SIGTERM cancels the build like Ctrl-C: mounts and containers are undone on the way out.
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    with progress, trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_term() -> None:

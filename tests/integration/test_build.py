@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -214,3 +217,34 @@ def test_add_of_a_url_that_fails_is_one_line(
         assert last.startswith(f"imagefs: Dockerfile:3: ADD {url}: {why}"), proc.stderr
         assert "Traceback" not in proc.stderr
     _clean(root)
+
+
+def test_progress_auto_is_a_live_view_on_a_terminal_and_plain_off_it(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path, "FROM scratch\nCOPY f /f\n", f="x\n")
+    argv = [sys.executable, "-m", "imagefs", "--root", str(tmp_path / "store"), "build"]
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [*argv, str(ctx)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary
+    )
+    os.close(secondary)
+    raw = b""
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # EIO: the build exited and closed the terminal
+            break
+        if not data:
+            break
+        raw += data
+    os.close(primary)
+    assert proc.wait(timeout=120) == 0
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode()).replace("\r", "\n")
+    lines = [ln.rstrip() for ln in screen.splitlines()]
+    # one permanent line per finished step, as BuildKit's tty view leaves it
+    assert any(re.fullmatch(r"#\d+ \[stage-0 2/2\] COPY f /f DONE \d+\.\ds", ln) for ln in lines)
+    assert any(re.fullmatch(r"#\d+ exporting to image DONE \d+\.\ds", ln) for ln in lines)
+    # off a terminal `auto` stays BuildKit's plain style
+    plain = subprocess.run([*argv, str(ctx)], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert re.search(r"^#\d+ \[stage-0 2/2\] COPY f /f$", plain.stderr, re.M), plain.stderr
+    assert "\x1b[" not in plain.stderr
