@@ -169,7 +169,7 @@ def _build_parser(p: argparse.ArgumentParser) -> None:
         "--compression",
         default="gzip",
         choices=["gzip", "estargz", "zstd:chunked"],
-        help="layer compression (only gzip so far)",
+        help="layer compression (gzip or estargz; zstd:chunked not yet)",
     )
     p.add_argument(
         "--progress",

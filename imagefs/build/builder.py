@@ -32,6 +32,7 @@ from imagefs.build import frontend, layerdiff, rootfs, runtime
 from imagefs.build.fetch import fetch_source
 from imagefs.build.progress import Progress, Step
 from imagefs.build.stage import StageState, rfc3339
+from imagefs.build.stargzlayer import write_estargz_layer
 from imagefs.build.words import Lexer
 from imagefs.errors import BuildError, NotFound
 from imagefs.fs import lifecycle
@@ -49,7 +50,7 @@ WORK_DIR = "build-tmp"
 BUILT_ANNOTATION = "dev.imagefs.built"
 """On a built image's record: `push` then publishes the layer indexes the build made."""
 BUILT = {BUILT_ANNOTATION: "true"}
-COMPRESSIONS = ("gzip",)
+COMPRESSIONS = ("gzip", "estargz")
 
 
 @dataclass
@@ -191,7 +192,7 @@ class Builder:
                 "history": [],
             }
             return StageState(
-                stage.label, image, empty, None, cachemod.key("scratch"), self.created
+                stage.label, image, empty, None, self._root_key("scratch"), self.created
             )
         record = await self._resolve_image(base, stage.platform)
         resolved = await self.session.disk(
@@ -203,13 +204,19 @@ class Builder:
         # starts no mount at all.
         st = StageState(
             stage.label, image, Path("/nonexistent"), record.source,
-            cachemod.key(str(record.manifest.digest)), self.created,
+            self._root_key(str(record.manifest.digest)), self.created,
         )  # fmt: skip
         st.base_ref = base
         st.layers = [layer.descriptor for layer in resolved.layers]
         # docker runs the base's ONBUILD triggers right after FROM; the child keeps none.
         st.meta["onbuild"] = list(image.get("config", {}).pop("OnBuild", None) or [])
         return st
+
+    def _root_key(self, base: str) -> str:
+        # The compression is part of every key: a step's layer differs per compression.
+        if self.opts.compression == "gzip":
+            return cachemod.key(base)  # the keys of gzip builds stay as they were
+        return cachemod.key(base, self.opts.compression)
 
     async def _ensure_base(self, st: StageState) -> None:
         if st.base_ref is not None:
@@ -362,7 +369,8 @@ class Builder:
         tmp = blobs.ingest_dir / f"build-{uuid.uuid4().hex}.partial"
         try:
             with open(tmp, "xb") as out:
-                blob = layerdiff.write_layer(upper, out, self.epoch)
+                write = write_estargz_layer if self.opts.compression == "estargz" else None
+                blob = (write or layerdiff.write_layer)(upper, out, self.epoch)
                 out.flush()
                 os.fsync(out.fileno())
             assert self.lease is not None
@@ -373,8 +381,10 @@ class Builder:
             fsync_dir(target.parent)
             # Index the new layer now, so `push` can publish it and a mount of the pushed
             # image reads byte ranges at once (the blob is hot in the page cache here).
-            layer = Layer(Descriptor(mt.OCI_LAYER_GZIP, blob.digest, blob.size), blob.diff_id)
-            build_local(self.store.root, target, layer)
+            # An eStargz layer needs none: its TOC is its index.
+            if not blob.annotations:
+                layer = Layer(Descriptor(mt.OCI_LAYER_GZIP, blob.digest, blob.size), blob.diff_id)
+                build_local(self.store.root, target, layer)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -588,7 +598,9 @@ async def build(
             "imagefs build must run as root (it mounts overlayfs and runs RUN in namespaces)"
         )
     if opts.compression not in COMPRESSIONS:
-        raise BuildError(f"--compression {opts.compression} is not supported yet (only gzip)")
+        raise BuildError(
+            f"--compression {opts.compression} is not supported yet (only gzip and estargz)"
+        )
     if opts.network not in ("host", "none"):
         raise BuildError(f"--network must be host or none, not {opts.network!r}")
     if not opts.context.is_dir():

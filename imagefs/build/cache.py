@@ -69,8 +69,9 @@ class BuildCache:
         if meta.get("layer"):
             m = meta["layer"]
             layer = LayerBlob(
-                Digest.parse(m["digest"]), Digest.parse(m["diff_id"]), int(m["size"]), 0
-            )
+                Digest.parse(m["digest"]), Digest.parse(m["diff_id"]), int(m["size"]), 0,
+                dict(m.get("annotations") or {}),
+            )  # fmt: skip
             if not blob_exists(layer.digest):
                 return None
         return Entry(path / "upper", layer)
@@ -88,6 +89,7 @@ class BuildCache:
                 "digest": str(layer.digest),
                 "diff_id": str(layer.diff_id),
                 "size": layer.size,
+                "annotations": dict(layer.annotations),
             }
         (tmp / "step.json").write_text(json.dumps(meta))
         if not keep:

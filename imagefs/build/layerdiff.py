@@ -24,8 +24,8 @@ import hashlib
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +44,8 @@ class LayerBlob:
     """sha256 of the uncompressed tar."""
     size: int
     entries: int
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    """For the manifest's layer descriptor (an eStargz layer's TOC digest)."""
 
 
 class _HashingWriter:
@@ -124,69 +126,77 @@ def _info(name: str, st: os.stat_result, epoch: int | None) -> tarfile.TarInfo:
     return info
 
 
+def layer_entries(
+    upper: Path, epoch: int | None = None
+) -> Iterator[tuple[tarfile.TarInfo, Path | None]]:
+    """The tar entries of `upper`'s layer, in order; a regular file's comes with its path
+    (its data is read by whoever writes the tar: gzip and eStargz writers alike)."""
+    links: dict[tuple[int, int], str] = {}
+    for rel, path, st in walk_upper(upper):
+        parent, _, base = rel.rpartition("/")
+        if is_whiteout(st):
+            wh = f"{parent}/{WHITEOUT_PREFIX}{base}" if parent else WHITEOUT_PREFIX + base
+            # as containerd 2 (BuildKit's differ) writes it: mode 0, owner 0:0, mtime 0
+            # -- who deleted the entry, and when, is not part of the layer
+            info = tarfile.TarInfo(wh)
+            info.mode = info.uid = info.gid = info.mtime = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            yield info, None
+            continue
+        info = _info(rel, st, epoch)
+        xattrs = _xattrs(path)
+        if xattrs:
+            info.pax_headers = {
+                f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
+            }
+        mode = st.st_mode
+        key = (st.st_dev, st.st_ino)
+        if stat.S_ISREG(mode) and st.st_nlink > 1 and key in links:
+            info.type = tarfile.LNKTYPE
+            info.linkname = links[key]
+            yield info, None
+        elif stat.S_ISREG(mode):
+            if st.st_nlink > 1:
+                links[key] = rel
+            info.type = tarfile.REGTYPE
+            info.size = st.st_size
+            yield info, path
+        elif stat.S_ISDIR(mode):
+            info.type = tarfile.DIRTYPE
+            yield info, None
+            if _is_opaque(path):
+                opq = _info(f"{rel}/{OPAQUE}", st, epoch)
+                opq.mode = 0o644
+                opq.pax_headers = {}
+                yield opq, None
+        elif stat.S_ISLNK(mode):
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.readlink(path)
+            yield info, None
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            yield info, None
+        elif stat.S_ISFIFO(mode):
+            info.type = tarfile.FIFOTYPE
+            yield info, None
+        # sockets have no tar form; docker skips them too
+
+
 def write_tar(upper: Path, out: IO[bytes], epoch: int | None = None) -> int:
     """Write the layer tar of `upper` to `out`; returns the number of entries."""
     count = 0
-    links: dict[tuple[int, int], str] = {}
     with tarfile.open(
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
         errors="surrogateescape",
     ) as tar:  # fmt: skip
-        for rel, path, st in walk_upper(upper):
-            parent, _, base = rel.rpartition("/")
-            if is_whiteout(st):
-                wh = f"{parent}/{WHITEOUT_PREFIX}{base}" if parent else WHITEOUT_PREFIX + base
-                # as containerd 2 (BuildKit's differ) writes it: mode 0, owner 0:0, mtime 0
-                # -- who deleted the entry, and when, is not part of the layer
-                info = tarfile.TarInfo(wh)
-                info.mode = info.uid = info.gid = info.mtime = 0
-                info.uname = info.gname = ""
-                info.type = tarfile.REGTYPE
-                tar.addfile(info)
-                count += 1
-                continue
-            info = _info(rel, st, epoch)
-            xattrs = _xattrs(path)
-            if xattrs:
-                info.pax_headers = {
-                    f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
-                    for k, v in xattrs.items()
-                }
-            mode = st.st_mode
-            key = (st.st_dev, st.st_ino)
-            if stat.S_ISREG(mode) and st.st_nlink > 1 and key in links:
-                info.type = tarfile.LNKTYPE
-                info.linkname = links[key]
-                tar.addfile(info)
-            elif stat.S_ISREG(mode):
-                if st.st_nlink > 1:
-                    links[key] = rel
-                info.type = tarfile.REGTYPE
-                info.size = st.st_size
-                with open(path, "rb") as f:
-                    tar.addfile(info, f)
-            elif stat.S_ISDIR(mode):
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-                if _is_opaque(path):
-                    count += 1
-                    opq = _info(f"{rel}/{OPAQUE}", st, epoch)
-                    opq.mode = 0o644
-                    opq.pax_headers = {}
-                    tar.addfile(opq)
-            elif stat.S_ISLNK(mode):
-                info.type = tarfile.SYMTYPE
-                info.linkname = os.readlink(path)
-                tar.addfile(info)
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
-                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-                tar.addfile(info)
-            elif stat.S_ISFIFO(mode):
-                info.type = tarfile.FIFOTYPE
+        for info, path in layer_entries(upper, epoch):
+            if path is None:
                 tar.addfile(info)
             else:
-                continue  # sockets have no tar form; docker skips them too
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
             count += 1
     return count
 

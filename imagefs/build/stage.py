@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,8 @@ class StageState:
         self.uppers.append(upper)
         self.add_history(created_by, empty=layer is None)
         if layer is not None:
-            self.layers.append(Descriptor(mt.OCI_LAYER_GZIP, layer.digest, layer.size))
+            desc = Descriptor(mt.OCI_LAYER_GZIP, layer.digest, layer.size)
+            self.layers.append(replace(desc, annotations=layer.annotations))
             self.image["rootfs"]["diff_ids"].append(str(layer.diff_id))
 
     def final_config(self) -> bytes:

@@ -248,3 +248,46 @@ def test_progress_auto_is_a_live_view_on_a_terminal_and_plain_off_it(tmp_path: P
     assert plain.returncode == 0, plain.stderr
     assert re.search(r"^#\d+ \[stage-0 2/2\] COPY f /f$", plain.stderr, re.M), plain.stderr
     assert "\x1b[" not in plain.stderr
+
+
+def test_estargz_build_mounts_lazily_by_its_toc_and_equals_the_gzip_build(
+    base: PushedImage, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    from imagefs.testing import treecmp
+
+    df = (
+        "ARG BASE\nFROM $BASE\nCOPY big /big\n"
+        "RUN rm /etc/motd && mkdir -p /d/e && echo x > /d/e/f && ln /d/e/f /d/hard"
+        " && ln -s e/f /d/sym\n"
+    )
+    ctx = _ctx(tmp_path, df)
+    (ctx / "big").write_bytes(os.urandom(9 * 1024 * 1024 + 7))  # three 4 MiB chunks
+    root = tmp_path / "store"
+    refs = {}
+    for comp in ("gzip", "estargz"):
+        # SOURCE_DATE_EPOCH: the two builds' RUN made their files at other times
+        epoch = ("--build-arg", "SOURCE_DATE_EPOCH=1000")
+        proc = _build(root, base, ctx, *epoch, "--compression", comp, "-t", f"c:{comp}")
+        assert proc.returncode == 0, proc.stderr
+        refs[comp] = f"{registry.host}/built/{comp}:1"
+        imagefs(root, "tag", f"c:{comp}", refs[comp])
+        imagefs(root, "push", refs[comp])
+    layers = json.loads(imagefs(root, "inspect", refs["estargz"]).stdout)[0]["ImageFS"]["Layers"]
+    new = [layer["Digest"] for layer in layers[1:]]
+    assert len(new) == 2
+    for layer in layers[1:]:  # as ctr-remote annotates them
+        notes = layer["Annotations"]
+        assert notes["containerd.io/snapshot/stargz/toc.digest"].startswith("sha256:")
+        assert int(notes["io.containers.estargz.uncompressed-size"]) > 0
+    registry.mark()
+    with mounted(tmp_path / "fresh", refs["estargz"], tmp_path / "m1") as m1:
+        got = treecmp.listing(m1)
+    whole = [
+        r for r in registry.requests()
+        if r.is_blob_get and r.status == 200 and any(d in r.path for d in new)
+    ]  # fmt: skip
+    assert whole == []  # no published index, no whole blob: the TOC served the reads
+    with mounted(tmp_path / "fresh2", refs["gzip"], tmp_path / "m2") as m2:
+        want = treecmp.listing(m2)
+    assert treecmp.diff(want, got) == []
+    _clean(root)
