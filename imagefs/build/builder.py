@@ -50,7 +50,7 @@ WORK_DIR = "build-tmp"
 BUILT_ANNOTATION = "dev.imagefs.built"
 """On a built image's record: `push` then publishes the layer indexes the build made."""
 BUILT = {BUILT_ANNOTATION: "true"}
-COMPRESSIONS = ("gzip", "estargz")
+LAYER_WRITERS = {"gzip": layerdiff.write_layer, "estargz": write_estargz_layer}
 
 
 @dataclass
@@ -369,8 +369,7 @@ class Builder:
         tmp = blobs.ingest_dir / f"build-{uuid.uuid4().hex}.partial"
         try:
             with open(tmp, "xb") as out:
-                write = write_estargz_layer if self.opts.compression == "estargz" else None
-                blob = (write or layerdiff.write_layer)(upper, out, self.epoch)
+                blob = LAYER_WRITERS[self.opts.compression](upper, out, self.epoch)
                 out.flush()
                 os.fsync(out.fileno())
             assert self.lease is not None
@@ -597,10 +596,8 @@ async def build(
         raise BuildError(
             "imagefs build must run as root (it mounts overlayfs and runs RUN in namespaces)"
         )
-    if opts.compression not in COMPRESSIONS:
-        raise BuildError(
-            f"--compression {opts.compression} is not supported yet (only gzip and estargz)"
-        )
+    if opts.compression not in LAYER_WRITERS:
+        raise BuildError(f"--compression {opts.compression} is not supported yet (gzip, estargz)")
     if opts.network not in ("host", "none"):
         raise BuildError(f"--network must be host or none, not {opts.network!r}")
     if not opts.context.is_dir():

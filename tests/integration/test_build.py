@@ -291,3 +291,11 @@ def test_estargz_build_mounts_lazily_by_its_toc_and_equals_the_gzip_build(
         want = treecmp.listing(m2)
     assert treecmp.diff(want, got) == []
     _clean(root)
+
+
+def test_zstd_chunked_is_refused_in_one_line(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path, "FROM scratch\n")
+    proc = imagefs(tmp_path / "s", "build", "--compression", "zstd:chunked", str(ctx), check=False)
+    assert (proc.returncode, proc.stderr) == (
+        1, "imagefs: --compression zstd:chunked is not supported yet (gzip, estargz)\n",
+    )  # fmt: skip
