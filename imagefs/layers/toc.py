@@ -36,7 +36,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -66,6 +66,7 @@ OVERFLOW_ID = 65534
 
 _IMPLICIT = 0x80  # flag bit in the type byte
 _TYPE_MASK = 0x7F
+_ENTRY_TYPES = {int(t): t for t in EntryType}  # a dict look-up is cheaper than EntryType(code)
 
 # Tags of the records in the extras blob.
 _X_LINK = 1  # symlink target, or the lower-layer path a hard link refers to
@@ -83,9 +84,12 @@ for _code, _size in (("B", 1), ("H", 2), ("I", 4), ("Q", 8), ("q", 8)):
         raise ImportError(f"array typecode {_code!r} is not {_size} bytes here")
 
 
-@dataclass(frozen=True, slots=True)
-class EntryAttrs:
-    """One entry's metadata, built on demand from the packed arrays (never stored)."""
+class EntryAttrs(NamedTuple):
+    """One entry's metadata, built on demand from the packed arrays (never stored).
+
+    A NamedTuple, not a frozen dataclass: it is built for every entry the kernel asks about,
+    and a tuple is built in one step where a frozen dataclass sets each field in turn.
+    """
 
     type: EntryType
     mode: int
@@ -675,20 +679,37 @@ class Toc:
         return out
 
     def attrs(self, i: int) -> EntryAttrs:
-        major, minor = self.device(i)
+        code = self._types[i]
+        try:
+            etype = _ENTRY_TYPES[code & _TYPE_MASK]
+        except KeyError:
+            etype = EntryType(code & _TYPE_MASK)  # raises the enum's own ValueError
+        linkname = b""
+        major = minor = 0
+        # Most entries (regular files, directories) have no extra records: skip the scan.
+        # Otherwise one scan, the first record of each kind winning, as in linkname/device.
+        if self._extra_offs[i] != self._extra_offs[i + 1]:
+            link_seen = dev_seen = False
+            for tag, payload in self._records(i):
+                if tag == _X_LINK and not link_seen:
+                    linkname, link_seen = payload, True
+                elif tag == _X_DEV and not dev_seen:
+                    major, pos = _read_varint(payload, 0)
+                    minor, _ = _read_varint(payload, pos)
+                    dev_seen = True
         return EntryAttrs(
-            type=self.entry_type(i),
-            mode=self._modes[i],
-            uid=self._uids[i],
-            gid=self._gids[i],
-            size=self._sizes[i],
-            mtime=self._mtimes[i],
-            mtime_ns=self._nsecs[i],
-            devmajor=major,
-            devminor=minor,
-            offset=self._offsets[i],
-            linkname=self.linkname(i),
-            implicit=self.is_implicit(i),
+            etype,
+            self._modes[i],
+            self._uids[i],
+            self._gids[i],
+            self._sizes[i],
+            self._mtimes[i],
+            self._nsecs[i],
+            major,
+            minor,
+            self._offsets[i],
+            linkname,
+            bool(code & _IMPLICIT),
         )
 
     # ----------------------------------------------------------------- persistence
