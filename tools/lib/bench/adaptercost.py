@@ -123,6 +123,8 @@ async def find_ls(tocs: list[Toc]) -> tuple[int, list[tuple[bytes, int, int]]]:
         await ops.releasedir(fh)
         requests += 3 + len(_listing)  # each readdirplus entry counts as one
         for name, attrs in list(_listing):
+            if name in (b".", b".."):  # listed first since readdir shows them; not children
+                continue
             child = path + b"/" + name if path else name
             if stat.S_ISDIR(attrs.st_mode):
                 stack.append((child, attrs.st_ino))
