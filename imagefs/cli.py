@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-size",
         metavar="SIZE",
-        help="cap of the chunk cache shared by mounts of this root (default: "
+        help="cap of the piece cache shared by mounts of this root (default: "
         "config file `cache-size`, else 10GiB); e.g. 512MiB",
     )
     p.add_argument(
@@ -428,13 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
     p.add_argument("-A", dest="almost_all", action="store_true", help="show dotfiles")
     p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
-    p.add_argument("--cache-size", metavar="SIZE", help="cap of the chunk cache (as mount's)")
+    p.add_argument("--cache-size", metavar="SIZE", help="cap of the piece cache (as mount's)")
 
     p = cmd("cat", "Print files of an image without mounting it (fetches only their pieces)")
     p.add_argument("reference", metavar="IMAGE", help=REF_HELP + " (pulled if not local)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files in the image")
     p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
-    p.add_argument("--cache-size", metavar="SIZE", help="cap of the chunk cache (as mount's)")
+    p.add_argument("--cache-size", metavar="SIZE", help="cap of the piece cache (as mount's)")
 
     p = cmd("umount", "Unmount an imagefs mount (the daemon exits)")
     p.add_argument("mountpoint", type=Path, help="where the image is mounted")
