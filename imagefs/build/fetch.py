@@ -33,6 +33,10 @@ async def download(url: str, path: Path, options: TransportOptions) -> None:
             modified = resp.headers.get("last-modified")
     except httpx.HTTPError as exc:
         raise BuildError(f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        # A full disk (or a quota) while writing the body: one line, like every build error.
+        # The size is not capped, as in docker and BuildKit: ADD fetches what the file names.
+        raise BuildError(f"writing {path.name}: {exc.strerror or exc}") from None
     os.chmod(path, 0o600)
     if modified:
         try:
