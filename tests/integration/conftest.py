@@ -16,13 +16,11 @@ from imagefs.layers import estargz
 from imagefs.testing.images import (
     LayoutImage,
     build_umoci_image,
-    init_layout,
-    layout_append_blob,
     push,
 )
 from imagefs.testing.mounts import imagefs
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.lazy_content import FILES, Published, write_files
+from tests.integration.lazy_content import FILES, Published, push_estargz, write_files
 
 
 def _layers_of(layout: LayoutImage) -> list[dict[str, Any]]:
@@ -59,21 +57,11 @@ def zstd_chunked_image(
 
 @pytest.fixture(scope="module")
 def estargz_image(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> Published:
-    work = tmp_path_factory.mktemp("esgz")
-    layout = init_layout(work / "layout")
-    subprocess.run(["umoci", "new", "--image", f"{layout}:esgz"], check=True)
     dirs = sorted({str(Path(n).parent) for n in FILES} | {"usr", "usr/share"})
     specs = [estargz.FileSpec(name=d + "/", type="dir", mode=0o755) for d in dirs]
     specs += [estargz.FileSpec(name=n, data=d) for n, d in sorted(FILES.items())]
-    blob = estargz.write_estargz(specs, chunk_size=1 << 20)
-    image = layout_append_blob(
-        LayoutImage(layout, "esgz"),
-        blob.blob,
-        diff_id=blob.diff_id,
-        media_type="application/vnd.oci.image.layer.v1.tar+gzip",
-        annotations={"containerd.io/snapshot/stargz/toc.digest": blob.toc_digest},
-    )
-    pushed = push(image, registry, "lazy/estargz:v1")
+    work = tmp_path_factory.mktemp("esgz")
+    pushed, image = push_estargz(registry, work, "lazy/estargz:v1", specs, chunk_size=1 << 20)
     layers = _layers_of(image)
     return Published(pushed.ref, [str(x["digest"]) for x in layers], int(layers[-1]["size"]))
 

@@ -9,9 +9,18 @@ module imports another.
 from __future__ import annotations
 
 import random
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagefs.layers import estargz
+from imagefs.testing.images import (
+    LayoutImage,
+    PushedImage,
+    init_layout,
+    layout_append_blob,
+    push,
+)
 from imagefs.testing.registry import LocalRegistry
 
 SMALL = {
@@ -45,3 +54,27 @@ def layer_fetches(registry: LocalRegistry, pub: Published) -> list[tuple[int, in
         for r in registry.blob_gets()
         if r.path.rsplit("/", 1)[1] in pub.layer_digests
     ]
+
+
+def push_estargz(
+    registry: LocalRegistry,
+    work: Path,
+    ref: str,
+    specs: list[estargz.FileSpec],
+    *,
+    chunk_size: int = 4 << 20,
+    prefetch: int | None = None,
+) -> tuple[PushedImage, LayoutImage]:
+    """Writes `specs` as one eStargz layer (umoci base, TOC digest annotated as ctr-remote
+    does), pushes it to `registry` as `ref`, and returns the push and the layout image."""
+    layout = init_layout(work / "layout")
+    subprocess.run(["umoci", "new", "--image", f"{layout}:esgz"], check=True)
+    blob = estargz.write_estargz(specs, chunk_size=chunk_size, prefetch=prefetch)
+    image = layout_append_blob(
+        LayoutImage(layout, "esgz"),
+        blob.blob,
+        diff_id=blob.diff_id,
+        media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+        annotations={"containerd.io/snapshot/stargz/toc.digest": blob.toc_digest},
+    )
+    return push(image, registry, ref), image

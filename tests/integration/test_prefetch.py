@@ -12,11 +12,10 @@ import pytest
 
 from imagefs.layers import estargz
 from imagefs.profiles import Profile
-from imagefs.testing.images import LayoutImage, init_layout, layout_append_blob, push
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.proxy import FaultProxy
 from imagefs.testing.registry import LocalRegistry
-from tests.integration.lazy_content import BIG, SMALL, Published
+from tests.integration.lazy_content import BIG, SMALL, Published, push_estargz
 
 pytestmark = pytest.mark.fuse
 
@@ -99,19 +98,9 @@ def test_profile_push_and_pull(
 
 
 def test_estargz_prefetch_landmark_is_honoured(tmp_path: Path, registry: LocalRegistry) -> None:
-    layout = init_layout(tmp_path / "layout")
-    subprocess.run(["umoci", "new", "--image", f"{layout}:lm"], check=True)
     first = estargz.FileSpec(name="hot.bin", data=BIG["data/big0.bin"])
     rest = [estargz.FileSpec(name=f"cold{k}.bin", data=BIG[f"data/big{k}.bin"]) for k in (1, 2, 3)]
-    blob = estargz.write_estargz([first, *rest], prefetch=1)
-    image = layout_append_blob(
-        LayoutImage(layout, "lm"),
-        blob.blob,
-        diff_id=blob.diff_id,
-        media_type="application/vnd.oci.image.layer.v1.tar+gzip",
-        annotations={"containerd.io/snapshot/stargz/toc.digest": blob.toc_digest},
-    )
-    pushed = push(image, registry, "lazy/landmark:v1")
+    pushed, _ = push_estargz(registry, tmp_path, "lazy/landmark:v1", [first, *rest], prefetch=1)
     root = tmp_path / "root"
     with mounted(root, pushed.ref, tmp_path / "mnt") as mnt:
         stats = _wait_fetched(root, mnt, len(BIG["data/big0.bin"]))
