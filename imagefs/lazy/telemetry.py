@@ -20,11 +20,13 @@ Which source served a read, and what it fetched, is collected through a context 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -199,8 +201,17 @@ async def serve_control(path: Path, snapshot: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    os.chmod(path, 0o600)
+    # Bound inside a fresh 0700 directory, made 0600, then renamed into place: nobody else can
+    # connect in the window between bind() and chmod() (bind obeys the umask, not us).
+    private = Path(tempfile.mkdtemp(prefix=".sock-", dir=path.parent))
+    try:
+        await sock.bind(str(private / "s"))
+        os.chmod(private / "s", 0o600)
+        os.rename(private / "s", path)
+    finally:
+        with contextlib.suppress(OSError):
+            (private / "s").unlink()
+        private.rmdir()
     sock.listen(16)
     listener = trio.SocketListener(sock)
     try:
