@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from imagefs.api_profiles import load_profile as load_profile  # prefetch profiles as verbs
+from imagefs.api_profiles import pull_profile as pull_profile
+from imagefs.api_profiles import push_profile as push_profile
+from imagefs.api_profiles import record_profile as record_profile
 from imagefs.errors import (
     ImageFSError,
     ImageInUse,
