@@ -95,6 +95,12 @@ def test_profile_push_and_pull(
     bad.write_text("{}")
     out = imagefs(root, "profile", "push", estargz_image.ref, str(bad), check=False)
     assert out.returncode == 2 and "not an imagefs prefetch profile" in out.stderr
+    gone = tmp_path / "gone.json"  # was: "internal error: FileNotFoundError", exit 1
+    out = imagefs(root, "profile", "push", estargz_image.ref, str(gone), check=False)
+    assert (
+        out.returncode == 2
+        and out.stderr == f"imagefs: cannot read profile {gone}: No such file or directory\n"
+    )
 
 
 def test_estargz_prefetch_landmark_is_honoured(tmp_path: Path, registry: LocalRegistry) -> None:

@@ -1,0 +1,126 @@
+"""The CLI's shape (issue 13.4): global options declared once and passed on whole to the
+daemon a detached mount starts; the command line module stays light to import; the config
+file merged with flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagefs.cli import build_parser
+from imagefs.cli.mount import _daemon_argv
+from imagefs.cli.options import GLOBALS
+from imagefs.errors import UsageError
+from imagefs.settings import cache_size, transport_options
+
+
+def _example(opt: object) -> list[str]:
+    """A command line that sets this global option to something other than its default."""
+    flag, extra = opt.flag, opt.extra  # type: ignore[attr-defined]
+    if extra.get("action") == "store_true":
+        return [flag]
+    if extra.get("action") == "append":
+        return [flag, "a.example:5000", flag, "b.example"]
+    if extra.get("type") is Path:
+        return [flag, "/some/dir"]
+    if "type" in extra:  # a number
+        return [flag, "2.5"]
+    return [flag, "100mbit"]
+
+
+GLOBAL_NAMES = [g.flag for g in GLOBALS]
+
+
+@pytest.mark.parametrize("flag", GLOBAL_NAMES)
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_every_global_option_reaches_the_mount_daemon(flag: str, where: str) -> None:
+    """A global option given to `imagefs mount` (before or after the command name) is on
+    the daemon's command line, and the daemon parses it to the same value."""
+    opt = next(g for g in GLOBALS if g.flag == flag)
+    words = _example(opt)
+    tail = ["mount", "alpine", "/mnt/x"]
+    argv = words + tail if where == "before" else [*tail[:1], *words, *tail[1:]]
+    a = build_parser().parse_args(argv)
+    root = Path("/r").absolute() if flag != "--root" else Path("/some/dir")
+    daemon = build_parser().parse_args(_daemon_argv(a, root, Path("/mnt/x")))
+    assert daemon.foreground and daemon.reference == "alpine"
+    assert getattr(daemon, opt.dest) == getattr(a, opt.dest) != opt.default
+    for other in GLOBALS:  # and nothing else was set on the way
+        if other.dest not in (opt.dest, "root"):
+            assert getattr(daemon, other.dest) == other.default
+
+
+def test_every_command_takes_exactly_the_global_options() -> None:
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found[sub.prog] = sub
+                    walk(sub)
+
+    walk(build_parser())
+    assert len(found) == 24
+    for prog, parser in found.items():
+        groups = [g for g in parser._action_groups if g.title == "global options"]
+        assert len(groups) == 1, prog
+        flags = [a.option_strings[0] for a in groups[0]._group_actions]
+        assert flags == GLOBAL_NAMES, prog
+
+
+def test_importing_the_cli_loads_no_heavy_module() -> None:
+    """`imagefs mount` starts its daemon from this import: no trio, httpx, rich, template
+    engine or registry client until a command needs them."""
+    code = "import json, sys; import imagefs.cli; print(json.dumps(sorted(m for m in sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set(json.loads(out))
+    heavy = {"trio", "httpx", "rich", "imagefs.gotemplate", "imagefs.api", "imagefs.registry"}
+    assert not heavy & loaded
+
+
+def test_flags_go_before_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "insecure-registries": ["file.example"],
+                "registry-mirrors": ["https://hub-mirror.example"],
+                "mirrors": {"quay.io": ["https://quay-mirror.example"]},
+                "cache-size": "512MiB",
+            }
+        )
+    )
+    opts = transport_options(
+        tmp_path,
+        insecure_registries=["flag.example:5000"],
+        mirror_flags=["https://flag-mirror.example", "quay.io=https://q2.example"],
+        timeout=3.0,
+    )
+    assert opts.insecure_registries == {"file.example", "flag.example:5000"}
+    assert opts.mirrors == {
+        "docker.io": ["https://flag-mirror.example", "https://hub-mirror.example"],
+        "quay.io": ["https://q2.example", "https://quay-mirror.example"],
+    }
+    assert opts.timeout == 3.0 and opts.link is None and opts.config_dir == tmp_path
+    assert cache_size(None, tmp_path) == 512 << 20
+    assert cache_size("1GiB", tmp_path) == 1 << 30
+
+
+def test_network_emulation_and_bad_values(tmp_path: Path) -> None:
+    opts = transport_options(tmp_path, net_latency_ms=20, net_bandwidth="8mbit")
+    assert opts.link is not None and opts.link.latency == 0.02
+    assert opts.link.bandwidth == 1_000_000
+    with pytest.raises(UsageError):
+        transport_options(tmp_path, net_bandwidth="fast")
+    with pytest.raises(UsageError):
+        cache_size("lots", tmp_path)
+    (tmp_path / "config.json").write_text('{"cache-size": "huge"}')
+    with pytest.raises(UsageError):
+        cache_size(None, tmp_path)
