@@ -29,13 +29,13 @@ from imagefs.build import config as cfgmod
 from imagefs.build import context as ctx
 from imagefs.build import copy as copymod
 from imagefs.build import frontend, layerdiff, rootfs, runtime
+from imagefs.build.bases import BaseImages
 from imagefs.build.fetch import fetch_source
 from imagefs.build.progress import Progress, Step
 from imagefs.build.stage import StageState, rfc3339
 from imagefs.build.stargzlayer import write_estargz_layer
 from imagefs.build.words import Lexer
-from imagefs.errors import BuildError, NotFound
-from imagefs.fs import lifecycle
+from imagefs.errors import BuildError
 from imagefs.image import Layer, load_resolved
 from imagefs.indexes import build_local
 from imagefs.oci import mediatypes as mt
@@ -67,6 +67,9 @@ class BuildOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     compression: str = "gzip"
     platform: str | None = None
+    global_argv: Sequence[str] | None = None
+    """Global options for the base images' mount daemons (the CLI passes its own command
+    line's); None: derived from the session."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,7 @@ class Builder:
         self.cache = cachemod.BuildCache(session.root)
         self.work = session.root.absolute() / WORK_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stages: dict[int, StageState] = {}
-        self.image_mounts: dict[str, tuple[Path, ImageRecord]] = {}
-        self.records: dict[str, ImageRecord] = {}
+        self.bases = BaseImages(session, self.work, pull=opts.pull, global_argv=opts.global_argv)
         self.throwaway: list[Path] = []
         self.layers_built = 0
         self.steps_cached = 0
@@ -109,7 +111,7 @@ class Builder:
         self.work.mkdir(parents=True, exist_ok=True)
         ignore = await self.session.disk(ctx.IgnoreRules.load, self.opts.context)
         with self.store.lease() as lease:
-            self.lease = lease
+            self.lease = self.bases.lease = lease
             try:
                 for stage in stages:
                     self.stages[stage.index] = await self._stage(df, stage, meta, ignore)
@@ -121,11 +123,7 @@ class Builder:
     def _cleanup(self) -> None:
         for mnt in self.work.glob("merged-*"):
             runtime.unmount(mnt)
-        for mnt, _ in self.image_mounts.values():
-            with contextlib.suppress(Exception):
-                lifecycle.unmount(mnt, self.store)
-            if os.path.ismount(mnt):
-                runtime.unmount(mnt)
+        self.bases.unmount_all()
         for path in self.throwaway:
             shutil.rmtree(path, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
@@ -194,7 +192,7 @@ class Builder:
             return StageState(
                 stage.label, image, empty, None, self._root_key("scratch"), self.created
             )
-        record = await self._resolve_image(base, stage.platform)
+        record = await self.bases.resolve(base, stage.platform)
         resolved = await self.session.disk(
             load_resolved, self.store, record.manifest.digest, record.index_digest
         )
@@ -220,59 +218,8 @@ class Builder:
 
     async def _ensure_base(self, st: StageState) -> None:
         if st.base_ref is not None:
-            st.base_root, _ = await self._mount_image(st.base_ref, None)
+            st.base_root, _ = await self.bases.mount(st.base_ref, None)
             st.base_ref = None
-
-    async def _resolve_image(self, ref: str, platform: str | None) -> ImageRecord:
-        """The stored record of `ref`, pulled (metadata only) when it is not local."""
-        if ref in self.records:
-            return self.records[ref]
-        try:
-            Reference.parse(ref)
-        except Exception as exc:
-            raise BuildError(f"invalid base image reference {ref!r}: {exc}") from None
-        record = None
-        if not self.opts.pull:
-            with contextlib.suppress(NotFound):
-                record = await self.session.disk(api.find_record, self.store, ref)
-        if record is None:
-            try:
-                plat = Platform.parse(platform) if platform else None
-                record = (await api.pull(self.session, ref, platform=plat)).record
-            except NotFound as exc:
-                raise BuildError(f"base image {ref} not found: {exc}") from None
-        assert self.lease is not None
-        self.lease.add(record.manifest.digest)
-        self.records[ref] = record
-        return record
-
-    async def _mount_image(self, ref: str, platform: str | None) -> tuple[Path, ImageRecord]:
-        """Mount an image lazily (imagefs's own daemon), once per build."""
-        if ref in self.image_mounts:
-            return self.image_mounts[ref]
-        record = await self._resolve_image(ref, platform)
-        mnt = self.work / f"image-{len(self.image_mounts)}"
-        mnt.mkdir()
-        argv = self._global_argv()
-        argv += ["mount", "-f", "-o", "allow_other,suid,dev", ref, str(mnt)]
-        log = self.session.root / "logs" / f"mount-{lifecycle.mount_id(mnt)}.log"
-        self.image_mounts[ref] = (mnt, record)
-        await trio.to_thread.run_sync(lifecycle.spawn_daemon, argv, log, mnt)
-        return mnt, record
-
-    def _global_argv(self) -> list[str]:
-        o = self.session.options
-        argv = ["--root", str(self.session.root.absolute())]
-        if o.config_dir is not None:
-            argv += ["--config", str(o.config_dir)]
-        for host in sorted(o.insecure_registries):
-            argv += ["--insecure-registry", host]
-        if o.link is not None:  # the base mount fetches over the same emulated network
-            if o.link.latency:
-                argv += ["--net-latency", f"{o.link.latency * 1000:g}"]
-            if o.link.bandwidth:
-                argv += ["--net-bandwidth", f"{o.link.bandwidth:.0f}B/s"]
-        return argv
 
     # -- instructions -----------------------------------------------------------------------
 
@@ -553,7 +500,7 @@ class Builder:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(runtime.unmount, merged)
             return
-        mnt, record = await self._mount_image(src, None)
+        mnt, record = await self.bases.mount(src, None)
         yield mnt, str(record.manifest.digest)
 
     # -- export ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagefs.cli.options import PROG, Verb
+from imagefs.cli.options import PROG, Verb, global_argv
 from imagefs.errors import UsageError
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ async def run_build(s: api.Session, a: argparse.Namespace) -> int:
         labels=_pairs(a.label, "--label", False),
         compression=a.compression,
         platform=a.platform,
+        global_argv=global_argv(a, s.root.absolute()),
     )
     tty = a.progress == "auto" and sys.stderr.isatty()
     mode = "quiet" if a.quiet or a.progress == "quiet" else "tty" if tty else "plain"
