@@ -30,6 +30,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from imagefs.errors import LayerFormatError
+from imagefs.layers.tarfields import clean_path as clean_path  # re-exported: TOC builders
+from imagefs.layers.tarfields import (
+    cstr,
+    leaves_root,
+    parse_decimal,
+    parse_number,
+    parse_pax_records,
+    parse_pax_time,
+)
+from imagefs.layers.tarfields import show as show
 
 BLOCK = 512
 
@@ -109,132 +119,8 @@ class TarEntry:
     xattrs: tuple[tuple[bytes, bytes], ...]
 
 
-def clean_path(raw: bytes) -> bytes:
-    """Lexically clean a member name so it can never leave the image root.
-
-    Same result as umoci's CleanPath (runc's, also what containerd's Clean + RootPath reach):
-    clean as if the path were absolute, then make it relative again. So `./a`, `/a`, `a/` and
-    `../../a` all become `a`; `.` and `/` become the empty path, which is the root.
-    """
-    parts: list[bytes] = []
-    for comp in raw.split(b"/"):
-        if not comp or comp == b".":
-            continue
-        if comp == b"..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(comp)
-    return b"/".join(parts)
-
-
-def leaves_root(raw: bytes) -> bool:
-    """Whether a raw member name is absolute or climbs above the root with `..`.
-
-    `clean_path` contains both; this only tells whether it had to. A lone `/` or `./` (the
-    root entry some writers emit) does not count, and `a/../b` stays inside.
-    """
-    if raw.startswith(b"/") and raw.strip(b"/"):
-        return True
-    depth = 0
-    for comp in raw.split(b"/"):
-        if comp == b"..":
-            if not depth:
-                return True
-            depth -= 1
-        elif comp and comp != b".":
-            depth += 1
-    return False
-
-
-def show(path: bytes) -> str:
-    """Render a raw name for a message without losing the bytes that are not UTF-8."""
-    return repr(path.decode("utf-8", "backslashreplace"))
-
-
 class _EntryProblem(Exception):
     """An entry-local defect: the entry is skipped and the message becomes a warning."""
-
-
-def _cstr(field: bytes) -> bytes:
-    end = field.find(0)
-    return field if end < 0 else field[:end]
-
-
-def _parse_number(field: bytes) -> int:
-    """Parse a numeric header field: octal text, or GNU base-256 when the top bit is set."""
-    if field and field[0] & 0x80:
-        value = int.from_bytes(field, "big") & ~(1 << (8 * len(field) - 1))
-        if field[0] & 0x40:  # two's complement negative (0xff prefix)
-            value -= 1 << (8 * len(field) - 1)
-        return value
-    text = field.strip(b" \x00")
-    # Some writers pad with NULs in the middle ("0000644\x00 "): cut at the first terminator.
-    for stop in (b"\x00", b" "):
-        cut = text.find(stop)
-        if cut >= 0:
-            text = text[:cut]
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise ValueError(f"bad octal field {text!r}") from None
-
-
-def _parse_decimal(value: bytes) -> int:
-    if not value.isdigit():
-        raise ValueError(f"bad decimal value {value!r}")
-    return int(value)
-
-
-def _parse_pax_time(value: bytes) -> tuple[int, int]:
-    """Parse a PAX time like `1700000000.123456789` or `-1.5` into (seconds, nanoseconds).
-
-    Nanoseconds are normalised to [0, 1e9) so that negative times floor like st_mtime does.
-    """
-    negative = value.startswith(b"-")
-    body = value[1:] if negative else value
-    whole, dot, frac = body.partition(b".")
-    if not whole.isdigit() or (dot and frac and not frac.isdigit()):
-        raise ValueError(f"bad time value {value!r}")
-    seconds = int(whole)
-    nanos = int((frac[:9]).ljust(9, b"0")) if frac else 0
-    if negative:
-        seconds = -seconds
-        if nanos:
-            seconds -= 1
-            nanos = 1_000_000_000 - nanos
-    return seconds, nanos
-
-
-def _parse_pax_records(data: bytes, where: str) -> dict[bytes, bytes]:
-    """Split a PAX extended header payload into records; values stay raw bytes.
-
-    Records are length-prefixed, so values may hold newlines and '=' (a file name with a
-    newline is legal). Trailing NUL padding is tolerated as some writers emit it.
-    """
-    records: dict[bytes, bytes] = {}
-    pos = 0
-    end = len(data)
-    while pos < end:
-        if data[pos] == 0 and not data[pos:].strip(b"\x00"):
-            break
-        space = data.find(b" ", pos, min(end, pos + 21))
-        if space <= pos or not data[pos:space].isdigit():
-            raise LayerFormatError(f"layer tar: malformed PAX record length {where}")
-        length = int(data[pos:space])
-        if length < space - pos + 3 or pos + length > end:
-            raise LayerFormatError(f"layer tar: PAX record overruns its header {where}")
-        record = data[space + 1 : pos + length]
-        if not record.endswith(b"\n"):
-            raise LayerFormatError(f"layer tar: PAX record not newline-terminated {where}")
-        key, eq, value = record[:-1].partition(b"=")
-        if not eq or not key:
-            raise LayerFormatError(f"layer tar: PAX record without key {where}")
-        records[key] = value
-        pos += length
-    return records
 
 
 # Global records that would be nonsense on every entry: POSIX allows them, nobody means them.
@@ -383,7 +269,7 @@ class TarScanner:
         self._check_sum(block, header_offset)
         typeflag = block[156]
         try:
-            size = _parse_number(block[124:136])
+            size = parse_number(block[124:136])
         except ValueError:
             raise LayerFormatError(
                 f"layer tar: unreadable size field in the header at offset {header_offset}"
@@ -409,7 +295,7 @@ class TarScanner:
 
     def _check_sum(self, block: bytes, header_offset: int) -> None:
         try:
-            stored = _parse_number(block[148:156])
+            stored = parse_number(block[148:156])
         except ValueError:
             stored = -1
         # The checksum field counts as eight spaces (8 * 0x20 = 256).
@@ -430,9 +316,9 @@ class TarScanner:
         where = f"at offset {self._ext_header_offset}"
         kind = self._ext_kind
         if kind == ord("x"):
-            self._pax.update(_parse_pax_records(payload, where))
+            self._pax.update(parse_pax_records(payload, where))
         elif kind == ord("g"):
-            for key, value in _parse_pax_records(payload, where).items():
+            for key, value in parse_pax_records(payload, where).items():
                 if key in _NOT_GLOBAL:
                     continue
                 if value:
@@ -440,9 +326,9 @@ class TarScanner:
                 else:
                     self._global.pop(key, None)  # an empty value deletes (POSIX)
         elif kind == ord("L"):
-            self._long_name = _cstr(payload)
+            self._long_name = cstr(payload)
         else:
-            self._long_link = _cstr(payload)
+            self._long_link = cstr(payload)
 
     def _entry(
         self, block: bytes, typeflag: int, size: int, header_offset: int, out: list[TarEntry]
@@ -456,7 +342,7 @@ class TarScanner:
         pax_size = pax.get(b"size")
         if pax_size:
             try:
-                size = _parse_decimal(pax_size)
+                size = parse_decimal(pax_size)
             except ValueError:
                 raise LayerFormatError(
                     f"layer tar: bad PAX size {pax_size[:40]!r} for the entry at offset "
@@ -470,17 +356,17 @@ class TarScanner:
         magic = block[257:263]
         ustar = magic == b"ustar\x00"
         gnu = block[257:265] == b"ustar  \x00"
-        name = _cstr(block[0:100])
+        name = cstr(block[0:100])
         if ustar:
             # POSIX splits long names into prefix + name; star keeps a shorter prefix.
-            prefix = _cstr(block[345:476] if block[508:512] == b"tar\x00" else block[345:500])
+            prefix = cstr(block[345:476] if block[508:512] == b"tar\x00" else block[345:500])
             if prefix:
                 name = prefix + b"/" + name
         if long_name is not None:
             name = long_name
         if pax.get(b"path"):
             name = pax[b"path"]
-        linkname = _cstr(block[157:257])
+        linkname = cstr(block[157:257])
         if long_link is not None:
             linkname = long_link
         if pax.get(b"linkpath"):
@@ -556,20 +442,20 @@ class TarScanner:
             raise _EntryProblem("symlink with an empty or NUL-containing target")
 
         try:
-            mode = _parse_number(block[100:108]) & 0o7777
-            uid = _parse_number(block[108:116])
-            gid = _parse_number(block[116:124])
-            mtime = _parse_number(block[136:148])
+            mode = parse_number(block[100:108]) & 0o7777
+            uid = parse_number(block[108:116])
+            gid = parse_number(block[116:124])
+            mtime = parse_number(block[136:148])
             if has_ustar_fields and etype in (EntryType.CHAR, EntryType.BLOCK):
-                devmajor = _parse_number(block[329:337])
-                devminor = _parse_number(block[337:345])
+                devmajor = parse_number(block[329:337])
+                devminor = parse_number(block[337:345])
             else:
                 devmajor = devminor = 0
         except ValueError as exc:
             raise _EntryProblem(str(exc)) from None
         mtime_ns = 0
-        uname = _cstr(block[265:297]) if has_ustar_fields else b""
-        gname = _cstr(block[297:329]) if has_ustar_fields else b""
+        uname = cstr(block[265:297]) if has_ustar_fields else b""
+        gname = cstr(block[297:329]) if has_ustar_fields else b""
 
         xattrs: dict[bytes, bytes] = {}
         for key, value in pax.items():
@@ -581,19 +467,19 @@ class TarScanner:
                 elif not value:
                     continue  # an empty record means "use the header field"
                 elif key == b"uid":
-                    uid = _parse_decimal(value)
+                    uid = parse_decimal(value)
                 elif key == b"gid":
-                    gid = _parse_decimal(value)
+                    gid = parse_decimal(value)
                 elif key == b"mtime":
-                    mtime, mtime_ns = _parse_pax_time(value)
+                    mtime, mtime_ns = parse_pax_time(value)
                 elif key == b"uname":
                     uname = value
                 elif key == b"gname":
                     gname = value
                 elif key == b"SCHILY.devmajor":
-                    devmajor = _parse_decimal(value)
+                    devmajor = parse_decimal(value)
                 elif key == b"SCHILY.devminor":
-                    devminor = _parse_decimal(value)
+                    devminor = parse_decimal(value)
             except ValueError as exc:
                 raise _EntryProblem(f"PAX {key.decode('ascii', 'replace')}: {exc}") from None
         if uid < 0 or gid < 0:

@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 
 from imagefs.errors import LayerFormatError
+from imagefs.layers.tarfields import leaves_root, parse_number, parse_pax_time
 from imagefs.layers.tarscan import (
     MAX_EXTENSION_SIZE,
     EntryType,
     TarEntry,
     TarScanner,
-    _parse_number,
-    _parse_pax_time,
     clean_path,
-    leaves_root,
     scan_tar,
 )
 
@@ -245,22 +243,22 @@ def test_gnu_base256_numbers() -> None:
 
 
 def test_base256_parser() -> None:
-    assert _parse_number(b"\x80" + bytes(10) + b"\x05") == 5
-    assert _parse_number(b"\xff" * 12) == -1
-    assert _parse_number(b"0000644\x00") == 0o644
-    assert _parse_number(b"  644 \x00") == 0o644
-    assert _parse_number(b"\x00" * 8) == 0
+    assert parse_number(b"\x80" + bytes(10) + b"\x05") == 5
+    assert parse_number(b"\xff" * 12) == -1
+    assert parse_number(b"0000644\x00") == 0o644
+    assert parse_number(b"  644 \x00") == 0o644
+    assert parse_number(b"\x00" * 8) == 0
     with pytest.raises(ValueError):
-        _parse_number(b"00009\x00")
+        parse_number(b"00009\x00")
 
 
 def test_pax_time() -> None:
-    assert _parse_pax_time(b"1700000000.123456789123") == (1_700_000_000, 123_456_789)
-    assert _parse_pax_time(b"5.5") == (5, 500_000_000)
-    assert _parse_pax_time(b"-1.25") == (-2, 750_000_000)
-    assert _parse_pax_time(b"-3") == (-3, 0)
+    assert parse_pax_time(b"1700000000.123456789123") == (1_700_000_000, 123_456_789)
+    assert parse_pax_time(b"5.5") == (5, 500_000_000)
+    assert parse_pax_time(b"-1.25") == (-2, 750_000_000)
+    assert parse_pax_time(b"-3") == (-3, 0)
     with pytest.raises(ValueError):
-        _parse_pax_time(b"12e3")
+        parse_pax_time(b"12e3")
 
 
 def test_pax_records_are_bytes_and_override_the_header() -> None:
