@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from imagefs.cli.options import Verb
+from imagefs.cli.options import Verb, flag
 from imagefs.errors import UsageError
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ def _login_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("registry", nargs="?", default="docker.io", help="default: docker.io")
     p.add_argument("-u", "--username", help="asked for on a terminal when not given")
     p.add_argument("-p", "--password", help="insecure: prefer --password-stdin")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    flag(p, "--password-stdin", help="read the password from stdin")
 
 
 async def run_login(s: api.Session, a: argparse.Namespace) -> int:

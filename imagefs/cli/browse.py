@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from imagefs.cli.options import PROG, REF_HELP, Verb, cache_size_of, platform_of
+from imagefs.cli.options import PROG, REF_HELP, Verb, cache_size_of, flag, platform_of
 
 if TYPE_CHECKING:
     from imagefs import api
@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 def _ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="IMAGE", help=REF_HELP + " (pulled if not local)")
     p.add_argument("path", nargs="?", default="/", help="a path in the image (default: /)")
-    p.add_argument("-l", dest="long", action="store_true", help="long listing (numeric ids)")
-    p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
-    p.add_argument("-A", dest="almost_all", action="store_true", help="show dotfiles")
+    flag(p, "-l", dest="long", help="long listing (numeric ids)")
+    flag(p, "-R", dest="recursive", help="recursive")
+    flag(p, "-A", dest="almost_all", help="show dotfiles")
     _image_arguments(p)
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagefs.cli.options import PROG, Verb, global_argv
+from imagefs.cli.options import PROG, Verb, flag, global_argv, repeatable
 from imagefs.errors import UsageError
 
 if TYPE_CHECKING:
@@ -17,32 +17,23 @@ if TYPE_CHECKING:
 
 def _build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("context", type=Path, help="the build context directory")
-    p.add_argument(
-        "-t",
-        "--tag",
-        dest="tags",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="name the image NAME[:TAG] (repeatable)",
+    repeatable(
+        p, "-t", "--tag", dest="tags", metavar="NAME", help="name the image NAME[:TAG] (repeatable)"
     )
     p.add_argument(
         "-f", "--file", metavar="DOCKERFILE", help="default CONTEXT/Dockerfile; - = stdin"
     )
-    p.add_argument(
+    repeatable(
+        p,
         "--build-arg",
-        action="append",
-        default=[],
         metavar="K[=V]",
         help="set a build-time variable (K alone: from the environment)",
     )
     p.add_argument("--target", metavar="STAGE", help="build up to this stage")
-    p.add_argument("--no-cache", action="store_true", help="do not use the build cache")
-    p.add_argument("--pull", action="store_true", help="resolve base images again")
+    flag(p, "--no-cache", help="do not use the build cache")
+    flag(p, "--pull", help="resolve base images again")
     p.add_argument("--network", choices=["host", "none"], default="host", help="for RUN")
-    p.add_argument(
-        "--label", action="append", default=[], metavar="K=V", help="add a label to the image"
-    )
+    repeatable(p, "--label", metavar="K=V", help="add a label to the image")
     p.add_argument(
         "--compression",
         default="gzip",
@@ -56,7 +47,7 @@ def _build_arguments(p: argparse.ArgumentParser) -> None:
         help="progress output (auto: a live view on a terminal, plain otherwise)",
     )
     p.add_argument("--platform", help="os/arch[/variant] of base images to pull")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
+    flag(p, "-q", "--quiet", help="print only the image ID")
 
 
 def _pairs(items: list[str], what: str, env_default: bool) -> dict[str, str]:

@@ -12,6 +12,7 @@ from imagefs.cli.options import (
     Verb,
     add_action,
     add_actions,
+    flag,
     global_argv,
     platform_of,
 )
@@ -24,11 +25,7 @@ if TYPE_CHECKING:
 
 def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="IMAGE", help=REF_HELP)
-    p.add_argument(
-        "--push",
-        action="store_true",
-        help="publish them next to the image (OCI artifact, referrers or tag)",
-    )
+    flag(p, "--push", help="publish them next to the image (OCI artifact, referrers or tag)")
     p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
 
 

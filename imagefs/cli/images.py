@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from imagefs.cli.options import FORMAT_HELP, PROG, REF_HELP, Verb, platform_of
+from imagefs.cli.options import FORMAT_HELP, PROG, REF_HELP, Verb, flag, platform_of, repeatable
 from imagefs.cli.output import IMAGE_HEADERS, LayerLines, image_row, pull_progress
 from imagefs.errors import ImageFSError
 from imagefs.formats import parse_filters, render
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 def _pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="NAME[:TAG|@DIGEST]", help="the image to pull")
     p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
-    p.add_argument("--full", action="store_true", help="download every layer now")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the reference")
+    flag(p, "--full", help="download every layer now")
+    flag(p, "-q", "--quiet", help="print only the reference")
 
 
 async def run_pull(s: api.Session, a: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ async def run_pull(s: api.Session, a: argparse.Namespace) -> int:
 
 def _push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="NAME[:TAG]", help="the local image, by the name to push")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the pushed digest line")
+    flag(p, "-q", "--quiet", help="print only the pushed digest line")
 
 
 async def run_push(s: api.Session, a: argparse.Namespace) -> int:
@@ -104,21 +104,18 @@ def _images_arguments(p: argparse.ArgumentParser) -> None:
         metavar="REPOSITORY[:TAG]",
         help="only these (globs allowed)",
     )
-    p.add_argument(
-        "-a", "--all", action="store_true", help="accepted as docker's (no intermediate images)"
-    )
-    p.add_argument("--digests", action="store_true", help="show repo digests")
-    p.add_argument(
+    flag(p, "-a", "--all", help="accepted as docker's (no intermediate images)")
+    flag(p, "--digests", help="show repo digests")
+    repeatable(
+        p,
         "-f",
         "--filter",
-        action="append",
-        default=[],
         metavar="KEY=VALUE",
         help="dangling=true|false, reference=PATTERN, label=KEY[=VALUE], before=IMAGE, "
         "since=IMAGE (repeatable)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
-    p.add_argument("--no-trunc", action="store_true", help="full image IDs")
+    flag(p, "-q", "--quiet", help="only image IDs")
+    flag(p, "--no-trunc", help="full image IDs")
     p.add_argument("--format", default="table", metavar="FORMAT", help=FORMAT_HELP)
 
 
@@ -159,12 +156,7 @@ async def run_tag(s: api.Session, a: argparse.Namespace) -> int:
 
 def _rmi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("references", nargs="+", metavar="IMAGE", help=REF_HELP)
-    p.add_argument(
-        "-f",
-        "--force",
-        action="store_true",
-        help="even if mounted or named in several repositories",
-    )
+    flag(p, "-f", "--force", help="even if mounted or named in several repositories")
 
 
 async def run_rmi(s: api.Session, a: argparse.Namespace) -> int:

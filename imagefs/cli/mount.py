@@ -22,8 +22,10 @@ from imagefs.cli.options import (
     REF_HELP,
     Verb,
     cache_size_of,
+    flag,
     global_argv,
     platform_of,
+    repeatable,
 )
 from imagefs.cli.output import MOUNT_HEADERS, format_stats, mount_row, stats_row, warn
 from imagefs.config import default_root
@@ -38,14 +40,11 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="IMAGE", help=REF_HELP + " (pulled if not local)")
     p.add_argument("mountpoint", type=Path, help="an empty directory")
     p.add_argument("--platform", help="os/arch[/variant] when the image must be pulled")
-    p.add_argument(
-        "-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr"
-    )
-    p.add_argument(
+    flag(p, "-f", "--foreground", help="stay in the foreground, logging to stderr")
+    repeatable(
+        p,
         "-o",
         dest="options",
-        action="append",
-        default=[],
         metavar="OPTS",
         help="allow_other, suid, dev (default: nosuid,nodev; always ro)",
     )
@@ -55,9 +54,9 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         help="cap of the piece cache shared by mounts of this root (default: "
         "config file `cache-size`, else 10GiB); e.g. 512MiB",
     )
-    p.add_argument(
+    flag(
+        p,
         "--background-fetch",
-        action="store_true",
         help="fetch the rest of the image in the background, below reads in priority",
     )
     p.add_argument(
@@ -72,10 +71,8 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PROFILE",
         help="fetch what PROFILE lists, in order, in the background after mounting",
     )
-    p.add_argument(
-        "--no-prefetch-landmark",
-        action="store_true",
-        help="ignore eStargz .prefetch.landmark (honoured by default)",
+    flag(
+        p, "--no-prefetch-landmark", help="ignore eStargz .prefetch.landmark (honoured by default)"
     )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -194,7 +191,7 @@ async def run_umount(s: api.Session, a: argparse.Namespace) -> int:
 
 def _stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", type=Path, help="where the image is mounted")
-    p.add_argument("--json", action="store_true", help="the raw JSON document")
+    flag(p, "--json", help="the raw JSON document")
     p.add_argument(
         "--format",
         default="table",

@@ -213,3 +213,15 @@ def short_usages(parser: argparse.ArgumentParser) -> None:
                     else name
                 )
             sub.usage = " ".join(["%(prog)s [OPTIONS]", *words])
+
+
+def flag(p: argparse.ArgumentParser, *names: str, help: str, dest: str | None = None) -> None:
+    """An on/off option: False unless given."""
+    p.add_argument(*names, action="store_true", help=help, dest=dest)  # None: from the name
+
+
+def repeatable(
+    p: argparse.ArgumentParser, *names: str, metavar: str, help: str, dest: str | None = None
+) -> None:
+    """An option that may be given many times: its values in order (none: an empty list)."""
+    p.add_argument(*names, action="append", default=[], metavar=metavar, help=help, dest=dest)

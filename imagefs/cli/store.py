@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from imagefs.cli.options import Verb
+from imagefs.cli.options import Verb, flag
 from imagefs.formats import human_size
 
 if TYPE_CHECKING:
@@ -13,11 +13,7 @@ if TYPE_CHECKING:
 
 
 def _check_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--repair",
-        action="store_true",
-        help="delete what is damaged (it is fetched again when needed)",
-    )
+    flag(p, "--repair", help="delete what is damaged (it is fetched again when needed)")
 
 
 async def run_check(s: api.Session, a: argparse.Namespace) -> int:
@@ -38,10 +34,8 @@ async def run_check(s: api.Session, a: argparse.Namespace) -> int:
 
 
 def _prune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-q", "--quiet", action="store_true", help="print only the total reclaimed space"
-    )
-    p.add_argument("--build-cache", action="store_true", help="also empty the build cache")
+    flag(p, "-q", "--quiet", help="print only the total reclaimed space")
+    flag(p, "--build-cache", help="also empty the build cache")
 
 
 async def run_prune(s: api.Session, a: argparse.Namespace) -> int:
