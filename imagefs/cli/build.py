@@ -13,6 +13,7 @@ from imagefs.errors import UsageError
 
 if TYPE_CHECKING:
     from imagefs import api
+    from imagefs.build.builder import BuildOptions
 
 
 def _build_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,15 +74,12 @@ def _dockerfile(a: argparse.Namespace) -> str:
         raise UsageError(f"cannot read Dockerfile {path}: {exc.strerror}") from None
 
 
-async def run_build(s: api.Session, a: argparse.Namespace) -> int:
-    import signal
+def build_options(a: argparse.Namespace, root: Path) -> BuildOptions:
+    """The build's options from the command line; the base images' mount daemons get this
+    run's global options (`root` the store's absolute path)."""
+    from imagefs.build.builder import BuildOptions
 
-    import trio
-
-    from imagefs.build.builder import BuildOptions, build
-    from imagefs.build.progress import Progress
-
-    opts = BuildOptions(
+    return BuildOptions(
         context=a.context,
         dockerfile=_dockerfile(a),
         tags=a.tags,
@@ -93,8 +91,19 @@ async def run_build(s: api.Session, a: argparse.Namespace) -> int:
         labels=_pairs(a.label, "--label", False),
         compression=a.compression,
         platform=a.platform,
-        global_argv=global_argv(a, s.root.absolute()),
+        global_argv=global_argv(a, root),
     )
+
+
+async def run_build(s: api.Session, a: argparse.Namespace) -> int:
+    import signal
+
+    import trio
+
+    from imagefs.build.builder import build
+    from imagefs.build.progress import Progress
+
+    opts = build_options(a, s.root.absolute())
     tty = a.progress == "auto" and sys.stderr.isatty()
     mode = "quiet" if a.quiet or a.progress == "quiet" else "tty" if tty else "plain"
     progress = Progress(mode)

@@ -124,3 +124,24 @@ def test_network_emulation_and_bad_values(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"cache-size": "huge"}')
     with pytest.raises(UsageError):
         cache_size(None, tmp_path)
+
+
+def test_a_build_mounts_its_bases_with_the_command_line_s_global_options(tmp_path: Path) -> None:
+    """Was: the base images' mount daemons got only --root, --config, --insecure-registry
+    and the emulated network, rebuilt from the session; a mirror or --registry-timeout given
+    to `imagefs build` did not reach them."""
+    from imagefs import api
+    from imagefs.build.bases import BaseImages
+    from imagefs.cli.build import build_options
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    argv = ["--registry-mirror", "http://mirror.example", "build", str(tmp_path)]
+    a = build_parser().parse_args([*argv, "--registry-timeout", "7", "--debug"])
+    opts = build_options(a, tmp_path / "root")
+    session = api.Session(tmp_path / "root")
+    bases = BaseImages(session, tmp_path, pull=False, global_argv=opts.global_argv)
+    mount_argv = [*bases._global_argv(), "mount", "-f", "alpine", "/mnt/x"]
+    daemon = build_parser().parse_args(mount_argv)
+    assert daemon.root == tmp_path / "root"
+    assert daemon.registry_mirror == ["http://mirror.example"]
+    assert daemon.registry_timeout == 7 and daemon.debug
