@@ -41,6 +41,7 @@ from imagefs.oci.reference import Reference
 from imagefs.registry import credentials
 from imagefs.registry.client import RegistryClient
 from imagefs.registry.transport import TransportOptions
+from imagefs.registry.wire import Wire
 from imagefs.store import ImageRecord, Ingest, Store, fsutil
 from imagefs.store.lookup import find_record, find_records, image_platform, platform_warning
 
@@ -64,6 +65,8 @@ class Session:
     warn: Callable[[str], None] = field(default=lambda text: log.warning("%s", text))
     _store: Store | None = None
     _clients: dict[str, RegistryClient] = field(default_factory=dict)
+    # What every client of the session fetched, and why (a mount's stats and trace listen).
+    wire: Wire = field(default_factory=Wire)
 
     @property
     def store(self) -> Store:
@@ -79,6 +82,7 @@ class Session:
                 endpoint_host=ref.endpoint_host,
                 options=self.options,
                 credential_lookup=self.credential_lookup,
+                wire=self.wire,
             )
         return self._clients[ref.registry]
 

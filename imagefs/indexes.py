@@ -39,6 +39,7 @@ from imagefs.layers.indexstore import PUBLISHED, Bound, IndexStore, derive
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.mediatypes import layer_compression
+from imagefs.registry import wire
 from imagefs.registry.client import RegistryClient
 
 log = logging.getLogger("imagefs.indexes")
@@ -132,9 +133,10 @@ class RemoteIndexes:
         async with self._lock:
             if self._found is None:
                 try:
-                    self._found = await find_published(
-                        self.client, self.repository, self.manifest_digest
-                    )
+                    with wire.cause("referrers", layer=None):  # for the image, not one layer
+                        self._found = await find_published(
+                            self.client, self.repository, self.manifest_digest
+                        )
                 except ImageFSError as exc:
                     log.info("no published indexes (%s)", exc)
                     self._found = {}
@@ -150,9 +152,10 @@ class RemoteIndexes:
         idx = await trio.to_thread.run_sync(self.store.load_bound, bound)
         if idx is not None:
             return idx
-        data = await self.client.get_blob(
-            self.repository, desc.digest, desc.size, max_bytes=MAX_INDEX_BYTES
-        )
+        with wire.cause("index"):
+            data = await self.client.get_blob(
+                self.repository, desc.digest, desc.size, max_bytes=MAX_INDEX_BYTES
+            )
         params = {"layer_size": layer.size}
         idx = await trio.to_thread.run_sync(derive, bound, params, data)
         await trio.to_thread.run_sync(self.store.save_bound, bound, params, data, idx)

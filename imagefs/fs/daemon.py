@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
@@ -60,14 +61,13 @@ async def serve(
     record = await session.disk(api.find_record, store, query)
     image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)
     layers = image.layers
-    tele = Telemetry([layer.size for layer in layers], trace_path=trace)
-    layer_set = lazy_layer_set(
-        session,
-        record,
-        layers,
-        cache_size=cache_size,
-        on_fetch=lambda i, _start, n, seconds: tele.fetch(i, n, seconds),
-    )
+    # The trace's clock starts at the session's first request (the image's metadata pull,
+    # when it was not local), so every byte the mount cost is in the trace and in stats.
+    now = time.monotonic_ns()
+    started = min(session.wire.earliest_ns() or now, now)
+    tele = Telemetry([layer.size for layer in layers], trace_path=trace, started_ns=started)
+    session.wire.listen(tele.fetch)
+    layer_set = lazy_layer_set(session, record, layers, cache_size=cache_size)
     cache = layer_set.cache
     assert cache is not None
     # Directory link counts would need every layer of a directory's listing before its
@@ -104,6 +104,7 @@ async def serve(
                             "registry_requests": sum(
                                 c.requests_sent for c in session._clients.values()
                             ),
+                            "fetches_in_flight": session.wire.in_flight,
                             "cache": {
                                 "hits": cache.hits,
                                 "misses": cache.misses,

@@ -47,6 +47,7 @@ from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST, RemoteIndex
 from imagefs.lazy.making import MIN_FETCH, Job, PieceMaker
 from imagefs.lazy.prefetch import READ_AHEAD, ReadAhead
+from imagefs.registry import wire
 from imagefs.store import Store, fsutil
 
 log = logging.getLogger("imagefs.lazy")
@@ -157,7 +158,8 @@ class LayerSet:
         assert self.fetch_range is not None
         began = time.monotonic()
         async with self.net:
-            data = await self.fetch_range(self.layers[i], start, end)
+            with wire.for_layer(i):  # the cause is the caller's (read, read-ahead, toc, ...)
+                data = await self.fetch_range(self.layers[i], start, end)
         if len(data) != end - start:
             raise IntegrityError(f"asked for {end - start} bytes at {start}, got {len(data)}")
         self.account(i, start, len(data), time.monotonic() - began)
@@ -271,6 +273,10 @@ class LayerSet:
         to `read_ahead_until` (the end of the file being read), or past it once the reader
         moves on through the layer's files in the order they are stored.
         """
+        with wire.cause("read"):  # what a read waits for (an index load says its own cause)
+            return await self._read(i, offset, length, read_ahead_until)
+
+    async def _read(self, i: int, offset: int, length: int, read_ahead_until: int | None) -> bytes:
         idx = await self.ensure(i)
         if idx.chunks is not None:
             data = await self._read_chunks(i, idx.chunks, offset, length)
@@ -358,13 +364,16 @@ class LayerSet:
         await self.maker.make(i, self._jobs_for(i, idx, offset, length), payloads=False)
 
     async def fetch_everything(self) -> None:
-        await prefetching.fetch_everything(self)
+        with wire.cause("prefetch"):
+            await prefetching.fetch_everything(self)
 
     async def prefetch_ranges(self, plan: Sequence[tuple[int, int, int]]) -> int:
-        return await prefetching.prefetch_ranges(self, plan)
+        with wire.cause("prefetch"):
+            return await prefetching.prefetch_ranges(self, plan)
 
     async def prefetch_landmarks(self) -> None:
-        await prefetching.prefetch_landmarks(self)
+        with wire.cause("prefetch"):
+            await prefetching.prefetch_landmarks(self)
 
     def stream_size(self, i: int) -> int:
         """The length of loaded layer i's (virtual) uncompressed stream."""

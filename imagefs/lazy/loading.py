@@ -33,6 +33,7 @@ from imagefs.layers.index import LayerIndex, build_from_blob
 from imagefs.layers.indexstore import ESTARGZ, ZSTD_CHUNKED, Bound, derive
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
+from imagefs.registry import wire
 
 if TYPE_CHECKING:
     from imagefs.lazy.layers import LayerSet
@@ -60,6 +61,11 @@ def toc_binding(layer: Layer) -> Bound | None:
 
 
 async def load(ls: LayerSet, i: int) -> LayerIndex:
+    with wire.for_layer(i):  # everything fetched to index layer i counts for it
+        return await _load(ls, i)
+
+
+async def _load(ls: LayerSet, i: int) -> LayerIndex:
     layer = ls.layers[i]
     idx = await trio.to_thread.run_sync(ls.indexes.load_layer, layer.digest)
     if idx is not None:
@@ -106,12 +112,13 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
         return idx
     params: dict[str, Any]
     try:
-        if bound.kind == ESTARGZ:
-            params, raw = await _fetch_estargz_toc(ls, i)
-        else:
-            position = zstdchunked.position_from_annotations(layer.descriptor.annotations)
-            assert position is not None
-            params, raw = await _fetch_zstd_toc(ls, i, position[0])
+        with wire.cause("toc"):
+            if bound.kind == ESTARGZ:
+                params, raw = await _fetch_estargz_toc(ls, i)
+            else:
+                position = zstdchunked.position_from_annotations(layer.descriptor.annotations)
+                assert position is not None
+                params, raw = await _fetch_zstd_toc(ls, i, position[0])
         try:
             idx = await trio.to_thread.run_sync(derive, bound, params, raw, limiter=ls.cpu)
         except lostnames.LostNames as lost:
@@ -145,7 +152,8 @@ async def _recover_names(
     for gap in gaps:
         if gap.end <= gap.start:
             raise LayerFormatError("a lost name's tar header has no place in the blob")
-        compressed = await ls.fetch(i, gap.start, gap.end)
+        with wire.cause("lost names"):
+            compressed = await ls.fetch(i, gap.start, gap.end)
         fetched += len(compressed)
         got = await trio.to_thread.run_sync(
             lostnames.recover, gap, codec, compressed, lost.entries, limiter=ls.cpu
@@ -199,7 +207,8 @@ async def _index_whole_blob(ls: LayerSet, i: int) -> LayerIndex:
             "layer %d (%s): fetching the whole blob, %d bytes", i, layer.digest.short, layer.size
         )
         began = time.monotonic()
-        await ls.fetch_blob(layer)
+        with wire.cause("whole layer"):
+            await ls.fetch_blob(layer)
         ls.account(i, 0, layer.size, time.monotonic() - began)
         ls.mark_local(i)
     compression = mediatypes.layer_compression(layer.descriptor.media_type)

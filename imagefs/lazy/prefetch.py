@@ -23,6 +23,7 @@ import trio
 from imagefs.errors import ImageFSError
 from imagefs.lazy import telemetry
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
+from imagefs.registry import wire
 
 if TYPE_CHECKING:
     from imagefs.lazy.layers import LayerSet
@@ -75,6 +76,7 @@ class ReadAhead:
 
         async def prefetch() -> None:
             telemetry.current.set(None)  # read-ahead is nobody's read in a trace
+            wire.set_cause("read-ahead")
             with contextlib.suppress(ImageFSError):  # the read that needs it will report
                 await self.layers.prefetch(i, offset, length)
 

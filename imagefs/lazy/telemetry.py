@@ -7,6 +7,17 @@ Traces (`imagefs mount --trace FILE`) are JSON lines, one per filesystem operati
      registry", "fetched": bytes fetched for it, "latency": seconds spent fetching,
      "stream_offset": where the read starts in the layer's (virtual) uncompressed stream}
 
+and one line per registry response (`registry.wire`: every body counted where it arrives):
+
+    {"t": ns since the mount started when the body was done, "op": "fetch", "cause":
+     "manifest|config|referrers|index|toc|lost names|whole layer|read|read-ahead|prefetch|
+     push|other", "layer": i or null, "bytes": body bytes over the wire, "latency": seconds
+     from sending the request to the body's end, "status": HTTP status, "method": "GET"}
+
+A read's own `fetched` is what it asked its fetches for; the `fetch` lines are what came over
+the wire for any reason, and `imagefs stats`' `bytes_fetched` is their sum (the mount's
+manifest and config pull included: the trace's clock starts at its first request).
+
 Paths are the image's raw bytes, decoded as UTF-8 with undecodable bytes escaped as `\\xNN`
 (Python's backslashreplace), so every line is valid JSON and the bytes can be recovered.
 
@@ -34,6 +45,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import trio
+
+from imagefs.registry.wire import CAUSES, Fetch
 
 log = logging.getLogger("imagefs.telemetry")
 
@@ -86,6 +99,8 @@ class Telemetry:
         self.reads = 0
         self.served_from = {"memory": 0, "cache": 0, "registry": 0}
         self.fetched_per_layer = [0] * len(self.layer_sizes)
+        self.fetched_by_cause: dict[str, int] = {}
+        self.bytes_fetched = 0
         self.fetches = 0
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.files: set[int] = set()
@@ -98,11 +113,27 @@ class Telemetry:
 
     # -- recording --------------------------------------------------------------------------
 
-    def fetch(self, layer: int, nbytes: int, seconds: float) -> None:
-        """Called by LayerSet for every range (or blob) that crossed the network."""
-        self.fetched_per_layer[layer] += nbytes
+    def fetch(self, f: Fetch) -> None:
+        """Every registry response of the mount's session (a `registry.wire` listener)."""
+        self.bytes_fetched += f.nbytes
+        self.fetched_by_cause[f.cause] = self.fetched_by_cause.get(f.cause, 0) + f.nbytes
+        if f.layer is not None and 0 <= f.layer < len(self.fetched_per_layer):
+            self.fetched_per_layer[f.layer] += f.nbytes
         self.fetches += 1
-        self.latencies.append(seconds)
+        if f.nbytes:
+            self.latencies.append(f.seconds)
+        if self._trace is not None:
+            record = {
+                "t": max(0, f.ended_ns - self.started_ns),
+                "op": "fetch",
+                "cause": f.cause,
+                "layer": f.layer,
+                "bytes": f.nbytes,
+                "latency": round(f.seconds, 6),
+                "status": f.status,
+                "method": f.method,
+            }
+            self._write(record)
 
     @property
     def tracing(self) -> bool:
@@ -123,6 +154,10 @@ class Telemetry:
             "path": escape(path),
             **fields,
         }
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._trace is not None
         self._trace.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
         now = time.monotonic()
         if now - self._last_flush > 1.0:  # a trace is readable while the mount runs
@@ -186,7 +221,10 @@ class Telemetry:
             "bytes_served": self.bytes_served,
             "reads": self.reads,
             "served_from": dict(self.served_from),
-            "bytes_fetched": sum(self.fetched_per_layer),
+            "bytes_fetched": self.bytes_fetched,
+            "fetched_by_cause": {
+                c: self.fetched_by_cause[c] for c in CAUSES if c in self.fetched_by_cause
+            },
             "fetches": self.fetches,
             "fetch_latency": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
             "files_touched": len(self.files),

@@ -28,7 +28,7 @@ from imagefs.errors import (
 )
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
-from imagefs.registry import bodies, challenge
+from imagefs.registry import bodies, challenge, wire
 from imagefs.registry.connection import (
     RETRY_STATUSES,
     Connection,
@@ -82,9 +82,14 @@ class RegistryClient(Connection):
         """GET a manifest by tag or digest; the body is checked before it is returned."""
         path = f"/v2/{repository}/manifests/{reference}"
         scopes = [challenge.scope_for(repository, ["pull"])]
-        resp, ep = await self._read(
-            "GET", path, scopes=scopes, headers={"Accept": mediatypes.MANIFEST_ACCEPT}, stream=True
-        )
+        with wire.default_cause("manifest"):
+            resp, ep = await self._read(
+                "GET",
+                path,
+                scopes=scopes,
+                headers={"Accept": mediatypes.MANIFEST_ACCEPT},
+                stream=True,
+            )
         try:
             if not resp.is_success:
                 resp = await bodies.loaded(resp, None, "manifest")
@@ -151,12 +156,13 @@ class RegistryClient(Connection):
         API (distribution 2.8 answers 404; callers then try the `sha256-<hex>` tag)."""
         path = f"/v2/{repository}/referrers/{digest}"
         scopes = [challenge.scope_for(repository, ["pull"])]
-        resp, ep = await self._read(
-            "GET", path, scopes=scopes, headers={"Accept": mediatypes.OCI_INDEX}, stream=True
-        )
-        resp = await bodies.loaded(
-            resp, bodies.REFERRERS_BODY_CAP, f"{ep.host}: referrers of {digest.short}"
-        )
+        with wire.default_cause("referrers"):
+            resp, ep = await self._read(
+                "GET", path, scopes=scopes, headers={"Accept": mediatypes.OCI_INDEX}, stream=True
+            )
+            resp = await bodies.loaded(
+                resp, bodies.REFERRERS_BODY_CAP, f"{ep.host}: referrers of {digest.short}"
+            )
         if resp.status_code in (404, 405, 400):
             return None
         if not resp.is_success:
@@ -184,8 +190,9 @@ class RegistryClient(Connection):
         if size > max_bytes:
             raise IntegrityError(f"blob {digest} declares {size} bytes, over the {max_bytes} cap")
         chunks = []
-        async for chunk in self.stream_blob(repository, digest, size):
-            chunks.append(chunk)
+        with wire.default_cause("config"):
+            async for chunk in self.stream_blob(repository, digest, size):
+                chunks.append(chunk)
         data = b"".join(chunks)
         digest.verify(data, size)
         return data
@@ -212,7 +219,10 @@ class RegistryClient(Connection):
         pos = offset
         while pos < size or (size == 0 and pos == 0):
             headers = {"Range": f"bytes={pos}-"} if pos else {}
-            resp, ep = await self._read("GET", path, scopes=scopes, headers=headers, stream=True)
+            with wire.default_cause("whole layer"):
+                resp, ep = await self._read(
+                    "GET", path, scopes=scopes, headers=headers, stream=True
+                )
             try:
                 if not resp.is_success:
                     raise self._error(
@@ -282,7 +292,7 @@ class RegistryClient(Connection):
         # The range (request and body) within `--registry-timeout`; a whole blob's body is a
         # download: once its headers came, it is bounded by the read timeout between pieces.
         answer: bytes | tuple[httpx.Response, str] | None = None
-        with trio.move_on_after(math.inf if limit is None else limit):
+        with trio.move_on_after(math.inf if limit is None else limit), wire.default_cause("read"):
             answer = await self._get_blob_range(repository, digest, start, end)
         if answer is None:
             assert limit is not None

@@ -43,6 +43,7 @@ from imagefs.registry.transport import (
     same_origin,
     ssl_context,
 )
+from imagefs.registry.wire import Wire
 
 log = logging.getLogger("imagefs.registry")
 
@@ -82,8 +83,11 @@ class Connection:
         endpoint_host: str | None = None,
         options: TransportOptions | None = None,
         credential_lookup: CredentialLookup | None = None,
+        wire: Wire | None = None,
     ) -> None:
         self.registry = registry
+        # Every response body is counted where it arrives, with why it was fetched (wire.py).
+        self.wire = wire or Wire()
         self.options = options or TransportOptions()
         self._lookup = credential_lookup or credentials.lookup
         self._creds_cache: dict[str, credentials.Credentials | None] = {}
@@ -126,6 +130,7 @@ class Connection:
             transport=transport,
             timeout=timeout,
             follow_redirects=False,
+            event_hooks=self.wire.event_hooks(),
             # Digests are over the bytes as stored: no transfer compression, ever.
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             limits=limits,

@@ -9,15 +9,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from imagefs.report import svg
-from imagefs.report.trace import SOURCES, Fetch, ReportSummary
+from imagefs.report.trace import SOURCES, Fetch, ReportSummary, WireFetch
 from imagefs.report.units import human_bytes, human_duration, pct, plural, shorten
 
 READ = "#4f46e5"
 FETCHED = "#ea580c"
 IMAGE = "#94a3b8"
 SOURCE_COLOURS = {"memory": "#16a34a", "cache": "#0891b2", "registry": FETCHED}
+# Why bytes were fetched: the metadata in greys and blues, whole layers in red (the costly
+# fallback), what reads pulled in oranges (as fetched bytes everywhere on the page).
+CAUSE_COLOURS = {
+    "manifest": "#64748b",
+    "config": "#94a3b8",
+    "referrers": "#a78bfa",
+    "index": "#7c3aed",
+    "toc": "#2563eb",
+    "lost names": "#0891b2",
+    "whole layer": "#dc2626",
+    "read": FETCHED,
+    "read-ahead": "#f59e0b",
+    "prefetch": "#facc15",
+    "push": "#16a34a",
+    "other": "#cbd5e1",
+}
 LAYER_COLOURS = (
     "#4e79a7",
     "#e15759",
@@ -44,7 +61,12 @@ def comparison_chart(s: ReportSummary) -> str:
     layers = sum(1 for layer in s.layers if layer.size is not None)
     rows: list[tuple[str, int | None, str, str]] = [
         ("Read by the workload", s.bytes_read, READ, f"{human_bytes(s.bytes_read)} of file data"),
-        ("Fetched for reads", s.bytes_fetched, FETCHED, fetched_note),
+        (
+            "Fetched (all causes)" if s.counts_wire else "Fetched for reads",
+            s.bytes_fetched,
+            FETCHED,
+            fetched_note,
+        ),
         (
             "Image (compressed)",
             s.image_size,
@@ -264,15 +286,67 @@ def layer_chart(s: ReportSummary) -> str:
     return svg.chart(width, height, "share of bytes read and fetched per layer", out)
 
 
-def waterfall_chart(fetches: Sequence[Fetch]) -> str:
-    """One bar per read that waited for the registry, from when it started waiting to when
-    it was answered: the critical path of a cold start, and any fetches that overlapped."""
+@dataclass(frozen=True)
+class Bar:
+    """One row of the waterfall: a label, a span of time, a colour, a hover text, a note."""
+
+    start_ns: int
+    end_ns: int
+    label: str
+    colour: str
+    title: str
+    detail: str
+    dim: bool = False  # the same label as the row above: named once
+
+
+def read_bars(fetches: Sequence[Fetch]) -> list[Bar]:
+    """Reads that waited for the registry (a trace without `fetch` lines), coloured by layer."""
+    bars = []
+    previous = None
+    for f in fetches:
+        waited = f.end_ns - f.start_ns
+        title = (
+            f"{f.path}\nlayer {f.layer} · waited {human_duration(waited)} from "
+            f"{human_duration(f.start_ns)} · fetched {f.fetched:,} bytes for a "
+            f"{f.length:,}-byte read"
+        )
+        detail = f"{human_duration(waited)} · {human_bytes(f.fetched)}"
+        colour = LAYER_COLOURS[(f.layer or 0) % len(LAYER_COLOURS)]
+        bars.append(
+            Bar(f.start_ns, f.end_ns, f.path, colour, title, detail, dim=f.path == previous)
+        )
+        previous = f.path
+    return bars
+
+
+def wire_bars(fetches: Sequence[WireFetch]) -> list[Bar]:
+    """Every registry response, coloured by why it was fetched."""
+    bars = []
+    for f in fetches:
+        took = f.end_ns - f.start_ns
+        label = f.cause + (f" · layer {f.layer}" if f.layer is not None else "")
+        title = (
+            f"{label}\n{f.nbytes:,} bytes (HTTP {f.status}) in {human_duration(took)} "
+            f"from {human_duration(f.start_ns)}"
+        )
+        detail = f"{human_duration(took)} · {human_bytes(f.nbytes)}"
+        bars.append(Bar(f.start_ns, f.end_ns, label, cause_colour(f.cause), title, detail))
+    return bars
+
+
+def cause_colour(cause: str) -> str:
+    return CAUSE_COLOURS.get(cause, IMAGE)
+
+
+def waterfall_chart(bars: Sequence[Bar], what: str = "file") -> str:
+    """One bar per fetch, from when it started to when it was done: the critical path of a
+    cold start (a TOC or index before the first read, a whole layer), and what overlapped."""
     width, label_w, value_w, top, row_h = 1100, 330, 150, 44, 17
     plot_w = width - label_w - value_w - 10
-    rows_bottom = top + row_h * len(fetches)
+    rows_bottom = top + row_h * len(bars)
     height = rows_bottom + 30
-    lo = min(f.start_ns for f in fetches)
-    hi = max(f.end_ns for f in fetches)
+    lo = min(f.start_ns for f in bars)
+    hi = max(f.end_ns for f in bars)
     if lo < (hi - lo) / 8:
         lo = 0  # the fetches start soon after the mount: count from the mount, like the rest
     span = max(hi - lo, 1)
@@ -281,33 +355,22 @@ def waterfall_chart(fetches: Sequence[Fetch]) -> str:
         return label_w + plot_w * (t - lo) / span
 
     out = [
-        svg.text(label_w - 10, 12, "file", "tick b", "end"),
+        svg.text(label_w - 10, 12, what, "tick b", "end"),
         svg.text(label_w, 12, "time since mount", "tick b"),
-        svg.text(width, 12, "waited · fetched", "tick b", "end"),
+        svg.text(width, 12, "took · fetched", "tick b", "end"),
     ]
-    for i in range(1, len(fetches), 2):  # zebra rows guide the eye from name to bar
+    for i in range(1, len(bars), 2):  # zebra rows guide the eye from name to bar
         out.append(svg.rect(0, top + i * row_h - 3, width, row_h, "#f6f7f9"))
     for value, label in svg.time_ticks(lo, hi, 7):
         gx = x(value)
         out.append(svg.line(gx, top - 10, gx, rows_bottom + 2, "grid"))
         out.append(svg.text(gx, top - 16, label, "tick", "middle"))
         out.append(svg.text(gx, rows_bottom + 18, label, "tick", "middle"))
-    previous = None
-    for i, f in enumerate(fetches):
+    for i, b in enumerate(bars):
         ry = top + i * row_h
-        colour = LAYER_COLOURS[(f.layer or 0) % len(LAYER_COLOURS)]
-        # a run of fetches for one file names it once; the repeats are dimmed
-        cls = "path dim" if f.path == previous else "path"
-        previous = f.path
-        out.append(svg.text(label_w - 10, ry + 9, shorten(f.path, 46), cls, "end"))
-        x0, x1 = x(f.start_ns), x(f.end_ns)
-        waited = f.end_ns - f.start_ns
-        title = (
-            f"{f.path}\nlayer {f.layer} · waited {human_duration(waited)} from "
-            f"{human_duration(f.start_ns)} · fetched {f.fetched:,} bytes for a "
-            f"{f.length:,}-byte read"
-        )
-        out.append(svg.rect(x0, ry, max(x1 - x0, 3), row_h - 5, colour, title, ' rx="2"'))
-        detail = f"{human_duration(waited)} · {human_bytes(f.fetched)}"
-        out.append(svg.text(width, ry + 9, detail, "val sm", "end"))
+        cls = "path dim" if b.dim else "path"
+        out.append(svg.text(label_w - 10, ry + 9, shorten(b.label, 46), cls, "end"))
+        x0, x1 = x(b.start_ns), x(b.end_ns)
+        out.append(svg.rect(x0, ry, max(x1 - x0, 3), row_h - 5, b.colour, b.title, ' rx="2"'))
+        out.append(svg.text(width, ry + 9, b.detail, "val sm", "end"))
     return svg.chart(width, height, "fetch waterfall", out)

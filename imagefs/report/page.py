@@ -17,10 +17,13 @@ from imagefs.report.charts import (
     LAYER_COLOURS,
     READ,
     SOURCE_COLOURS,
+    cause_colour,
     comparison_chart,
     layer_chart,
+    read_bars,
     timeline_chart,
     waterfall_chart,
+    wire_bars,
 )
 from imagefs.report.trace import SOURCES, ReportSummary, image_info, summarise
 from imagefs.report.units import human_bytes, human_duration, pct, plural, shorten
@@ -85,8 +88,8 @@ svg .ceiling { stroke:var(--image); stroke-width:1.6; stroke-dasharray:8 5; }
   margin:10px 0 6px; }
 .sources span { display:block; height:100%; }
 .legend { display:flex; flex-wrap:wrap; gap:6px 18px; font-size:13px; color:var(--muted); }
-.legend i { display:inline-block; width:10px; height:10px; border-radius:3px; margin-right:6px;
-  vertical-align:-1px; }
+.legend i, i.sw { display:inline-block; width:10px; height:10px; border-radius:3px;
+  margin-right:6px; vertical-align:-1px; }
 table { width:100%; border-collapse:collapse; font-size:14px; }
 th { text-align:left; font-size:12px; text-transform:uppercase; letter-spacing:.05em;
   color:var(--muted); font-weight:600; padding:8px 10px; border-bottom:1px solid var(--line); }
@@ -135,9 +138,13 @@ def _cards(s: ReportSummary) -> str:
             human_bytes(s.bytes_fetched),
             svg.esc(
                 f"{s.bytes_fetched:,} bytes"
+                + (f" in {plural(len(s.wire), 'response')}" if s.counts_wire else "")
                 + (f" · {s.bytes_fetched / s.bytes_read:.2f}× of read" if s.bytes_read else "")
             ),
             "fetched",
+            title="every response from the registry, whatever its cause"
+            if s.counts_wire
+            else "what reads waited for (this trace has no fetch lines)",
         ),
     ]
     if s.image_size is not None:
@@ -247,6 +254,70 @@ def _files_table(s: ReportSummary, limit: int) -> str:
     )
 
 
+def _causes_section(s: ReportSummary) -> str:
+    """Bytes fetched by cause: one stacked bar and a table that adds up to the total."""
+    total = s.bytes_fetched or 1
+    segments, rows = [], []
+    for c in s.by_cause:
+        colour = cause_colour(c.cause)
+        tip = f"{c.cause}: {c.nbytes:,} bytes in {plural(c.fetches, 'response')}"
+        segments.append(
+            f'<span style="width:{100 * c.nbytes / total:.3f}%;background:{colour}" '
+            f'title="{svg.esc(tip)}"></span>'
+        )
+        rows.append(
+            f'<tr><td><i class="sw" style="background:{colour}"></i>{svg.esc(c.cause)}</td>'
+            f'<td class="num">{c.fetches:,}</td>'
+            f'<td class="num" title="{c.nbytes:,} bytes">{svg.esc(human_bytes(c.nbytes))}</td>'
+            f'<td class="num">{pct(c.nbytes, s.bytes_fetched)}</td></tr>'
+        )
+    rows.append(
+        f"<tr><td><b>total</b></td><td class='num'><b>{len(s.wire):,}</b></td>"
+        f"<td class='num' title='{s.bytes_fetched:,} bytes'>"
+        f"<b>{svg.esc(human_bytes(s.bytes_fetched))}</b></td><td></td></tr>"
+    )
+    return (
+        "<section><h2>Fetched by cause</h2>"
+        '<p class="lead">Every response from the registry, by why it was fetched: the '
+        "image's metadata, tables of contents and indexes, whole layers where nothing lazier "
+        "was possible, and the pieces reads, read-ahead and prefetch brought in.</p>"
+        '<div class="sources">' + "".join(segments) + "</div>"
+        "<table><thead><tr><th>cause</th><th class='num'>responses</th>"
+        "<th class='num'>fetched</th><th class='num'>share</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></section>"
+    )
+
+
+def _wire_waterfall(s: ReportSummary) -> str:
+    # The bars worth seeing first: responses that carried bytes (a 0-byte HEAD or 404 is a
+    # round trip, still drawn when there is room), in order of start.
+    carried = [f for f in s.wire if f.nbytes]
+    empty = [f for f in s.wire if not f.nbytes]
+    shown = sorted((carried + empty)[:WATERFALL_LIMIT], key=lambda f: (f.start_ns, f.end_ns))
+    cap = ""
+    if len(s.wire) > WATERFALL_LIMIT:
+        cap = (
+            f'<p class="note">Showing {WATERFALL_LIMIT} of {len(s.wire):,} responses '
+            "(those that carried bytes first, by start time); the table above counts them all."
+            "</p>"
+        )
+    legend = "".join(
+        f'<span><i style="background:{cause_colour(c)}"></i>{svg.esc(c)}</span>'
+        for c in sorted({f.cause for f in shown})
+    )
+    return (
+        "<section><h2>Fetch waterfall</h2>"
+        '<p class="lead">One bar per response from the registry, from the request to the '
+        "end of its body, by cause (and layer): what the time before the first byte was "
+        "spent on, and what overlapped.</p>"
+        f'<div class="legend" style="margin-bottom:8px">{legend}</div>'
+        + waterfall_chart(wire_bars(shown), "cause")
+        + cap
+        + "</section>"
+    )
+
+
 def render_html(s: ReportSummary, title: str = "trace", *, top_files: int = TOP_FILES) -> str:
     """The whole page as one string: inline CSS and SVG, no script, nothing fetched.
 
@@ -293,7 +364,10 @@ def render_html(s: ReportSummary, title: str = "trace", *, top_files: int = TOP_
         '<p class="lead">Each layer\'s share of all bytes read and of all bytes fetched; '
         "layer 0 is the base of the image.</p>" + layer_chart(s) + "</section>"
     )
-    if s.fetches:
+    if s.counts_wire:
+        parts.append(_causes_section(s))
+        parts.append(_wire_waterfall(s))
+    elif s.fetches:
         shown = s.fetches[:WATERFALL_LIMIT]
         cap = ""
         if len(s.fetches) > WATERFALL_LIMIT:
@@ -310,9 +384,11 @@ def render_html(s: ReportSummary, title: str = "trace", *, top_files: int = TOP_
         parts.append(
             "<section><h2>Fetch waterfall</h2>"
             '<p class="lead">One bar per read that waited for the registry, from when it '
-            "started waiting to when it was answered, in order of start.</p>"
+            "started waiting to when it was answered, in order of start. This trace has no "
+            "fetch lines (written by an older imagefs): TOC, index, whole-layer and "
+            "background fetches are not in it.</p>"
             f'<div class="legend" style="margin-bottom:8px">{legend}</div>'
-            + waterfall_chart(shown)
+            + waterfall_chart(read_bars(shown))
             + cap
             + "</section>"
         )
@@ -332,9 +408,15 @@ def render_html(s: ReportSummary, title: str = "trace", *, top_files: int = TOP_
     parts.append(
         "<section><h2>Operations</h2>"
         f'<div class="ops">{ops or "<span>none</span>"}</div>'
-        '<p class="note">Fetched bytes are those reads waited for. Read-ahead and background '
-        "fetches are not attributed to any read and are not in a trace, so "
-        "<code>imagefs stats</code> on the live mount can show more.</p></section>"
+        + (
+            '<p class="note">Bytes fetched are every response from the registry, counted as '
+            "they arrived, whatever the cause: the same sum as <code>imagefs stats</code>. "
+            "A file's fetched bytes are what its reads waited for.</p></section>"
+            if s.counts_wire
+            else '<p class="note">Fetched bytes are those reads waited for: this trace has no '
+            "fetch lines, so TOC, index, whole-layer, read-ahead and background fetches are "
+            "not in it.</p></section>"
+        )
     )
     parts.append("<footer>imagefs trace report</footer></main></body></html>")
     return "\n".join(parts)

@@ -1,8 +1,10 @@
 """The trace model: a mount's trace (JSON lines) and `imagefs inspect` output read into values.
 
 Pure (values in, values out) except `load_image_json`, which reads the one file the CLI hands
-over. The trace format is documented in `imagefs.lazy.telemetry`. Read-ahead and background
-fetches are not attributed to any read, so "fetched" here is what reads waited for.
+over. The trace format is documented in `imagefs.lazy.telemetry`. A trace has a `fetch` line
+for every registry response with its cause (TOC, index, whole layer, read, read-ahead,
+prefetch, manifest, ...): "bytes fetched" is their sum, what came over the wire. Traces
+written before `fetch` lines existed only know what reads waited for; then that is the total.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class TraceEvent:
     source: str | None = None
     fetched: int = 0
     latency: float = 0.0
+    cause: str | None = None  # fetch lines: why it was fetched
+    status: int = 0  # fetch lines: the HTTP status
 
 
 def _count(value: object) -> int | None:
@@ -70,6 +74,8 @@ def parse_line(line: str | bytes) -> TraceEvent | None:
     path = record.get("path", "")
     if t is None or not isinstance(op, str) or not isinstance(path, str):
         return None
+    if op == "fetch":
+        return _parse_fetch(t, record)
     if op != "read":
         return TraceEvent(t=t, op=op, path=path)
     layer = _count(record.get("layer"))
@@ -94,6 +100,27 @@ def parse_line(line: str | bytes) -> TraceEvent | None:
         source=source,
         fetched=fetched,
         latency=float(latency),
+    )
+
+
+def _parse_fetch(t: int, record: dict[str, Any]) -> TraceEvent | None:
+    nbytes = _count(record.get("bytes"))
+    latency = record.get("latency", 0.0)
+    cause = record.get("cause")
+    layer = record.get("layer")
+    if nbytes is None or not isinstance(cause, str) or not cause:
+        return None
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
+        return None
+    return TraceEvent(
+        t=t,
+        op="fetch",
+        path="",
+        layer=_count(layer),
+        fetched=nbytes,
+        latency=float(latency),
+        cause=cause[:40],
+        status=_count(record.get("status")) or 0,
     )
 
 
@@ -189,6 +216,28 @@ class Fetch:
 
 
 @dataclass(frozen=True)
+class WireFetch:
+    """One registry response (a trace's `fetch` line): from the request being sent
+    (`start_ns`) to its body's end (`end_ns`), why, for which layer, how many bytes."""
+
+    start_ns: int
+    end_ns: int
+    cause: str
+    layer: int | None
+    nbytes: int
+    status: int
+
+
+@dataclass(frozen=True)
+class CauseStats:
+    """What one cause fetched: bytes over the wire and responses."""
+
+    cause: str
+    nbytes: int
+    fetches: int
+
+
+@dataclass(frozen=True)
 class CurvePoint:
     """Cumulative bytes read and fetched as of `t_ns` (the timeline, thinned to screen size)."""
 
@@ -227,7 +276,8 @@ class ReportSummary:
     ops: dict[str, int]
     reads: int
     bytes_read: int
-    bytes_fetched: int
+    bytes_fetched: int  # over the wire (the `fetch` lines), or what reads waited for (old)
+    bytes_fetched_for_reads: int  # what reads waited for (their own `fetched`)
     reads_by_source: dict[str, int]
     bytes_by_source: dict[str, int]
     files: tuple[FileStats, ...]  # by bytes read, most first; then first access, then path
@@ -237,13 +287,20 @@ class ReportSummary:
     image_size: int | None
     first_event_ns: int | None
     first_read: FirstRead | None
-    fetches: tuple[Fetch, ...]  # by start, then end, then path
+    fetches: tuple[Fetch, ...]  # reads that waited: by start, then end, then path
+    wire: tuple[WireFetch, ...]  # every registry response: by start, then end
+    by_cause: tuple[CauseStats, ...]  # most bytes first
     latency_p50_ns: int | None
     latency_p90_ns: int | None
     latency_max_ns: int | None
     curve: tuple[CurvePoint, ...]
     read_bins: tuple[ReadBin, ...]
     warnings: tuple[str, ...]
+
+    @property
+    def counts_wire(self) -> bool:
+        """Whether the trace has `fetch` lines (then bytes fetched are what came over the wire)."""
+        return bool(self.wire)
 
     @property
     def files_touched(self) -> int:
@@ -284,12 +341,17 @@ def summarise(
     first_seen: dict[str, int] = {}
     files: dict[str, list[int]] = {}  # path -> [read, fetched, reads, first read]
     layers: dict[int, list[int]] = {}  # index -> [read, fetched, reads, fetches]
+    wire_layers: dict[int, list[int]] = {}  # index -> [bytes, fetches] over the wire
     fetches: list[Fetch] = []
+    wire: list[WireFetch] = []
+    causes: dict[str, list[int]] = {}  # cause -> [bytes, fetches]
     read_t: list[int] = []
     read_src: list[int] = []
+    curve_t: list[int] = []
     cum_read: list[int] = []
-    cum_fetched: list[int] = []
-    total_read = total_fetched = 0
+    cum_fetched: list[int] = []  # what reads waited for
+    cum_wire: list[int] = []
+    total_read = total_fetched = total_wire = 0
     first_event: int | None = None
     first_read: FirstRead | None = None
     for line in lines:
@@ -298,13 +360,30 @@ def summarise(
             if line.strip():
                 skipped += 1
             continue
-        events += 1
         if event.t < last_raw:
             sessions += 1
             base = duration
         last_raw = event.t
         t = base + event.t
         duration = max(duration, t)
+        if event.op == "fetch":  # not a filesystem operation: a response from the registry
+            assert event.cause is not None
+            total_wire += event.fetched
+            c = causes.setdefault(event.cause, [0, 0])
+            c[0] += event.fetched
+            c[1] += 1
+            if event.layer is not None:
+                wl = wire_layers.setdefault(event.layer, [0, 0])
+                wl[0] += event.fetched
+                wl[1] += 1
+            start = max(0, t - round(event.latency * 1e9))
+            wire.append(WireFetch(start, t, event.cause, event.layer, event.fetched, event.status))
+            curve_t.append(t)
+            cum_read.append(total_read)
+            cum_fetched.append(total_fetched)
+            cum_wire.append(total_wire)
+            continue
+        events += 1
         if first_event is None:
             first_event = t
         ops[event.op] = ops.get(event.op, 0) + 1
@@ -344,8 +423,10 @@ def summarise(
             )
         read_t.append(t)
         read_src.append(SOURCES.index(source) if source in SOURCES else 0)
+        curve_t.append(t)
         cum_read.append(total_read)
         cum_fetched.append(total_fetched)
+        cum_wire.append(total_wire)
 
     warnings: list[str] = []
     if skipped:
@@ -358,7 +439,12 @@ def summarise(
             f"The trace holds {sessions} mount sessions (its clock restarts); they are shown "
             "one after another."
         )
+    if wire:  # the layers' fetched bytes are what came over the wire for them
+        for i in set(layers) | set(wire_layers):
+            lay = layers.setdefault(i, [0, 0, 0, 0])
+            lay[1], lay[3] = wire_layers.get(i, [0, 0])
     layer_stats = _layer_stats(layers, info, warnings)
+    wire.sort(key=lambda f: (f.start_ns, f.end_ns))
     latencies = sorted(f.end_ns - f.start_ns for f in fetches)
     fetches.sort(key=lambda f: (f.start_ns, f.end_ns, f.path))
     file_stats = sorted(
@@ -376,7 +462,8 @@ def summarise(
         ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         reads=len(read_t),
         bytes_read=total_read,
-        bytes_fetched=total_fetched,
+        bytes_fetched=total_wire if wire else total_fetched,
+        bytes_fetched_for_reads=total_fetched,
         reads_by_source=reads_by_source,
         bytes_by_source=bytes_by_source,
         files=tuple(file_stats),
@@ -387,10 +474,17 @@ def summarise(
         first_event_ns=first_event,
         first_read=first_read,
         fetches=tuple(fetches),
+        wire=tuple(wire),
+        by_cause=tuple(
+            sorted(
+                (CauseStats(c, n, k) for c, (n, k) in causes.items()),
+                key=lambda c: (-c.nbytes, c.cause),
+            )
+        ),
         latency_p50_ns=_percentile(latencies, 0.5),
         latency_p90_ns=_percentile(latencies, 0.9),
         latency_max_ns=latencies[-1] if latencies else None,
-        curve=_thin_curve(read_t, cum_read, cum_fetched, duration),
+        curve=_thin_curve(curve_t, cum_read, cum_wire if wire else cum_fetched, duration),
         read_bins=_bin_reads(read_t, read_src, duration),
         warnings=tuple(warnings),
     )
