@@ -64,9 +64,11 @@ def push_estargz(
     *,
     chunk_size: int = 4 << 20,
     prefetch: int | None = None,
+    toc_digest: str | None = None,
 ) -> tuple[PushedImage, LayoutImage]:
     """Writes `specs` as one eStargz layer (umoci base, TOC digest annotated as ctr-remote
-    does), pushes it to `registry` as `ref`, and returns the push and the layout image."""
+    does — or `toc_digest`, a wrong one, for a TOC a mount must refuse), pushes it to
+    `registry` as `ref`, and returns the push and the layout image."""
     layout = init_layout(work / "layout")
     subprocess.run(["umoci", "new", "--image", f"{layout}:esgz"], check=True)
     blob = estargz.write_estargz(specs, chunk_size=chunk_size, prefetch=prefetch)
@@ -75,6 +77,6 @@ def push_estargz(
         blob.blob,
         diff_id=blob.diff_id,
         media_type="application/vnd.oci.image.layer.v1.tar+gzip",
-        annotations={"containerd.io/snapshot/stargz/toc.digest": blob.toc_digest},
+        annotations={"containerd.io/snapshot/stargz/toc.digest": toc_digest or blob.toc_digest},
     )
     return push(image, registry, ref), image
