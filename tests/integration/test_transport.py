@@ -11,6 +11,7 @@ import pytest
 from imagefs import api
 from imagefs.errors import IntegrityError, RegistryError
 from imagefs.oci.digest import Digest
+from imagefs.registry import wire
 from imagefs.registry.credentials import Credentials
 from imagefs.registry.transport import RetryPolicy, TransportOptions
 from imagefs.testing.images import (
@@ -107,6 +108,32 @@ async def test_registry_ignoring_range_still_yields_the_right_blob(
         await api.pull(s, via(proxy, sample_image), full=True)
         stored = s.store.blobs.path(Digest.parse(big["digest"])).read_bytes()
     assert stored == sample_image.layout.blob(big["digest"])
+
+
+@pytest.mark.parametrize("resume", ["range", "range ignored"])
+async def test_a_resumed_blob_counts_what_came_over_the_wire_once(
+    tmp_path: Path, sample_image: SampleImage, proxy: FaultProxy, resume: str
+) -> None:
+    """Counting at the wire (registry/wire.py): the cut-off body counts what it carried, the
+    resume what it carried — a resume the registry answers with the whole blob again costs
+    the whole blob again, and the count says so."""
+    big = max(sample_image.layout.layers(), key=lambda layer: int(layer["size"]))
+    size = int(big["size"])
+    proxy.add(Rule("GET", big["digest"], "truncate", times=1, truncate_to=100_000))
+    if resume == "range ignored":
+        proxy.add(Rule("GET", big["digest"], "ignore_range", times=1))
+    async with api.Session(root=tmp_path / "root", options=FAST) as s:
+        seen: list[wire.Fetch] = []
+        s.wire.listen(seen.append)
+        await api.pull(s, via(proxy, sample_image), full=True)
+    gets = [r for r in proxy.recorded if big["digest"] in r.path and r.method == "GET"]
+    assert len(gets) == 2
+    layers = sum(int(layer["size"]) for layer in sample_image.layout.layers())
+    again = 100_000 if resume == "range ignored" else 0  # the cut-off part, fetched twice
+    whole = [f.nbytes for f in seen if f.cause == "whole layer"]
+    assert sum(whole) == layers + again
+    assert 100_000 in whole and size - 100_000 + again in whole
+    assert {f.cause for f in seen} <= {"manifest", "config", "whole layer", "other"}
 
 
 async def test_corrupted_bytes_on_the_wire_are_never_stored(
