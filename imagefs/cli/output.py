@@ -122,6 +122,9 @@ def format_stats(st: dict[str, Any]) -> str:
         f"p90 {ms(lat['p90'])} p99 {ms(lat['p99'])}",
         f"cache    {st['cache']['hits']} hits, {st['cache']['misses']} misses",
     ]
+    causes = st.get("fetched_by_cause") or {}
+    if causes:  # what the fetched bytes were for (registry/wire.py's causes)
+        lines.insert(3, "causes   " + ", ".join(f"{c} {human_size(n)}" for c, n in causes.items()))
     rows = [["LAYER", "SIZE", "FETCHED", "%", "TOC FROM"]]
     for layer, source in zip(st["layers"], st["layer_sources"], strict=False):
         rows.append(

@@ -63,6 +63,7 @@ def test_stats_from_the_control_socket(
     assert stats["fetch_latency"]["p50"] is not None
     assert stats["layer_sources"] == ["eStargz TOC"]
     assert "fetched" in text and "LAYER" in text
+    assert "causes   manifest" in text and " toc " in text  # what the bytes were for
     # the control socket is not in the tree
     assert not any(p.suffix == ".sock" for p in mnt.rglob("*"))
 

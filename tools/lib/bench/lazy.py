@@ -259,9 +259,11 @@ NOTES = (
     "the clock started just before `imagefs mount`; first byte = one `read(2)` of 1 byte of "
     "`/etc/debian_version` (the lookup walks the layers top down, so it needs the "
     "TOC/index of every layer above the one holding the file); then `tar cf - . | wc -c` in "
-    "the same mount. 'imagefs stats' is `bytes_fetched` of `imagefs stats --json` (layer "
-    "bytes: ranges, TOCs, whole blobs); 'registry log' sums the bytes of every GET the "
-    "registry answered (manifests, referrers and published indexes too).",
+    "the same mount. 'imagefs stats' is `bytes_fetched` of `imagefs stats --json` (every "
+    "registry response body, counted at the wire: since issue 11 manifests, referrers and "
+    "published indexes too, besides ranges, TOCs and whole blobs; tables made before then "
+    "counted layer bytes only); 'registry log' sums the bytes of every GET the registry "
+    "answered.",
     "pull+extract: the page cache dropped, `skopeo copy docker://… oci:…` of the gzip image "
     "then `umoci unpack`, then the same first-byte read and tar on the tree (just written, "
     "so mostly in the page cache).",

@@ -421,7 +421,9 @@ NOTES = (
     "both. 'read' is `bytes_served` of `imagefs stats --json` after the workload (bytes the "
     "kernel asked the mount for: file reads, including the kernel's own read-ahead within "
     "files), as a share of the image's regular-file bytes; 'fetched' is `bytes_fetched` "
-    "(layer bytes from the registry: TOCs, chunk ranges, read-ahead, prefetch); 'of which "
+    "(every registry response body, counted at the wire: since issue 11 also the manifest, "
+    "config, referrers and published indexes, a few KB here; TOCs, chunk ranges, read-ahead, "
+    "prefetch; `fetched_by_cause` splits it); 'of which "
     "TOCs' is the footer + TOC bytes of every layer that was touched (eStargz: the last 64 "
     "KiB of the blob, plus the TOC member if it starts earlier — computed from the blobs).",
     "'lazy + profile': `imagefs mount --prefetch P`, workload started as soon as the mount "
