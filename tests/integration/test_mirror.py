@@ -48,6 +48,8 @@ def test_lazy_reads_through_a_pull_through_mirror_take_each_blob_once(
     sent = sum(r.bytes_written or 0 for r in gets)
     assert sent >= estargz_image.layer_size
     assert abs(stats["bytes_fetched"] - sent) <= sent * 0.02, (stats["bytes_fetched"], sent)
+    # and say why: the 200 to a Range request was the whole layer, once
+    assert stats["fetched_by_cause"]["whole layer"] == estargz_image.layer_size
 
 
 def test_mirror_down_falls_back_to_the_registry(
