@@ -355,7 +355,9 @@ def render_html(s: ReportSummary, title: str = "trace", *, top_files: int = TOP_
     )
     parts.append(
         "<section><h2>Bytes over time</h2>"
-        '<p class="lead">Cumulative bytes fetched for reads and bytes read, since the mount '
+        '<p class="lead">Cumulative bytes fetched '
+        + ("(every response, whatever its cause)" if s.counts_wire else "for reads")
+        + " and bytes read, since the mount "
         "started. The strip underneath marks every read by where it was served from "
         "(darker = more reads in that slice of time).</p>" + timeline_chart(s) + "</section>"
     )
