@@ -6,9 +6,11 @@ about shares of a whole and shapes over time, which a picture shows at a glance.
 scripts and loads nothing (inline CSS, inline SVG drawn here, no charting library), so it opens
 offline, can be attached to a bug report and archived as a CI artefact.
 
-The trace format is documented in `imagefs.lazy.telemetry`. What a trace cannot say, the page
-says it cannot: read-ahead and background fetches are not attributed to any read, so "fetched"
-here is what reads waited for; layer sizes come only from `imagefs inspect` JSON, if given.
+The trace format is documented in `imagefs.lazy.telemetry`. "Fetched" is every registry
+response the trace's `fetch` lines record, by cause (manifest, TOC, index, whole layer, read,
+read-ahead, prefetch, ...): the same sum as `imagefs stats`. What a trace cannot say, the page
+says it cannot: an older trace without `fetch` lines only knows what reads waited for; layer
+sizes come only from `imagefs inspect` JSON, if given.
 
 The package, by idea: `trace` reads a trace and `imagefs inspect` output into values,
 `units` says numbers the way a person would, `svg` holds the SVG building blocks (shared with
@@ -23,6 +25,7 @@ from __future__ import annotations
 from imagefs.report.page import TOP_FILES, WATERFALL_LIMIT, render_html, write_report
 from imagefs.report.trace import (
     SOURCES,
+    CauseStats,
     CurvePoint,
     Fetch,
     FileStats,
@@ -32,6 +35,7 @@ from imagefs.report.trace import (
     ReadBin,
     ReportSummary,
     TraceEvent,
+    WireFetch,
     image_info,
     load_image_json,
     parse_line,
@@ -43,6 +47,7 @@ __all__ = [
     "SOURCES",
     "TOP_FILES",
     "WATERFALL_LIMIT",
+    "CauseStats",
     "CurvePoint",
     "Fetch",
     "FileStats",
@@ -52,6 +57,7 @@ __all__ = [
     "ReadBin",
     "ReportSummary",
     "TraceEvent",
+    "WireFetch",
     "human_bytes",
     "human_duration",
     "image_info",
