@@ -11,7 +11,7 @@ and one line per registry response (`registry.wire`: every body counted where it
 
     {"t": ns since the mount started when the body was done, "op": "fetch", "cause":
      "manifest|config|referrers|index|toc|lost names|whole layer|read|read-ahead|prefetch|
-     push|other", "layer": i or null, "bytes": body bytes over the wire, "latency": seconds
+     auth|other", "layer": i or null, "bytes": body bytes over the wire, "latency": seconds
      from sending the request to the body's end, "status": HTTP status, "method": "GET"}
 
 A read's own `fetched` is what it asked its fetches for; the `fetch` lines are what came over

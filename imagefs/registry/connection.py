@@ -44,6 +44,7 @@ from imagefs.registry.transport import (
     ssl_context,
 )
 from imagefs.registry.wire import Wire
+from imagefs.registry.wire import cause as fetch_cause
 
 log = logging.getLogger("imagefs.registry")
 
@@ -385,10 +386,11 @@ class Connection:
                 request = ep.client.build_request(
                     "GET", f"{realm}?{urlencode(params)}", headers=headers
                 )
-            resp = await ep.client.send(request, stream=True)
-            resp = await bodies.loaded(
-                resp, bodies.TOKEN_BODY_CAP, f"{ep.host}: token server {urlsplit(realm).netloc}"
-            )
+            with fetch_cause("auth", layer=None):  # not the bytes of what needed the token
+                resp = await ep.client.send(request, stream=True)
+                resp = await bodies.loaded(
+                    resp, bodies.TOKEN_BODY_CAP, f"{ep.host}: token server {urlsplit(realm).netloc}"
+                )
         except httpx.TransportError as exc:
             raise RegistryUnreachable(
                 f"{ep.host}: token server {urlsplit(realm).netloc}: {root_cause(exc)}",

@@ -41,8 +41,8 @@ Cause = Literal[
     "read",  # pieces a read waited for
     "read-ahead",  # pieces fetched ahead of a reader going on
     "prefetch",  # profiles, landmarks, --background-fetch
-    "push",  # answers to uploads
-    "other",  # /v2/ probes, HEADs, tokens: anything no caller named
+    "auth",  # bearer tokens from a token server
+    "other",  # /v2/ probes, HEADs, uploads: anything no caller named
 ]
 CAUSES: tuple[Cause, ...] = (
     "manifest",
@@ -55,7 +55,7 @@ CAUSES: tuple[Cause, ...] = (
     "read",
     "read-ahead",
     "prefetch",
-    "push",
+    "auth",
     "other",
 )
 

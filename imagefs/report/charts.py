@@ -32,7 +32,7 @@ CAUSE_COLOURS = {
     "read": FETCHED,
     "read-ahead": "#f59e0b",
     "prefetch": "#facc15",
-    "push": "#16a34a",
+    "auth": "#16a34a",
     "other": "#cbd5e1",
 }
 LAYER_COLOURS = (
