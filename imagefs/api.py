@@ -8,13 +8,11 @@ limiter so the trio thread stays free for the network.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import getpass
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,325 +31,29 @@ from imagefs.errors import (
     UsageError,
     unwrap_groups,
 )
-from imagefs.image import Layer, RegistrySource, ResolvedImage, load_resolved
 from imagefs.oci.digest import Digest
+from imagefs.oci.image import Layer, ResolvedImage
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
+from imagefs.pulling import PullResult, find_or_pull, pull
 from imagefs.registry import credentials
 from imagefs.registry.client import RegistryClient
-from imagefs.registry.transport import TransportOptions
-from imagefs.registry.wire import Wire
-from imagefs.store import ImageRecord, Ingest, Store, fsutil
-from imagefs.store.lookup import find_record, find_records, image_platform, platform_warning
+from imagefs.session import Session, fetch_blob, keep_whole_blob
+from imagefs.store import ImageRecord, Store, fsutil
+from imagefs.store.lookup import (
+    find_record,
+    find_records,
+    is_dangling,
+    load_resolved,
+    put_record,
+)
+from imagefs.store.refs import now_rfc3339
 
 if TYPE_CHECKING:  # imported lazily: `imagefs mount` and friends start faster without it
     from imagefs.indexes import PushedIndexes
 
 log = logging.getLogger("imagefs")
-
-ProgressFn = Callable[[Layer, int], None]  # (layer, bytes just received)
-
-
-@dataclass
-class Session:
-    """What every verb needs. `async with Session(root) as s:` closes the HTTP pools."""
-
-    root: Path
-    options: TransportOptions = field(default_factory=TransportOptions)
-    credential_lookup: Callable[[str], credentials.Credentials | None] = credentials.lookup
-    disk_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))
-    # Where docker-style warnings go (the CLI prints them on stderr).
-    warn: Callable[[str], None] = field(default=lambda text: log.warning("%s", text))
-    _store: Store | None = None
-    _clients: dict[str, RegistryClient] = field(default_factory=dict)
-    # What every client of the session fetched, and why (a mount's stats and trace listen).
-    wire: Wire = field(default_factory=Wire)
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = Store(self.root)
-        return self._store
-
-    def client(self, ref: Reference) -> RegistryClient:
-        """One client (one connection pool) per registry for the life of the session."""
-        if ref.registry not in self._clients:
-            self._clients[ref.registry] = RegistryClient(
-                ref.registry,
-                endpoint_host=ref.endpoint_host,
-                options=self.options,
-                credential_lookup=self.credential_lookup,
-                wire=self.wire,
-            )
-        return self._clients[ref.registry]
-
-    async def disk(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.disk_limiter)
-
-    async def __aenter__(self) -> Session:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for client in self._clients.values():
-            await client.aclose()
-        self._clients.clear()
-
-
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# -- finding local images ---------------------------------------------------------------------
-
-
-# find_records / find_record live in imagefs.store.lookup (light enough for `mount`'s
-# launcher); re-exported here, where callers have always found them.
-
-
-# -- pull ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PullResult:
-    reference: Reference
-    image: ResolvedImage
-    record: ImageRecord
-    up_to_date: bool
-    layers_downloaded: int
-
-
-@contextlib.asynccontextmanager
-async def _ingesting(session: Session, digest: Digest, size: int) -> AsyncIterator[Ingest | None]:
-    cm = session.store.blobs.ingest(digest, size)
-    ingest = await trio.to_thread.run_sync(cm.__enter__)
-    try:
-        yield ingest
-    except BaseException as exc:
-        await trio.to_thread.run_sync(cm.__exit__, type(exc), exc, exc.__traceback__)
-        raise
-    else:
-        await trio.to_thread.run_sync(cm.__exit__, None, None, None)
-
-
-async def fetch_blob(
-    session: Session,
-    client: RegistryClient,
-    repository: str,
-    descriptor: Descriptor,
-    on_bytes: Callable[[int], None] | None = None,
-) -> bool:
-    """Download one blob into the store, resuming a partial one. False if already stored."""
-    async with _ingesting(session, descriptor.digest, descriptor.size) as ingest:
-        if ingest is None:
-            return False
-        if ingest.offset and on_bytes:
-            on_bytes(ingest.offset)
-        out = _Batches(session, ingest)
-        async for chunk in client.stream_blob(
-            repository,
-            descriptor.digest,
-            descriptor.size,
-            offset=ingest.offset,
-            on_restart=out.restart,  # the source ignored Range: start over
-        ):
-            await out.add(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
-        await out.commit()
-        return True
-
-
-async def keep_whole_blob(
-    session: Session, descriptor: Descriptor, chunks: AsyncIterator[bytes]
-) -> bool:
-    """Store a blob that arrives whole, from byte 0 (a registry answered a Range request
-    with all of it), through the same verified ingest as a pull. False, with `chunks` left
-    unread, when the blob is stored already."""
-    async with _ingesting(session, descriptor.digest, descriptor.size) as ingest:
-        if ingest is None:
-            return False
-        out = _Batches(session, ingest)
-        if ingest.offset:  # an earlier partial download: this body starts at 0
-            await out.restart(0)
-        async for chunk in chunks:
-            await out.add(chunk)
-        await out.commit()
-        return True
-
-
-@dataclass
-class _Batches:
-    """Hashing and writing an ingest in 4 MiB batches: one thread hop per batch."""
-
-    session: Session
-    ingest: Ingest
-    buf: bytearray = field(default_factory=bytearray)
-
-    async def add(self, chunk: bytes) -> None:
-        self.buf += chunk
-        if len(self.buf) >= 4 << 20:
-            await self.session.disk(self.ingest.write, bytes(self.buf))
-            self.buf.clear()
-
-    async def restart(self, _offset: int) -> None:
-        self.buf.clear()
-        await self.session.disk(self.ingest.reset)
-
-    async def commit(self) -> None:
-        if self.buf:
-            await self.session.disk(self.ingest.write, bytes(self.buf))
-            self.buf.clear()
-        await self.session.disk(self.ingest.commit)
-
-
-async def pull(
-    session: Session,
-    reference: str,
-    *,
-    platform: Platform | None = None,
-    full: bool = False,
-    progress: ProgressFn | None = None,
-    on_resolved: Callable[[ResolvedImage], None] | None = None,
-) -> PullResult:
-    """Resolve `reference` and store its manifest(s) and config; layers too when `full`.
-
-    Lazy by default: the layers are what a mount fetches on demand.
-    """
-    ref = Reference.parse(reference)
-    requested = platform
-    platform = platform or Platform.host()
-    client = session.client(ref)
-    image = await RegistrySource(client, ref.repository).resolve(ref, platform)
-    if on_resolved:
-        on_resolved(image)
-    cfg = image.config
-    if requested is None and (
-        text := platform_warning(Platform(cfg.os, cfg.architecture, cfg.variant))
-    ):
-        session.warn(text)
-    store = session.store
-    downloaded = 0
-    with store.lease() as lease:
-        lease.add(image.manifest_digest, image.id, *(layer.digest for layer in image.layers))
-        if image.index_digest is not None:
-            lease.add(image.index_digest)
-        had_manifest = store.blobs.has(image.manifest_digest)
-        if image.index is not None and image.index_digest is not None:
-            await session.disk(store.blobs.put, image.index.raw, image.index_digest)
-        await session.disk(store.blobs.put, image.manifest.raw, image.manifest_digest)
-        await session.disk(store.blobs.put, image.config.raw, image.id)
-        if full:
-            downloaded = await _fetch_layers(session, client, ref.repository, image, progress)
-        record = ImageRecord(
-            manifest=image.manifest_descriptor,
-            name=ref.without_digest() if ref.tag is not None else None,
-            repo_digest=Reference.parse(f"{ref.name}@{image.repo_digest}"),
-            source=ref.name,
-            index_digest=image.index_digest,
-            created=now_rfc3339(),
-        )
-        # Nothing new: the manifest was local and, for a tag, the tag already named it.
-        up_to_date = had_manifest and (
-            ref.digest is not None or await session.disk(_same_as_stored, store, record)
-        )
-        await session.disk(_put_record, store, record)
-    return PullResult(ref, image, record, up_to_date and not downloaded, downloaded)
-
-
-async def local_image(
-    session: Session, reference: str, platform: Platform | None = None
-) -> ImageRecord:
-    """The stored image `reference` names, as docker's run finds it: pulled (metadata only)
-    when it is not local, or when `platform` is given and the local one is for another
-    platform (docker keeps one image per tag and resolves it again). Used without `platform`,
-    an image of another platform than this machine's gets docker's warning."""
-    store = session.store
-    try:
-        record: ImageRecord = await session.disk(find_record, store, reference)
-    except NotFound:
-        return (await pull(session, reference, platform=platform)).record
-    have: Platform = await session.disk(image_platform, store, record)
-    if platform is not None and platform.match_rank(have) is None:
-        if is_dangling(record) or not _is_reference(reference):
-            raise UsageError(
-                f"{reference} is a local image for {have}; name it by reference to get it "
-                f"for {platform}"
-            )
-        return (await pull(session, reference, platform=platform)).record
-    if platform is None and (text := platform_warning(have)):
-        session.warn(text)
-    return record
-
-
-async def _fetch_layers(
-    session: Session,
-    client: RegistryClient,
-    repository: str,
-    image: ResolvedImage,
-    progress: ProgressFn | None,
-) -> int:
-    count = 0
-    limit = trio.CapacityLimiter(3)
-
-    async def one(layer: Layer) -> None:
-        nonlocal count
-        async with limit:
-            cb = (lambda n: progress(layer, n)) if progress else None
-            if await fetch_blob(session, client, repository, layer.descriptor, cb):
-                count += 1
-
-    with unwrap_groups():
-        async with trio.open_nursery() as nursery:
-            for layer in image.layers:
-                nursery.start_soon(one, layer)
-    return count
-
-
-def _same_as_stored(store: Store, record: ImageRecord) -> bool:
-    return any(
-        r.name == record.name and r.manifest.digest == record.manifest.digest
-        for r in store.records()
-    )
-
-
-def _put_record(store: Store, record: ImageRecord) -> None:
-    """Add or replace a record: one per name; one unnamed record per repository+manifest.
-
-    As docker lists them: a name makes the image's `<none>` rows of that repository (pulled
-    by digest) and its dangling row (untagged while mounted) go away."""
-    with store.locked():
-        records = store.records()
-        if record.name is not None:
-            kept = [
-                r
-                for r in records
-                if r.name != record.name
-                and not (
-                    r.name is None
-                    and r.manifest.digest == record.manifest.digest
-                    and r.repository in (None, record.repository)
-                )
-            ]
-        else:
-            kept = [
-                r
-                for r in records
-                if not (
-                    r.name is None
-                    and r.manifest.digest == record.manifest.digest
-                    and r.repository == record.repository
-                )
-            ]
-            # An unnamed record is pointless when a named one already holds that manifest.
-            if any(
-                r.manifest.digest == record.manifest.digest and r.repository == record.repository
-                for r in kept
-            ):
-                store.refs.save(kept)
-                return
-        kept.append(record)
-        store.refs.save(kept)
 
 
 # -- images / inspect -------------------------------------------------------------------------
@@ -422,11 +124,6 @@ def _summarise(store: Store, record: ImageRecord) -> ImageSummary:
 
 
 IMAGE_FILTERS = ("dangling", "reference", "label", "before", "since")
-
-
-def is_dangling(record: ImageRecord) -> bool:
-    """docker's dangling image: no tag and no digest reference (untagged while mounted)."""
-    return record.name is None and record.repo_digest is None
 
 
 async def images(
@@ -603,7 +300,7 @@ def inspect_json(store: Store, record: ImageRecord) -> dict[str, Any]:
             "ManifestDigest": str(image.manifest_digest),
             "ManifestMediaType": image.manifest.media_type,
             "IndexDigest": str(image.index_digest) if image.index_digest else None,
-            "Source": record.source,
+            "Source": record.source.name if record.source else None,
             "Cached": s.cached,
             "Layers": [
                 {
@@ -659,7 +356,7 @@ async def tag(session: Session, source: str, target: str) -> ImageRecord:
             created=now_rfc3339(),
             extra=src.extra,  # e.g. `dev.imagefs.built`: a new name is the same image
         )
-        _put_record(store, record)
+        put_record(store, record)
         return record
 
     result: ImageRecord = await session.disk(work)
@@ -764,18 +461,6 @@ async def rmi_one(session: Session, query: str, *, force: bool = False) -> RmiRe
     return result
 
 
-def _is_reference(query: str) -> bool:
-    """A name (`repo[:tag]`, `repo@digest`), not an image ID (hex, `sha256:` or short)."""
-    hex_part = query.removeprefix("sha256:")
-    if len(hex_part) >= 4 and all(c in "0123456789abcdef" for c in hex_part):
-        return False
-    try:
-        Reference.parse(query)
-    except InvalidReference:
-        return False
-    return True
-
-
 def _is_digest_ref(query: str) -> bool:
     try:
         return Reference.parse(query).digest is not None and "@" in query
@@ -854,7 +539,7 @@ async def push(
         load_resolved, store, record.manifest.digest, record.index_digest
     )
     client = session.client(ref)
-    source_ref = Reference.parse(record.source) if record.source else None
+    source_ref = record.source
     uploaded: list[Digest] = []
     mounted: list[Digest] = []
     existed: list[Digest] = []
@@ -920,7 +605,7 @@ async def push(
             created=record.created,
             extra=record.extra,
         )
-        await session.disk(_put_record, store, new)
+        await session.disk(put_record, store, new)
     return PushResult(ref, digest, len(image.manifest.raw), uploaded, mounted, existed)
 
 
@@ -934,9 +619,9 @@ async def _blob_source(
             while chunk := await f.read(1 << 20):
                 yield chunk
         return
-    if not record.source:
+    src = record.source
+    if src is None:
         raise NotFound(f"blob {desc.digest} is not local and the image has no known source")
-    src = Reference.parse(record.source)
     hasher = desc.digest.new_hasher()
     total = 0
     async for chunk in session.client(src).stream_blob(src.repository, desc.digest, desc.size):
@@ -978,18 +663,14 @@ async def index(
     import time
 
     from imagefs.indexes import build_local, needs_index, push_indexes
-    from imagefs.layers.indexstore import IndexStore
+    from imagefs.store.indexstore import IndexStore
 
     store = session.store
-    try:
-        record = await session.disk(find_record, store, reference)
-    except NotFound:
-        await pull(session, reference, platform=platform)
-        record = await session.disk(find_record, store, reference)
+    record = await find_or_pull(session, reference, platform)
     image: ResolvedImage = await session.disk(
         load_resolved, store, record.manifest.digest, record.index_digest
     )
-    source = Reference.parse(record.source) if record.source else None
+    source = record.source
     done: list[LayerIndexed] = []
     skipped: list[Layer] = []
     indexes = IndexStore(store.root)
@@ -1029,7 +710,7 @@ async def index(
             )
         )
     pushed = None
-    ref = record.name or (Reference.parse(record.source) if record.source else None)
+    ref = record.name or record.source
     if push:
         if ref is None:
             raise NotFound(f"{reference}: no repository to push the index to")
@@ -1091,11 +772,15 @@ __all__ = [
     "RmiResult",
     "Session",
     "Unauthorized",
+    "fetch_blob",
+    "find_or_pull",
     "find_record",
     "images",
     "inspect",
+    "keep_whole_blob",
     "login",
     "logout",
+    "now_rfc3339",
     "prune",
     "pull",
     "push",

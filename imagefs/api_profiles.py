@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING
 import trio
 
 from imagefs.errors import NotFound, UsageError
-from imagefs.image import ResolvedImage, load_resolved
 from imagefs.oci.digest import Digest
+from imagefs.oci.image import ResolvedImage
 from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
 from imagefs.profiles import ARTIFACT_TYPE, MEDIA_TYPE, Profile
-from imagefs.store.lookup import find_record
+from imagefs.store.lookup import find_record, load_resolved
 
 if TYPE_CHECKING:
-    from imagefs.api import Session
     from imagefs.record import Recorded
     from imagefs.registry.client import RegistryClient
+    from imagefs.session import Session
     from imagefs.store import ImageRecord
 
 
@@ -49,10 +49,10 @@ async def record_profile(
     """Mount `reference` (pulled if not local) with a trace, run `command` with
     `$IMAGEFS_MOUNT` set, write what it read to `output`. `global_argv` are the global
     options the mount daemon is started with."""
-    from imagefs.api import local_image
+    from imagefs.pulling import find_or_pull
     from imagefs.record import record_profile as run_recording
 
-    await local_image(session, reference, platform)
+    await find_or_pull(session, reference, platform)
     record, image = await _stored_image(session, reference)
     return await trio.to_thread.run_sync(
         run_recording,
@@ -112,7 +112,7 @@ def _repository(
     session: Session, reference: str, record: ImageRecord
 ) -> tuple[Reference, RegistryClient]:
     """Where the image's profiles are kept: its repository (by name, else where it came from)."""
-    ref = record.name or (Reference.parse(record.source) if record.source else None)
+    ref = record.name or record.source
     if ref is None:
         raise NotFound(f"{reference}: no repository to keep the profile in")
     return ref, session.client(ref)

@@ -29,15 +29,16 @@ from typing import Any, BinaryIO, TypeVar
 
 import trio
 
-from imagefs import api
 from imagefs.errors import ImageFSError, NotAFile, NotFound, UsageError, unwrap_groups
-from imagefs.image import load_resolved
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE
 from imagefs.lazy.layers import READ_AHEAD, LayerSet
 from imagefs.lazy.wiring import lazy_layer_set
 from imagefs.oci.platform import Platform
 from imagefs.overlay import ROOT_INODE, Attrs, NeedLayer, Overlay
+from imagefs.pulling import find_or_pull
+from imagefs.session import Session
 from imagefs.store import ImageRecord
+from imagefs.store.lookup import load_resolved
 
 __all__ = [
     "MAX_SYMLINK_HOPS",
@@ -84,7 +85,7 @@ class _Missing(NotFound):
 
 
 async def open_image(
-    session: api.Session,
+    session: Session,
     reference: str,
     platform: Platform | None = None,
     *,
@@ -93,7 +94,7 @@ async def open_image(
     """A `Browser` on `reference`, pulling its metadata first when it is not in the store
     (as `imagefs mount` does). Close it with `aclose()` or use it with `async with`."""
     store = session.store
-    record: ImageRecord = await api.local_image(session, reference, platform)
+    record: ImageRecord = await find_or_pull(session, reference, platform)
     image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)
     layers = image.layers
     stack = contextlib.ExitStack()
@@ -320,7 +321,7 @@ class Browser:
 
 
 async def cat(
-    session: api.Session,
+    session: Session,
     reference: str,
     paths: Sequence[str | bytes],
     out: BinaryIO,
@@ -347,7 +348,7 @@ async def cat(
 
 
 async def ls(
-    session: api.Session,
+    session: Session,
     reference: str,
     path: str | bytes = "/",
     *,

@@ -14,19 +14,21 @@ from pathlib import Path
 
 import trio
 
-from imagefs import api
 from imagefs.build import runtime
 from imagefs.errors import BuildError, NotFound
 from imagefs.fs import lifecycle
 from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
+from imagefs.pulling import pull
+from imagefs.session import Session
 from imagefs.store import ImageRecord, Lease
+from imagefs.store.lookup import find_record
 
 
 class BaseImages:
     def __init__(
         self,
-        session: api.Session,
+        session: Session,
         work: Path,
         *,
         pull: bool,
@@ -51,11 +53,11 @@ class BaseImages:
         record = None
         if not self.pull:
             with contextlib.suppress(NotFound):
-                record = await self.session.disk(api.find_record, self.session.store, ref)
+                record = await self.session.disk(find_record, self.session.store, ref)
         if record is None:
             try:
                 plat = Platform.parse(platform) if platform else None
-                record = (await api.pull(self.session, ref, platform=plat)).record
+                record = (await pull(self.session, ref, platform=plat)).record
             except NotFound as exc:
                 raise BuildError(f"base image {ref} not found: {exc}") from None
         assert self.lease is not None

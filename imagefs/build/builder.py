@@ -23,7 +23,6 @@ from typing import Any
 
 import trio
 
-from imagefs import api
 from imagefs.build import cache as cachemod
 from imagefs.build import config as cfgmod
 from imagefs.build import context as ctx
@@ -36,15 +35,18 @@ from imagefs.build.stage import StageState, rfc3339
 from imagefs.build.stargzlayer import write_estargz_layer
 from imagefs.build.words import Lexer
 from imagefs.errors import BuildError
-from imagefs.image import Layer, load_resolved
 from imagefs.indexes import build_local
 from imagefs.oci import mediatypes as mt
 from imagefs.oci.digest import Digest
+from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
+from imagefs.session import Session
 from imagefs.store import ImageRecord, Lease
 from imagefs.store.fsutil import fsync_dir
+from imagefs.store.lookup import load_resolved, put_record
+from imagefs.store.refs import now_rfc3339
 
 WORK_DIR = "build-tmp"
 BUILT_ANNOTATION = "dev.imagefs.built"
@@ -82,7 +84,7 @@ class BuildResult:
 
 
 class Builder:
-    def __init__(self, session: api.Session, opts: BuildOptions, progress: Progress) -> None:
+    def __init__(self, session: Session, opts: BuildOptions, progress: Progress) -> None:
         self.session = session
         self.store = session.store
         self.opts = opts
@@ -521,14 +523,14 @@ class Builder:
         step.note(f"writing image {config_digest} done")
         names = [Reference.parse(t) for t in self.opts.tags]
         manifest_desc = Descriptor(mt.OCI_MANIFEST, manifest_digest, len(manifest_bytes))
-        now = api.now_rfc3339()
+        now = now_rfc3339()
         for name in names:
             record = ImageRecord(manifest_desc, name, None, st.source, None, now, BUILT)
-            await self.session.disk(api._put_record, self.store, record)
+            await self.session.disk(put_record, self.store, record)
             step.note(f"naming to {name} done")
         if not names:
             record = ImageRecord(manifest_desc, None, None, st.source, None, now, BUILT)
-            await self.session.disk(api._put_record, self.store, record)
+            await self.session.disk(put_record, self.store, record)
         step.done()
         return BuildResult(
             config_digest, manifest_digest, names, self.layers_built, self.steps_cached
@@ -536,7 +538,7 @@ class Builder:
 
 
 async def build(
-    session: api.Session, opts: BuildOptions, progress: Progress | None = None
+    session: Session, opts: BuildOptions, progress: Progress | None = None
 ) -> BuildResult:
     """Build `opts.dockerfile` in `opts.context` into the store (root only)."""
     if os.geteuid() != 0:

@@ -102,20 +102,6 @@ class BuildCache:
         return Entry(final / "upper", layer)
 
 
-def cached_layer_digests(root: Path) -> set[str]:
-    """Layer digests the build cache refers to: `prune` keeps them (and their indexes)."""
-    out: set[str] = set()
-    cache_dir = root / CACHE_DIR
-    if not cache_dir.is_dir():
-        return out
-    for entry in cache_dir.iterdir():
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            layer = json.loads((entry / "step.json").read_text())["layer"]
-            if layer:
-                out.add(str(Digest.parse(layer["digest"])))
-    return out
-
-
 def remove_all(root: Path) -> int:
     """`prune --build-cache`: drop every cache entry; returns the bytes freed (approximately:
     the files' sizes)."""

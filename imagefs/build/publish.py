@@ -3,19 +3,19 @@ the pushed image mounts lazily at once from any store (byte ranges, no whole-lay
 
 from __future__ import annotations
 
-from imagefs import api
 from imagefs.build.builder import BUILT_ANNOTATION
-from imagefs.image import load_resolved
 from imagefs.indexes import PushedIndexes, needs_index, push_indexes
 from imagefs.layers.index import LayerIndex
-from imagefs.layers.indexstore import IndexStore
 from imagefs.oci.reference import Reference
+from imagefs.session import Session
+from imagefs.store.indexstore import IndexStore
+from imagefs.store.lookup import find_record, load_resolved
 
 
-async def publish_built_indexes(session: api.Session, reference: str) -> PushedIndexes | None:
+async def publish_built_indexes(session: Session, reference: str) -> PushedIndexes | None:
     """After `push REF`: publish the stored indexes of a built image's layers (else None)."""
     store = session.store
-    record = await session.disk(api.find_record, store, reference)
+    record = await session.disk(find_record, store, reference)
     if BUILT_ANNOTATION not in record.extra:
         return None
     image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)

@@ -12,6 +12,7 @@ from imagefs.build.config import DEFAULT_SHELL
 from imagefs.build.layerdiff import LayerBlob
 from imagefs.oci import mediatypes as mt
 from imagefs.oci.manifest import Descriptor
+from imagefs.oci.reference import Reference
 
 BUILDKIT_COMMENT = "buildkit.dockerfile.v0"
 # The same bytes under the OCI name: an OCI manifest may not list docker media types.
@@ -35,7 +36,7 @@ class StageState:
     """The full image config JSON (architecture, os, config, rootfs, history...)."""
     base_root: Path
     """The base's root: an imagefs FUSE mount, or an empty directory for scratch."""
-    source: str | None
+    source: Reference | None  # where the base image's blobs come from (ImageRecord.source)
     """registry/repository the base layers can be fetched from (None: scratch)."""
     key: str
     created: str

@@ -90,7 +90,7 @@ async def run_mount(s: api.Session, a: argparse.Namespace) -> int:
     if a.ready_fd is None:  # the detached parent already said these
         for note in notes:
             print(f"{PROG}: warning: {note}", file=sys.stderr)
-    await api.local_image(s, a.reference, platform_of(a))
+    await api.find_or_pull(s, a.reference, platform_of(a))
     log_path = lifecycle.log_path_for(s.root, mountpoint)
     if a.ready_fd is None:  # a daemon's stderr already is this log file
         _log_to_file(s.root, log_path, a.debug)

@@ -28,23 +28,25 @@ from typing import cast
 import pyfuse3
 import trio
 
-from imagefs import api
 from imagefs.errors import ImageFSError, first_error
 from imagefs.fs.lifecycle import MountOptions, MountRegistration, control_socket, report_ready
 from imagefs.fs.operations import ImageOperations
-from imagefs.image import Layer, load_resolved
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE
 from imagefs.lazy.telemetry import Telemetry, serve_control
 from imagefs.lazy.wiring import lazy_layer_set
+from imagefs.oci.image import Layer
 from imagefs.overlay import Overlay
 from imagefs.profiles import Profile
+from imagefs.session import Session
 from imagefs.store import MountRecord
+from imagefs.store.lookup import find_record, load_resolved
+from imagefs.store.refs import now_rfc3339
 
 log = logging.getLogger("imagefs.fs")
 
 
 async def serve(
-    session: api.Session,
+    session: Session,
     query: str,
     mountpoint: Path,
     options: MountOptions,
@@ -58,7 +60,7 @@ async def serve(
     log_path: Path | None = None,
 ) -> None:
     store = session.store
-    record = await session.disk(api.find_record, store, query)
+    record = await session.disk(find_record, store, query)
     image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)
     layers = image.layers
     # The trace's clock starts at the session's first request (the image's metadata pull,
@@ -83,7 +85,7 @@ async def serve(
         registration = MountRegistration(
             store,
             MountRecord(
-                str(mountpoint), os.getpid(), name, str(record.manifest.digest), api.now_rfc3339()
+                str(mountpoint), os.getpid(), name, str(record.manifest.digest), now_rfc3339()
             ),
         )
         log.info("mounted %s (%s) at %s", name, record.manifest.digest, mountpoint)

@@ -70,9 +70,6 @@ class MountOptions:
                     )
         return cls(allow_other, suid, dev)
 
-    def as_list(self) -> list[str]:
-        return [",".join(o for o in self.fuse_options() if o != "default_permissions")]
-
     def fuse_options(self) -> set[str]:
         opts = {"ro", "default_permissions", "fsname=imagefs", "subtype=imagefs"}
         opts.add("suid" if self.suid else "nosuid")

@@ -36,10 +36,8 @@ import trio
 import zstandard
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
-from imagefs.image import Layer
 from imagefs.layers import chunks as chunk_tables
 from imagefs.layers.index import LayerIndex
-from imagefs.layers.indexstore import IndexStore
 from imagefs.layers.seekindex import SeekIndex, inflate_span, verify_raw_span, verify_span
 from imagefs.lazy import loading, telemetry
 from imagefs.lazy import prefetch as prefetching
@@ -47,8 +45,10 @@ from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST, RemoteIndex
 from imagefs.lazy.making import MIN_FETCH, Job, PieceMaker
 from imagefs.lazy.prefetch import READ_AHEAD, ReadAhead
+from imagefs.oci.image import Layer
 from imagefs.registry import wire
 from imagefs.store import Store, fsutil
+from imagefs.store.indexstore import IndexStore
 
 log = logging.getLogger("imagefs.lazy")
 

@@ -1,4 +1,4 @@
-"""Where a mounted layer's index comes from, in trust order (see `layers.indexstore`).
+"""Where a mounted layer's index comes from, in trust order (see `store.indexstore`).
 
 For layer i of manifest M:
 
@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
-from imagefs.image import Layer
 from imagefs.layers import estargz, lostnames, tocverify, zstdchunked
 from imagefs.layers.index import LayerIndex, build_from_blob
-from imagefs.layers.indexstore import ESTARGZ, ZSTD_CHUNKED, Bound, derive
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
+from imagefs.oci.image import Layer
 from imagefs.registry import wire
+from imagefs.store.indexstore import ESTARGZ, ZSTD_CHUNKED, Bound, derive
 
 if TYPE_CHECKING:
     from imagefs.lazy.layers import LayerSet

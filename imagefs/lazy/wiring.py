@@ -7,20 +7,20 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from imagefs import api
 from imagefs.errors import ImageFSError, IntegrityError
-from imagefs.image import Layer
 from imagefs.indexes import RemoteIndexes
-from imagefs.layers.indexstore import IndexStore
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.digest import Digest
+from imagefs.oci.image import Layer
 from imagefs.oci.reference import Reference
+from imagefs.session import Session, fetch_blob, keep_whole_blob
 from imagefs.store import ImageRecord, Store
+from imagefs.store.indexstore import IndexStore
 
 
 def lazy_layer_set(
-    session: api.Session,
+    session: Session,
     record: ImageRecord,
     layers: list[Layer],
     *,
@@ -33,7 +33,7 @@ def lazy_layer_set(
     pieces, through the same cache and index store, as a mount would.
     """
     store = session.store
-    source = Reference.parse(record.source) if record.source else None
+    source = record.source
 
     def no_source(layer: Layer) -> ImageFSError:
         return ImageFSError(
@@ -43,7 +43,7 @@ def lazy_layer_set(
     async def fetch(layer: Layer) -> None:
         if source is None:
             raise no_source(layer)
-        await api.fetch_blob(session, session.client(source), source.repository, layer.descriptor)
+        await fetch_blob(session, session.client(source), source.repository, layer.descriptor)
 
     # The first range of a blob goes alone: if the answer is the whole blob (a registry that
     # ignores Range, a pull-through mirror that has not cached it yet), it is stored, and
@@ -71,7 +71,7 @@ def lazy_layer_set(
         began = time.monotonic()
 
         async def keep(chunks: AsyncIterator[bytes]) -> None:
-            await api.keep_whole_blob(session, layer.descriptor, chunks)
+            await keep_whole_blob(session, layer.descriptor, chunks)
 
         answer = await session.client(source).get_blob_range(
             source.repository, layer.digest, start, end, size=layer.size, on_whole_blob=keep

@@ -122,19 +122,6 @@ class RegistryClient(Connection):
         content_type = resp.headers.get("Content-Type")
         return ManifestResponse(raw=raw, media_type=content_type, digest=digest)
 
-    async def head_manifest(self, repository: str, reference: str) -> Digest | None:
-        path = f"/v2/{repository}/manifests/{reference}"
-        scopes = [challenge.scope_for(repository, ["pull"])]
-        resp = await self._request(
-            "HEAD", path, scopes=scopes, headers={"Accept": mediatypes.MANIFEST_ACCEPT}
-        )
-        if resp.status_code == 404:
-            return None
-        if not resp.is_success:
-            raise self._error(resp, f"HEAD manifest {repository}:{reference}")
-        header = resp.headers.get("Docker-Content-Digest")
-        return Digest.parse(header) if header else None
-
     async def put_manifest(
         self, repository: str, reference: str, raw: bytes, media_type: str
     ) -> Digest:

@@ -131,6 +131,23 @@ def _read_fd(fd: int, limit: int = 64 << 20) -> bytes:
     return os.pread(fd, min(os.fstat(fd).st_size, limit), 0)
 
 
+def _build_cache_layers(root: Path) -> set[str]:
+    """Layer digests `imagefs build` keeps for reuse: gc keeps them (and their indexes).
+
+    `imagefs.build.cache` writes `build-cache/<key>/step.json`; the store reads only the
+    layer digest from it, so that gc needs nothing from the layers above it."""
+    out: set[str] = set()
+    cache_dir = root / "build-cache"
+    if not cache_dir.is_dir():
+        return out
+    for entry in cache_dir.iterdir():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            layer = json.loads((entry / "step.json").read_text())["layer"]
+            if layer:
+                out.add(str(Digest.parse(layer["digest"])))
+    return out
+
+
 class Store:
     """Facade over blobs, references, leases and mounts. Synchronous."""
 
@@ -231,10 +248,7 @@ class Store:
             if isinstance(manifest, Manifest):
                 keep.add(str(manifest.config.digest))
                 keep.update(str(layer.digest) for layer in manifest.layers)
-        # Layers `imagefs build` keeps for reuse (see imagefs.build.cache).
-        from imagefs.build.cache import cached_layer_digests
-
-        keep.update(cached_layer_digests(self.root))
+        keep.update(_build_cache_layers(self.root))
         return keep
 
     def collect_garbage(

@@ -1,18 +1,30 @@
-"""Which stored image a query names (a reference, a digest, an image ID), and its platform.
+"""The stored images: which one a query names (a reference, a digest, an image ID), its
+platform, its `ResolvedImage`, and adding or replacing a record in `index.json`.
 
 Synchronous and light (no registry client, no trio): `imagefs mount` checks the image here
-before it starts its daemon, and `imagefs.api` builds on it.
+before it starts its daemon, and the verbs build on it.
 """
 
 from __future__ import annotations
 
-from imagefs.errors import ImageFSError, InvalidReference, NotFound
-from imagefs.oci.manifest import ImageConfig, Manifest
+from imagefs.errors import ImageFSError, InvalidReference, NotFound, UnsupportedMediaType
+from imagefs.oci.digest import Digest
+from imagefs.oci.image import ResolvedImage
+from imagefs.oci.manifest import ImageConfig, Index, Manifest
 from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
 from imagefs.store import ImageRecord, Store
 
-__all__ = ["find_record", "find_records", "image_platform", "platform_warning"]
+__all__ = [
+    "find_record",
+    "find_records",
+    "image_platform",
+    "is_dangling",
+    "load_resolved",
+    "platform_warning",
+    "put_record",
+    "same_as_stored",
+]
 
 
 def _matches(record: ImageRecord, query: str, ref: Reference | None) -> bool:
@@ -84,3 +96,70 @@ def platform_warning(platform: Platform, host: Platform | None = None) -> str | 
         f"WARNING: The requested image's platform ({platform}) does not match the detected "
         f"host platform ({host}) and no specific platform was requested"
     )
+
+
+def is_dangling(record: ImageRecord) -> bool:
+    """docker's dangling image: no tag and no digest reference (untagged while mounted)."""
+    return record.name is None and record.repo_digest is None
+
+
+def load_resolved(
+    store: Store, manifest_digest: Digest, index_digest: Digest | None
+) -> ResolvedImage:
+    """Rebuild a ResolvedImage from stored blobs (synchronous: disk only)."""
+    manifest = store.read_manifest(manifest_digest)
+    if not isinstance(manifest, Manifest):
+        raise UnsupportedMediaType(f"{manifest_digest} is an index, not an image manifest")
+    config = ImageConfig.parse(store.blobs.read(manifest.config.digest))
+    index = None
+    if index_digest is not None and store.blobs.has(index_digest):
+        parsed = store.read_manifest(index_digest)
+        index = parsed if isinstance(parsed, Index) else None
+    return ResolvedImage(manifest, manifest_digest, config, index, index_digest)
+
+
+def same_as_stored(store: Store, record: ImageRecord) -> bool:
+    """A record of that name already names that manifest (a pull found nothing new)."""
+    return any(
+        r.name == record.name and r.manifest.digest == record.manifest.digest
+        for r in store.records()
+    )
+
+
+def put_record(store: Store, record: ImageRecord) -> None:
+    """Add or replace a record: one per name; one unnamed record per repository+manifest.
+
+    As docker lists them: a name makes the image's `<none>` rows of that repository (pulled
+    by digest) and its dangling row (untagged while mounted) go away."""
+    with store.locked():
+        records = store.records()
+        if record.name is not None:
+            kept = [
+                r
+                for r in records
+                if r.name != record.name
+                and not (
+                    r.name is None
+                    and r.manifest.digest == record.manifest.digest
+                    and r.repository in (None, record.repository)
+                )
+            ]
+        else:
+            kept = [
+                r
+                for r in records
+                if not (
+                    r.name is None
+                    and r.manifest.digest == record.manifest.digest
+                    and r.repository == record.repository
+                )
+            ]
+            # An unnamed record is pointless when a named one already holds that manifest.
+            if any(
+                r.manifest.digest == record.manifest.digest and r.repository == record.repository
+                for r in kept
+            ):
+                store.refs.save(kept)
+                return
+        kept.append(record)
+        store.refs.save(kept)

@@ -15,6 +15,7 @@ annotations:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,11 @@ OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 INDEX_JSON_LIMIT = 256 << 20  # ~1 million images; more is damage, not a store
 
 
+def now_rfc3339() -> str:
+    """A record's `created` (and a mount record's `started`): now, RFC 3339 in UTC."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One line of `index.json`: a name (or none) and the manifest it points at."""
@@ -44,7 +50,7 @@ class ImageRecord:
     manifest: Descriptor
     name: Reference | None
     repo_digest: Reference | None
-    source: str | None
+    source: Reference | None  # the repository (no tag) its blobs can be fetched from
     index_digest: Digest | None
     created: str
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -61,8 +67,8 @@ class ImageRecord:
             ann[CONTAINERD_NAME] = str(self.name)
         if self.repo_digest is not None:
             ann[REPO_DIGEST] = str(self.repo_digest)
-        if self.source:
-            ann[SOURCE] = self.source
+        if self.source is not None:
+            ann[SOURCE] = self.source.name
         if self.index_digest is not None:
             ann[INDEX] = str(self.index_digest)
         ann[CREATED] = self.created
@@ -77,11 +83,12 @@ class ImageRecord:
         ann.pop(CONTAINERD_NAME, None)
         repo_digest_s = ann.pop(REPO_DIGEST, None)
         index_s = ann.pop(INDEX, None)
+        source_s = ann.pop(SOURCE, None)
         return cls(
             manifest=replace(desc, annotations={}),
             name=Reference.parse(name_s) if name_s else None,
             repo_digest=Reference.parse(repo_digest_s) if repo_digest_s else None,
-            source=ann.pop(SOURCE, None),
+            source=Reference.parse(source_s, default_tag=None) if source_s else None,
             index_digest=Digest.parse(index_s) if index_s else None,
             created=ann.pop(CREATED, ""),
             extra=ann,

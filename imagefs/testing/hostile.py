@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import json
 import struct
-import tarfile
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -249,7 +248,3 @@ def gzip_bomb(zeros: int, name: bytes = b"zeros.bin") -> tuple[bytes, str]:
         ]
     )
     return blob, "sha256:" + sha.hexdigest()
-
-
-def tarinfo_tar(items: Sequence[tarfile.TarInfo]) -> bytes:
-    return b"".join(i.tobuf(tarfile.PAX_FORMAT) for i in items) + END

@@ -90,10 +90,6 @@ class LoggedRequest:
     def is_blob_get(self) -> bool:
         return self.method == "GET" and "/blobs/sha256:" in self.path
 
-    @property
-    def is_manifest(self) -> bool:
-        return "/manifests/" in self.path
-
 
 class LocalRegistry:
     """`docker-registry serve` on a free 127.0.0.1 port with filesystem storage under `root`.

@@ -14,10 +14,10 @@ import trio
 import trio.testing
 
 from imagefs.errors import ImageFSError, IntegrityError
-from imagefs.image import Layer
 from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.making import MAX_FETCH, MIN_FETCH, Job, PieceMaker, plan
+from imagefs.oci.image import Layer
 from imagefs.store import Store
 from tests.unit.test_pieces import FILES, _estargz_layer
 

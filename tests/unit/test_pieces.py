@@ -17,16 +17,16 @@ import trio
 import zstandard
 
 from imagefs.errors import LayerFormatError
-from imagefs.image import Layer
 from imagefs.layers import estargz
 from imagefs.layers.chunks import ChunkTable
-from imagefs.layers.indexstore import ESTARGZ, PUBLISHED, Bound, IndexStore
 from imagefs.lazy.cache import PieceCache, verify_piece
 from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
 from imagefs.oci.digest import Digest
+from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
+from imagefs.store.indexstore import ESTARGZ, PUBLISHED, Bound, IndexStore
 
 MiB = 1 << 20
 
@@ -100,7 +100,7 @@ def test_index_store_finds_a_bound_entry_only_under_its_own_verifier(tmp_path: P
     layer = Digest.of(blob.blob)
     store = IndexStore(tmp_path)
     bound = Bound(layer, ESTARGZ, Digest.parse(blob.toc_digest))
-    from imagefs.layers.indexstore import derive
+    from imagefs.store.indexstore import derive
 
     idx = derive(bound, {"toc_offset": blob.toc_offset}, toc)
     store.save_bound(bound, {"toc_offset": blob.toc_offset}, toc, idx)

@@ -145,7 +145,7 @@ def _record(name: str | None, digest: Digest) -> ImageRecord:
         ),
         name=Reference.parse(name) if name else None,
         repo_digest=Reference.parse(f"localhost:5000/a/b@{digest}"),
-        source="localhost:5000/a/b",
+        source=Reference.parse("localhost:5000/a/b", default_tag=None),
         index_digest=None,
         created="2026-01-01T00:00:00Z",
     )
