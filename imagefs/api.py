@@ -98,15 +98,9 @@ def sweep_derived(store: Store) -> int:
     """
     keep = {Digest.parse(d).hex for d in store.reachable(store.records()) if ":" in d}
     freed = 0
-    for old in (store.root / "cache" / "chunks", store.root / "indexes" / "sha256"):
+    for old in store.paths.old_areas():
         freed += fsutil.safe_rmtree(old, root=store.root)
-    for area in (
-        store.root / "indexes" / "layer" / "sha256",
-        store.root / "indexes" / "bound" / "sha256",
-        store.root / "indexes" / "referrers" / "sha256",
-        store.root / "indexes" / "refused",
-        store.root / "cache" / "flat",
-    ):
+    for area in store.paths.derived_areas():
         for entry in fsutil.scan(area, root=store.root):
             name = entry.name.split("-", 1)[0]  # refused/<layer hex>-<kind>-<verifier hex>
             if name in keep or name.startswith("."):

@@ -31,7 +31,7 @@ from imagefs.layers.index import LayerIndex
 from imagefs.lazy.cache import PieceCache, is_piece_name, piece_payload
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
-from imagefs.store import Store, fsutil, layout_links, locks
+from imagefs.store import Layout, Store, fsutil, layout_links, locks
 from imagefs.store.blobs import sha256_file
 from imagefs.store.indexstore import KINDS, Bound, IndexStore, derive
 
@@ -66,7 +66,7 @@ def check_store(root: Path, repair: bool = False) -> CheckReport:
         return report  # without --repair: the store cannot be looked at safely
     store = Store(root)
     with store.locked():
-        for alg, name, path in _files(root, root / "blobs", bad):
+        for alg, name, path in _files(root, store.paths.blobs, bad):
             report.blobs += 1
             if alg != "sha256" or sha256_file(path, root=root) != f"sha256:{name}":
                 bad(f"blob {alg}:{name} does not match its digest", path)
@@ -89,7 +89,7 @@ def check_store(root: Path, repair: bool = False) -> CheckReport:
             except ImageFSError as exc:
                 report.problems.append(f"image {name}: {exc} (pull it again)")
 
-        ingest = root / "ingest"
+        ingest = store.paths.ingest
         for entry in fsutil.scan(ingest, root=root):
             if entry.kind != "file" or not entry.name.endswith(".partial"):
                 continue
@@ -124,19 +124,15 @@ def _files(
             yield sub.name, entry.name, path
 
 
-NOT_WALKED = ("build-cache", "build-tmp")
-"""Top-level areas holding image contents (with their own links) and a running build's
-mounts, not the store's own files: never walked."""
-
-
 def _walk(root: Path) -> Iterator[tuple[Path, str, int, os.stat_result]]:
     """(directory, name, directory fd, lstat) of everything under `root`; no link followed."""
+    not_walked = {p.name for p in Layout(root).not_walked()}
     rfd = fsutil.open_dir(root, root=root)
     try:
         for top, dirs, files, dfd in os.fwalk(".", dir_fd=rfd, follow_symlinks=False):
             if top == ".":
-                dirs[:] = [d for d in dirs if d not in NOT_WALKED]  # fwalk honours this
-                files = [f for f in files if f not in NOT_WALKED]
+                dirs[:] = [d for d in dirs if d not in not_walked]  # fwalk honours this
+                files = [f for f in files if f not in not_walked]
             here = root / top if top != "." else root
             for name in sorted(dirs + files):
                 with contextlib.suppress(FileNotFoundError):
@@ -163,11 +159,12 @@ def _find_links(root: Path, bad: Callable[[str, Path], None]) -> None:
 def _temp_files(root: Path) -> list[Path]:
     """Temporary files outside blobs/ (reported with their blobs above)."""
     out: list[Path] = []
+    blobs = Layout(root).blobs.name
     for here, name, _, st in _walk(root):
         rel = (here / name).relative_to(root).parts
         if not name.startswith(fsutil.TEMP_PREFIX) or not stat.S_ISREG(st.st_mode):
             continue
-        if rel[0] == "blobs":
+        if rel[0] == blobs:
             continue
         out.append(here / name)
     return out
@@ -193,13 +190,13 @@ def _check_pieces(root: Path, report: CheckReport, bad: Bad) -> None:
 
 def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> None:
     store = IndexStore(root)
-    old = store.dir / "sha256"  # layer-keyed indexes of earlier versions: bound to nothing
+    paths = Layout(root)
+    old, chunks = paths.old_areas()
     if _is_dir(root, old):
         bad(f"layer indexes of an earlier version, bound to no manifest: {old}", old)
-    chunks = root / "cache" / "chunks"
     if _is_dir(root, chunks):
         bad(f"chunk cache of an earlier version, keyed by offsets: {chunks}", chunks)
-    layer_dir = store.dir / "layer" / "sha256"
+    layer_dir = paths.layer_indexes / "sha256"
     if _is_dir(root, layer_dir):
         for entry in fsutil.scan(layer_dir, root=root):
             path = layer_dir / entry.name
@@ -219,7 +216,7 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
                     raise LayerFormatError("not built from this layer's blob")
             except ImageFSError as exc:
                 bad(f"layer index {path}: {exc}", path)
-    bound_root = store.dir / "bound" / "sha256"
+    bound_root = paths.bound_indexes / "sha256"
     if _is_dir(root, bound_root):
         for layer_entry in fsutil.scan(bound_root, root=root):
             layer_path = bound_root / layer_entry.name

@@ -74,7 +74,7 @@ class BaseImages:
         mnt.mkdir()
         argv = self._global_argv()
         argv += ["mount", "-f", "-o", "allow_other,suid,dev", ref, str(mnt)]
-        log = self.session.root / "logs" / f"mount-{lifecycle.mount_id(mnt)}.log"
+        log = lifecycle.log_path_for(self.session.root, mnt)
         self.mounts[ref] = (mnt, record)
         await trio.to_thread.run_sync(lifecycle.spawn_daemon, argv, log, mnt)
         return mnt, record

@@ -43,12 +43,11 @@ from imagefs.oci.manifest import Descriptor
 from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
 from imagefs.session import Session
-from imagefs.store import ImageRecord, Lease
+from imagefs.store import ImageRecord, Layout, Lease
 from imagefs.store.fsutil import fsync_dir
 from imagefs.store.lookup import load_resolved, put_record
 from imagefs.store.refs import now_rfc3339
 
-WORK_DIR = "build-tmp"
 BUILT_ANNOTATION = "dev.imagefs.built"
 """On a built image's record: `push` then publishes the layer indexes the build made."""
 BUILT = {BUILT_ANNOTATION: "true"}
@@ -90,7 +89,9 @@ class Builder:
         self.opts = opts
         self.progress = progress
         self.cache = cachemod.BuildCache(session.root)
-        self.work = session.root.absolute() / WORK_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.work = (
+            Layout(session.root.absolute()).build_work / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         self.stages: dict[int, StageState] = {}
         self.bases = BaseImages(session, self.work, pull=opts.pull, global_argv=opts.global_argv)
         self.throwaway: list[Path] = []

@@ -30,8 +30,8 @@ from typing import Any
 
 from imagefs.build.layerdiff import LayerBlob
 from imagefs.oci.digest import Digest
+from imagefs.store.layout import Layout
 
-CACHE_DIR = "build-cache"
 _TMP = "partial-"
 
 
@@ -47,7 +47,7 @@ class Entry:
 
 class BuildCache:
     def __init__(self, root: Path) -> None:
-        self.dir = root / CACHE_DIR
+        self.dir = Layout(root).build_cache
 
     def sweep(self) -> None:
         """Remove what killed builds left (their pid is gone: nothing else can own them)."""
@@ -105,7 +105,7 @@ class BuildCache:
 def remove_all(root: Path) -> int:
     """`prune --build-cache`: drop every cache entry; returns the bytes freed (approximately:
     the files' sizes)."""
-    cache_dir = root / CACHE_DIR
+    cache_dir = Layout(root).build_cache
     freed = 0
     if not cache_dir.is_dir():
         return 0

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from imagefs.errors import ImageFSError, ImageInUse, NotFound, UsageError
 from imagefs.fs import mountinfo
-from imagefs.store import MountRecord, Store, fsutil
+from imagefs.store import Layout, MountRecord, Store, fsutil
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def mount_id(mountpoint: Path) -> str:
 
 def control_socket(store: Store, mountpoint: Path) -> Path:
     """Where a mount answers `imagefs stats`: beside its record, never inside the tree."""
-    return store.mounts_dir / f"{mount_id(mountpoint)}.sock"
+    return store.paths.control_socket(mount_id(mountpoint))
 
 
 class MountRegistration:
@@ -97,7 +97,7 @@ class MountRegistration:
 
     def __init__(self, store: Store, record: MountRecord) -> None:
         self.root = store.root
-        self.path = store.mounts_dir / f"{mount_id(Path(record.mountpoint))}.json"
+        self.path = store.paths.mount_record(mount_id(Path(record.mountpoint)))
         with fsutil.dir_fd(store.mounts_dir, root=store.root, create=True) as d:
             # A fresh temp name (O_EXCL, no link followed), locked before it becomes
             # visible under its name, then renamed over whatever sat there.
@@ -194,7 +194,7 @@ def check_mountpoint(mountpoint: Path, store: Store) -> list[str]:
 
 
 def log_path_for(root: Path, mountpoint: Path) -> Path:
-    return root / "logs" / f"mount-{mount_id(mountpoint)}.log"
+    return Layout(root).mount_log(mount_id(mountpoint))
 
 
 def open_log(root: Path, log_path: Path) -> int:

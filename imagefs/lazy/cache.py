@@ -46,6 +46,7 @@ import xxhash
 
 from imagefs.errors import IntegrityError
 from imagefs.store import fsutil
+from imagefs.store.layout import Layout
 
 log = logging.getLogger("imagefs.cache")
 
@@ -103,7 +104,7 @@ class PieceCache:
     (page cache), so the event loop may call it directly; everything else runs in threads."""
 
     def __init__(self, root: Path, cap: int = DEFAULT_CACHE_SIZE) -> None:
-        self.dir = root / "cache" / "pieces" / "sha256"
+        self.dir = Layout(root).pieces
         self.cap = cap
         self._lock = threading.Lock()
         self._fds: OrderedDict[str, tuple[int, int]] = OrderedDict()  # hex -> (fd, size)

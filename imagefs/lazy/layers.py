@@ -385,7 +385,7 @@ class LayerSet:
         if i in self._flat:
             return
         layer = self.layers[i]
-        target = self.store.root / "cache" / "flat" / layer.digest.hex
+        target = self.store.paths.flat / layer.digest.hex
         seek = self.index(i).seek
         assert seek is not None
 

@@ -1,12 +1,6 @@
 """The local store under `--root`: an OCI image layout plus imagefs's own working areas.
 
-```
-ROOT/oci-layout, index.json, blobs/sha256/<hex>   the OCI layout (skopeo/umoci can read it)
-ROOT/ingest/<hex>.partial|.lock                     downloads in progress (resumable)
-ROOT/leases/<pid>-<n>                               blobs a running command is about to use
-ROOT/mounts/<id>.json                               live mounts (see imagefs.fs)
-ROOT/lock                                           taken by writers of index.json and by gc
-```
+Every path under the root is named in `store.layout` (`Store.paths`).
 
 Garbage collection keeps every blob reachable from `index.json` and from a live lease. A
 lease is a file its owner holds an flock on; a lease whose owner died is unlocked, so gc knows
@@ -36,35 +30,21 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Index, Manifest, parse_manifest
 from imagefs.store import fsutil, locks
 from imagefs.store.blobs import BlobStore, Ingest
+from imagefs.store.layout import STORE_DIRS, Layout
 from imagefs.store.refs import ImageRecord, RefStore
 
-__all__ = ["BlobStore", "ImageRecord", "Ingest", "Lease", "MountRecord", "Store"]
+__all__ = [
+    "STORE_DIRS",
+    "BlobStore",
+    "ImageRecord",
+    "Ingest",
+    "Layout",
+    "Lease",
+    "MountRecord",
+    "Store",
+]
 
 _lease_counter = itertools.count()
-
-STORE_DIRS = (
-    "blobs",
-    "blobs/sha256",
-    "ingest",
-    "leases",
-    "mounts",
-    "indexes",
-    "indexes/layer",
-    "indexes/layer/sha256",
-    "indexes/bound",
-    "indexes/bound/sha256",
-    "indexes/referrers",
-    "indexes/referrers/sha256",
-    "indexes/refused",
-    "indexes/sha256",  # earlier versions' layer-keyed indexes (prune/check remove them)
-    "cache",
-    "cache/pieces",
-    "cache/pieces/sha256",
-    "cache/chunks",  # earlier versions' offset-keyed chunk cache
-    "cache/flat",
-    "logs",
-)
-"""imagefs's own directories under the root: none of them may be a symbolic link."""
 
 
 def layout_links(root: Path) -> list[Path]:
@@ -108,7 +88,7 @@ class Lease:
 
     def __init__(self, root: Path, name: str) -> None:
         self.root = root
-        self.path = root / "leases" / name
+        self.path = Layout(root).leases / name
         # O_EXCL: a name nobody (no planted link) had; locked before gc can see it as dead.
         self._fd = fsutil.safe_open(
             self.path.parent, name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, root=root
@@ -137,7 +117,7 @@ def _build_cache_layers(root: Path) -> set[str]:
     `imagefs.build.cache` writes `build-cache/<key>/step.json`; the store reads only the
     layer digest from it, so that gc needs nothing from the layers above it."""
     out: set[str] = set()
-    cache_dir = root / "build-cache"
+    cache_dir = Layout(root).build_cache
     if not cache_dir.is_dir():
         return out
     for entry in cache_dir.iterdir():
@@ -153,10 +133,11 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.paths = Layout(root)
         self.blobs = BlobStore(root)
         self.refs = RefStore(root)
-        self.mounts_dir = root / "mounts"
-        self.leases_dir = root / "leases"
+        self.mounts_dir = self.paths.mounts
+        self.leases_dir = self.paths.leases
         self._init_layout()
 
     def _init_layout(self) -> None:
@@ -168,7 +149,7 @@ class Store:
             )
         try:
             fsutil.ensure_dir(self.root, root=self.root)
-            layout = self.root / "oci-layout"
+            layout = self.paths.oci_layout
             if fsutil.lstat(layout, root=self.root) is None:
                 fsutil.atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}\n', root=self.root)
             if not self.refs.exists():
@@ -181,7 +162,7 @@ class Store:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive: for read-modify-write of index.json and for gc."""
-        with locks.locked(self.root / "lock", root=self.root):
+        with locks.locked(self.paths.lock, root=self.root):
             yield
 
     @contextlib.contextmanager

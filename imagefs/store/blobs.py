@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 from imagefs.errors import IntegrityError, StoreError
 from imagefs.oci.digest import Digest
 from imagefs.store import fsutil, locks
+from imagefs.store.layout import Layout
 
 _READ_CHUNK = 1 << 20
 
@@ -36,8 +37,8 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.blobs_dir = root / "blobs"
-        self.ingest_dir = root / "ingest"
+        self.blobs_dir = Layout(root).blobs
+        self.ingest_dir = Layout(root).ingest
 
     def path(self, digest: Digest) -> Path:
         return self.blobs_dir / digest.algorithm / digest.hex

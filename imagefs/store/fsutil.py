@@ -21,15 +21,16 @@ Every function takes `root=`: the trust boundary. The root itself must not be a 
 ancestors are the administrator's business and are followed as usual. Without `root` (paths
 the user named on the command line, such as `-o FILE`) the directory is trusted as a whole.
 
-How to use them (the piece cache, the index store and the flat cache use these):
+How to use them (the piece cache, the index store and the flat cache use these; the paths
+come from `store.layout`, `paths = Layout(root)`):
 
-    fsutil.ensure_dir(root / "cache" / "pieces" / "sha256", root=root)   # mkdir -p, no links
-    fsutil.atomic_write(root / "cache/pieces/sha256" / hex, data, root=root, durable=False)
-    data = fsutil.read_bytes(root / "indexes/layer/sha256" / hex, root=root)  # None if missing
-    for e in fsutil.scan(root / "cache" / "pieces", root=root): ...      # e.kind: file/dir/link
-    fsutil.safe_unlink(root / "cache/pieces/sha256" / hex, root=root)   # a link: the link goes
-    fsutil.safe_rmtree(root / "cache" / "chunks", root=root)            # bytes freed
-    with fsutil.dir_fd(root / "cache" / "pieces" / "sha256", root=root) as d:  # one walk
+    fsutil.ensure_dir(paths.pieces, root=root)                          # mkdir -p, no links
+    fsutil.atomic_write(paths.pieces / hex, data, root=root, durable=False)
+    data = fsutil.read_bytes(paths.layer_indexes / "sha256" / hex, root=root)  # None if missing
+    for e in fsutil.scan(paths.pieces, root=root): ...                  # e.kind: file/dir/link
+    fsutil.safe_unlink(paths.pieces / hex, root=root)                   # a link: the link goes
+    fsutil.safe_rmtree(paths.flat, root=root)                           # bytes freed
+    with fsutil.dir_fd(paths.pieces, root=root) as d:                   # one walk
         fd = fsutil.safe_open(d, name, os.O_RDONLY)
 
 A crash leaves at worst a temp file (`TEMP_PREFIX`) that `prune`/`check` remove. OS failures

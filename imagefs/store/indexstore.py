@@ -44,6 +44,7 @@ from imagefs.layers import estargz, lostnames, zstdchunked
 from imagefs.layers.index import LayerIndex
 from imagefs.oci.digest import Digest
 from imagefs.store import fsutil
+from imagefs.store.layout import Layout
 
 ESTARGZ = "estargz"
 ZSTD_CHUNKED = "zstdchunked"
@@ -137,15 +138,15 @@ class IndexStore:
     """Synchronous; callers on trio run it in worker threads."""
 
     def __init__(self, root: Path) -> None:
-        self.dir = root / "indexes"
+        self.paths = Layout(root)
 
     # -- paths ------------------------------------------------------------------------------
 
     def layer_path(self, layer: Digest) -> Path:
-        return self.dir / "layer" / layer.algorithm / layer.hex
+        return self.paths.layer_indexes / layer.algorithm / layer.hex
 
     def bound_dir(self, layer: Digest) -> Path:
-        return self.dir / "bound" / layer.algorithm / layer.hex
+        return self.paths.bound_indexes / layer.algorithm / layer.hex
 
     def raw_path(self, bound: Bound) -> Path:
         return self.bound_dir(bound.layer) / bound.name
@@ -154,10 +155,10 @@ class IndexStore:
         return self.bound_dir(bound.layer) / f"{bound.name}.idx"
 
     def refused_path(self, bound: Bound) -> Path:
-        return self.dir / "refused" / f"{bound.layer.hex}-{bound.name}"
+        return self.paths.refused_indexes / f"{bound.layer.hex}-{bound.name}"
 
     def referrers_path(self, manifest: Digest) -> Path:
-        return self.dir / "referrers" / manifest.algorithm / manifest.hex
+        return self.paths.referrer_indexes / manifest.algorithm / manifest.hex
 
     # -- bound to the layer -----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.reference import Reference
 from imagefs.store import fsutil
+from imagefs.store.layout import Layout
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -100,7 +101,7 @@ class RefStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.path = root / "index.json"
+        self.path = Layout(root).index_json
 
     def exists(self) -> bool:
         return fsutil.lstat(self.path, root=self.root) is not None
