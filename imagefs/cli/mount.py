@@ -80,7 +80,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
 async def run_mount(s: api.Session, a: argparse.Namespace) -> int:
     """The foreground mount: `mount -f` by a user, or the daemon `mount_detached` starts."""
     from imagefs import api
-    from imagefs.api_profiles import load_profile
+    from imagefs.api.profiles import load_profile
     from imagefs.fs import lifecycle
     from imagefs.fs.daemon import serve
 
