@@ -32,9 +32,10 @@ import trio
 from imagefs.errors import ImageFSError, NotAFile, NotFound, UsageError, unwrap_groups
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE
 from imagefs.lazy.layers import READ_AHEAD, LayerSet
+from imagefs.lazy.tree import LazyTree
 from imagefs.lazy.wiring import lazy_layer_set
 from imagefs.oci.platform import Platform
-from imagefs.overlay import ROOT_INODE, Attrs, NeedLayer, Overlay
+from imagefs.overlay import ROOT_INODE, Attrs, Overlay
 from imagefs.pulling import find_or_pull
 from imagefs.session import Session
 from imagefs.store import ImageRecord
@@ -127,6 +128,7 @@ class Browser:
         self.name = name
         self.layers = layers
         self.overlay = overlay
+        self.tree = LazyTree(overlay, layers, log)
         self._resources = resources
 
     async def __aenter__(self) -> Browser:
@@ -145,20 +147,9 @@ class Browser:
         self._resources.close()
 
     async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call a pure overlay method, loading the layers it asks for (the daemon's `_ask`,
-        minus the errno translation: library callers get the ImageFSError itself)."""
-        try:
-            for _ in range(self.overlay.layer_count + 2):
-                try:
-                    return fn(*args)
-                except NeedLayer as need:
-                    idx = await self.layers.ensure(need.index)
-                    if not self.overlay.has_layer(need.index):
-                        self.overlay.set_layer(need.index, idx.toc)
-        finally:
-            while self.overlay.warnings:
-                log.warning("%s", self.overlay.warnings.pop(0))
-        raise ImageFSError(f"{getattr(fn, '__name__', fn)}: the layers of {self.name} never settle")
+        """Call a pure overlay method through the lazy tree, as the mount does; library
+        callers get the ImageFSError itself instead of an errno."""
+        return await self.tree.ask(fn, *args)
 
     # -- names ------------------------------------------------------------------------------
 

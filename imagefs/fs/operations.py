@@ -28,7 +28,8 @@ import pyfuse3
 from imagefs.errors import ImageFSError
 from imagefs.lazy import telemetry
 from imagefs.lazy.layers import LayerSet
-from imagefs.overlay import ROOT_INODE, Attrs, NeedLayer, Overlay
+from imagefs.lazy.tree import LazyTree
+from imagefs.overlay import ROOT_INODE, Attrs, Overlay
 
 log = logging.getLogger("imagefs.fs")
 
@@ -83,6 +84,22 @@ def errno_edge(cls: C) -> C:
     return cls
 
 
+class _MountTree(LazyTree):
+    """A layer that fails to load costs the request EIO, logged with the layer's digest; the
+    next request that needs it tries again."""
+
+    async def load(self, index: int) -> None:
+        name = self.layers.layers[index].digest
+        try:
+            await super().load(index)
+        except ImageFSError as exc:  # registry or format trouble
+            log.error("layer %d (%s): %s", index, name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("layer %d (%s): unexpected failure", index, name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+
 @errno_edge
 class ImageOperations(pyfuse3.Operations):
     enable_writeback_cache = False
@@ -99,54 +116,22 @@ class ImageOperations(pyfuse3.Operations):
         self._files: dict[int, _Open] = {}
         self._next_fh = 1
         self.telemetry: telemetry.Telemetry | None = None
+        self.tree = _MountTree(overlay, layers, log)
 
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call a pure overlay method, loading layers it asks for, translating errors.
-
-        Once the layers a request needs are loaded (every warm request), this is one call
-        of `fn` and nothing else: no await that yields, no thread hop."""
-        for _ in range(self.overlay.layer_count + 2):
-            try:
-                return fn(*args)
-            except NeedLayer as need:
-                await self._load(need.index)
-            except ImageFSError as exc:
-                raise _fuse_error(exc) from None
-            except pyfuse3.FUSEError:
-                raise
-            except Exception:  # a bug must cost one request, not the mount
-                log.exception("%s%r failed", getattr(fn, "__name__", fn), args)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            finally:
-                if self.overlay.warnings:
-                    self._log_overlay_warnings()
-        raise pyfuse3.FUSEError(errno.EIO)
-
-    def _log_overlay_warnings(self) -> None:
-        """The overlay notes entries it had to skip (a hard link whose target is missing in
-        the layers below); each is reported once, when it is first discovered."""
-        warnings = self.overlay.warnings
-        while warnings:
-            log.warning("%s", warnings.pop(0))
-
-    async def _load(self, index: int) -> None:
+        """Call a pure overlay method through the lazy tree (which loads the layers it asks
+        for), translating errors. Warm, this is one call of `fn`: nothing yields."""
         try:
-            idx = await self.layers.ensure(index)
-        except ImageFSError as exc:  # registry or format trouble: EIO, and retry next time
-            log.error("layer %d (%s): %s", index, self._layer_name(index), exc)
+            return await self.tree.ask(fn, *args)
+        except ImageFSError as exc:
+            raise _fuse_error(exc) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:  # a bug must cost one request, not the mount
+            log.exception("%s%r failed", getattr(fn, "__name__", fn), args)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("layer %d (%s): unexpected failure", index, self._layer_name(index))
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        digest = self.layers.layers[index].digest
-        for j, layer in enumerate(self.layers.layers):  # the same blob elsewhere in the stack
-            if layer.digest == digest and not self.overlay.has_layer(j):
-                self.overlay.set_layer(j, idx.toc)
-
-    def _layer_name(self, index: int) -> str:
-        return str(self.layers.layers[index].digest)
 
     def _entry(self, a: Attrs) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

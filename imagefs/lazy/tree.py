@@ -1,0 +1,74 @@
+"""One image's merged tree, filled on demand: the mount and `ls`/`cat` both ask it.
+
+The pure `Overlay` answers lookups, listings and attributes from the layer TOCs it has; when
+an answer needs a layer it has not got, it raises `NeedLayer(i)`. `LazyTree.ask` loads that
+layer through the `LayerSet` (its index: from the store, a published index, the TOC, or the
+blob), hands the TOC to the overlay — in every slot of the stack that holds the same blob —
+and asks again. Nothing else differs between a mount and a browse here, so it lives once.
+
+Error words are the caller's: the FUSE adapter turns a failed load into EIO and its own log
+line (`ImageOperations`' tree overrides `load`), a browse lets the ImageFSError through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from imagefs.errors import ImageFSError
+from imagefs.lazy.layers import LayerSet
+from imagefs.overlay import NeedLayer, Overlay
+
+__all__ = ["LazyTree"]
+
+T = TypeVar("T")
+
+
+class LazyTree:
+    def __init__(self, overlay: Overlay, layers: LayerSet, log: logging.Logger) -> None:
+        self.overlay = overlay
+        self.layers = layers
+        self.log = log  # the caller's: overlay warnings read as the mount's or the browse's
+
+    async def ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a pure overlay method, loading the layers it asks for.
+
+        Once the layers it needs are loaded (every warm request), this is one call of `fn`
+        and nothing else: no await that yields, no thread hop, no loop set up."""
+        try:
+            return fn(*args)
+        except NeedLayer as need:
+            return await self._ask_loading(need.index, fn, args)
+        finally:
+            if self.overlay.warnings:
+                self._log_warnings()
+
+    async def _ask_loading(self, index: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        # Each round loads one more layer; more rounds than layers means something is wrong.
+        for _ in range(self.overlay.layer_count + 1):
+            await self.load(index)
+            try:
+                return fn(*args)
+            except NeedLayer as need:
+                index = need.index
+            finally:
+                if self.overlay.warnings:
+                    self._log_warnings()
+        raise ImageFSError(f"{getattr(fn, '__name__', fn)}: the image's layers never settle")
+
+    async def load(self, index: int) -> None:
+        """Load layer `index` and give its TOC to every slot holding the same blob (a layer
+        repeated in the stack is fetched and parsed once)."""
+        idx = await self.layers.ensure(index)
+        digest = self.layers.layers[index].digest
+        for j, layer in enumerate(self.layers.layers):
+            if layer.digest == digest and not self.overlay.has_layer(j):
+                self.overlay.set_layer(j, idx.toc)
+
+    def _log_warnings(self) -> None:
+        """The overlay notes entries it had to skip (a hard link whose target is missing in
+        the layers below); each is reported once, when it is first discovered."""
+        warnings = self.overlay.warnings
+        while warnings:
+            self.log.warning("%s", warnings.pop(0))
