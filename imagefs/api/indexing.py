@@ -16,7 +16,7 @@ from imagefs.session import Session, fetch_blob
 from imagefs.store.lookup import load_resolved
 
 if TYPE_CHECKING:  # imported lazily: `imagefs mount` and friends start faster without it
-    from imagefs.indexes import PushedIndexes
+    from imagefs.published import PushedIndexes
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ async def index(
     """Build the imagefs layer index of each layer that needs one; `push` publishes them."""
     import time
 
-    from imagefs.indexes import build_local, needs_index, push_indexes
+    from imagefs.published import build_local, needs_index, push_indexes
     from imagefs.store.indexstore import IndexStore
 
     store = session.store

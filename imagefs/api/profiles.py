@@ -2,7 +2,7 @@
 fetch the published one (`imagefs profile record|push|pull`).
 
 The profile format is `imagefs.profiles` (pure); recording runs a real mount daemon
-(`imagefs.record`); publishing is an OCI artifact (`imagefs.artifacts`).
+(`imagefs.profiling`); publishing is an OCI artifact (`imagefs.artifacts`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from imagefs.profiles import ARTIFACT_TYPE, MEDIA_TYPE, Profile
 from imagefs.store.lookup import find_record, load_resolved
 
 if TYPE_CHECKING:
-    from imagefs.record import Recorded
+    from imagefs.profiling import Recorded
     from imagefs.registry.client import RegistryClient
     from imagefs.session import Session
     from imagefs.store import ImageRecord
@@ -49,8 +49,8 @@ async def record_profile(
     """Mount `reference` (pulled if not local) with a trace, run `command` with
     `$IMAGEFS_MOUNT` set, write what it read to `output`. `global_argv` are the global
     options the mount daemon is started with."""
+    from imagefs.profiling import record_profile as run_recording
     from imagefs.pulling import find_or_pull
-    from imagefs.record import record_profile as run_recording
 
     await find_or_pull(session, reference, platform)
     record, image = await _stored_image(session, reference)

@@ -35,13 +35,13 @@ from imagefs.build.stage import StageState, rfc3339
 from imagefs.build.stargzlayer import write_estargz_layer
 from imagefs.build.words import Lexer
 from imagefs.errors import BuildError
-from imagefs.indexes import build_local
 from imagefs.oci import mediatypes as mt
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
+from imagefs.published import build_local
 from imagefs.session import Session
 from imagefs.store import ImageRecord, Layout, Lease
 from imagefs.store.fsutil import fsync_dir

@@ -4,9 +4,9 @@ the pushed image mounts lazily at once from any store (byte ranges, no whole-lay
 from __future__ import annotations
 
 from imagefs.build.builder import BUILT_ANNOTATION
-from imagefs.indexes import PushedIndexes, needs_index, push_indexes
 from imagefs.layers.index import LayerIndex
 from imagefs.oci.reference import Reference
+from imagefs.published import PushedIndexes, needs_index, push_indexes
 from imagefs.session import Session
 from imagefs.store.indexstore import IndexStore
 from imagefs.store.lookup import find_record, load_resolved

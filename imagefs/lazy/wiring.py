@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from imagefs.errors import ImageFSError, IntegrityError
-from imagefs.indexes import RemoteIndexes
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.reference import Reference
+from imagefs.published import RemoteIndexes
 from imagefs.session import Session, fetch_blob, keep_whole_blob
 from imagefs.store import ImageRecord, Store
 from imagefs.store.indexstore import IndexStore

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from imagefs import api
-from imagefs.indexes import push_indexes
 from imagefs.layers import estargz
 from imagefs.layers.index import build_from_blob
 from imagefs.oci.digest import Digest
 from imagefs.oci.reference import Reference
+from imagefs.published import push_indexes
 from imagefs.store.lookup import load_resolved
 from imagefs.testing.hostile import END, Layer, RegistryWriter, default_config, file_entry
 from imagefs.testing.mounts import imagefs, mounted

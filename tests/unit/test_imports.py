@@ -45,10 +45,10 @@ RANKS: list[tuple[str, ...]] = [
         "imagefs.session",
         "imagefs.pulling",
         "imagefs.artifacts",
-        "imagefs.indexes",
+        "imagefs.published",
     ),
     # The front ends below the verbs.
-    ("imagefs.fs", "imagefs.browse", "imagefs.build", "imagefs.check", "imagefs.record"),
+    ("imagefs.fs", "imagefs.browse", "imagefs.build", "imagefs.check", "imagefs.profiling"),
     ("imagefs.api",),
     ("imagefs.cli", "imagefs.__main__"),
     ("imagefs.testing",),  # shared by tests and tools; nothing in the product imports it
