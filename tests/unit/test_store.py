@@ -170,6 +170,22 @@ def test_corrupt_index_json_is_a_one_line_store_error(tmp_path: Path) -> None:
         Store(tmp_path).records()
 
 
+def test_record_source_is_a_parsed_repository(tmp_path: Path) -> None:
+    """`dev.imagefs.source` is parsed once, at load, into a tagless Reference; a damaged one
+    makes index.json corrupt in one line instead of failing later at each use."""
+    store = Store(tmp_path)
+    store.refs.save([_record("localhost:5000/a/b:v1", DIGEST)])
+    [loaded] = store.records()
+    assert loaded.source is not None
+    assert (loaded.source.name, loaded.source.tag) == ("localhost:5000/a/b", None)
+    raw = json.loads((tmp_path / "index.json").read_text())
+    assert raw["manifests"][0]["annotations"]["dev.imagefs.source"] == "localhost:5000/a/b"
+    raw["manifests"][0]["annotations"]["dev.imagefs.source"] = "Not A/Repository"
+    (tmp_path / "index.json").write_text(json.dumps(raw))
+    with pytest.raises(StoreError, match=r"index\.json is corrupt"):
+        store.records()
+
+
 def test_gc_keeps_leased_blobs_and_drops_dead_leases(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.blobs.put(DATA)
