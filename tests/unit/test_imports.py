@@ -48,7 +48,14 @@ RANKS: list[tuple[str, ...]] = [
         "imagefs.published",
     ),
     # The front ends below the verbs.
-    ("imagefs.fs", "imagefs.browse", "imagefs.build", "imagefs.check", "imagefs.profiling"),
+    (
+        "imagefs.fs",
+        "imagefs.browse",
+        "imagefs.build",
+        "imagefs.check",
+        "imagefs.profiling",
+        "imagefs.settings",
+    ),
     ("imagefs.api",),
     ("imagefs.cli", "imagefs.__main__"),
     ("imagefs.testing",),  # shared by tests and tools; nothing in the product imports it
