@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -35,6 +36,23 @@ MIN_FETCH = 256 << 10
 # A request stops taking more pieces at this size: several requests of a long read-ahead are
 # then in flight at once and the first is decoded (on one core) while the next arrive.
 MAX_FETCH = 1 << 20
+
+
+T = TypeVar("T")
+
+
+class Hop(Protocol):
+    """How blocking work leaves the event loop: `trio.to_thread.run_sync`, or in tests a
+    deterministic stand-in (no real threads under a MockClock: its autojump fires while a
+    thread runs, which makes any interleaving possible but none reproducible)."""
+
+    async def __call__(
+        self, fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None = None
+    ) -> T: ...
+
+
+async def to_thread(fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None = None) -> T:
+    return await trio.to_thread.run_sync(fn, limiter=limiter)
 
 
 @dataclass(frozen=True)
@@ -103,10 +121,13 @@ class PieceMaker:
     min_fetch: int = MIN_FETCH
     max_fetch: int = MAX_FETCH
     describe: Callable[[int], str] = str  # a layer for the log
+    hop: Hop = to_thread  # blocking cache looks and decoding leave the event loop here
 
     def __post_init__(self) -> None:
         self.flights: dict[str, Flight] = {}
         self.inflations = 0  # pieces decoded by this process (a warm read decodes none)
+        self._looks: dict[int, set[str]] = {}  # cache looks out on a thread -> flights ended
+        self._next_look = 0
 
     async def make(
         self,
@@ -130,11 +151,21 @@ class PieceMaker:
             return missing, company
 
         while True:
-            # Neighbours come along only if absent: checked here, before the in-flight check
-            # below, so that no await separates that check from registering our flights.
-            missing, company = await trio.to_thread.run_sync(absent)
+            # The look runs on a thread. A flight that ends while it is out may have kept its
+            # piece after the look passed it by, and is gone from `flights` when the look
+            # returns: without `landed` that piece would be fetched a second time.
+            landed: set[str] = set()
+            token = self._next_look = self._next_look + 1
+            self._looks[token] = landed
+            try:
+                missing, company = await self.hop(absent)
+            finally:
+                del self._looks[token]
+            if any(j.name in landed for j in missing):
+                continue  # kept meanwhile (or failed: then the next look fetches it)
             if not missing:
                 return got
+            # No await from here to registering our flights: the in-flight check holds.
             waiting = [(j.name, self.flights[j.name]) for j in missing if j.name in self.flights]
             if not waiting:
                 break
@@ -145,7 +176,11 @@ class PieceMaker:
         unique: dict[str, Job] = {}
         for j in missing:
             unique.setdefault(j.name, j)
-        extra = {j.name: j for j in company if j.name not in unique and j.name not in self.flights}
+        extra = {
+            j.name: j
+            for j in company
+            if j.name not in unique and j.name not in self.flights and j.name not in landed
+        }
         groups = plan(list(unique.values()), list(extra.values()), self.min_fetch, self.max_fetch)
         flights = {j.name: Flight() for group in groups for j in group}
         self.flights.update(flights)
@@ -159,6 +194,8 @@ class PieceMaker:
             for name, flight in flights.items():
                 self.flights.pop(name, None)
                 flight.event.set()
+            for landed_during in self._looks.values():
+                landed_during.update(flights)
         for name in unique:
             payload = flights[name].payload
             if payload is not None:
@@ -192,7 +229,7 @@ class PieceMaker:
             return out
 
         try:
-            made = await trio.to_thread.run_sync(decode_and_keep, limiter=self.cpu)
+            made = await self.hop(decode_and_keep, limiter=self.cpu)
         except (IntegrityError, LayerFormatError) as exc:
             log.error(
                 "layer %d (%s): bytes %d-%d %s failed verification (%s); not served, not kept",

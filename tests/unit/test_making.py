@@ -1,13 +1,17 @@
 """Fetch planning, single flight and read-ahead, driven by a fake `fetch_range` on trio's
 MockClock (pytest-trio's `autojump_clock`): no sockets, and a fetch "takes" a virtual second
-so that concurrent readers really pile up behind each other's flights."""
+so that concurrent readers really pile up behind each other's flights. No real threads
+either (the clock jumps while one runs, so any interleaving could happen, none reliably):
+`SlowDisk` stands in for the worker-thread hop."""
 
 from __future__ import annotations
 
 import hashlib
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -24,6 +28,10 @@ from tests.unit.test_pieces import FILES, _estargz_layer
 KiB = 1 << 10
 PIECE = 64 * KiB
 BLOB = random.Random(1).randbytes(64 * PIECE)  # 4 MiB: "compressed" = payload here
+
+
+def _payload(k: int) -> bytes:
+    return BLOB[k * PIECE : (k + 1) * PIECE]
 
 
 def _job(k: int, *, size: int = PIECE, gap: int = 0) -> Job:
@@ -81,7 +89,26 @@ class FakeRegistry:
             self.running -= 1
 
 
-def _maker(tmp_path: Path, registry: FakeRegistry) -> PieceMaker:
+T = TypeVar("T")
+
+
+class SlowDisk:
+    """The worker-thread hop, deterministic: the work happens at once, its answer comes back
+    after virtual time. A cache look (no limiter) takes `look` seconds, as on a slow or busy
+    disk; decoding (under the cpu limiter) takes `decode` seconds."""
+
+    def __init__(self, look: float = 0.0, decode: float = 0.0) -> None:
+        self.look, self.decode = look, decode
+
+    async def __call__(
+        self, fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None = None
+    ) -> T:
+        result = fn()
+        await trio.sleep(self.look if limiter is None else self.decode)
+        return result
+
+
+def _maker(tmp_path: Path, registry: FakeRegistry, disk: SlowDisk | None = None) -> PieceMaker:
     def no_pread(_i: int, _start: int, _end: int) -> bytes:
         raise AssertionError("nothing is local")
 
@@ -91,6 +118,7 @@ def _maker(tmp_path: Path, registry: FakeRegistry) -> PieceMaker:
         lambda _i: False,
         no_pread,
         trio.CapacityLimiter(2),
+        hop=disk or SlowDisk(),
     )
 
 
@@ -110,16 +138,14 @@ async def test_a_long_window_goes_out_as_several_requests_at_once(
     assert len(registry.calls) == 4 and maker.inflations == 64
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: with MockClock autojump and real worker-thread cache looks, a piece is "
-    "sometimes fetched twice by interleaved readers; under investigation (see the issue note)",
-)
 async def test_single_flight_no_piece_fetched_twice(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """Readers come while earlier ones look at the cache, fetch or decode. A cache look takes
+    2 s here: the readers at 1.5 s and 2 s look before the first reader's pieces are kept and
+    get their answer ("absent") after its flights have ended. They must not fetch again."""
     registry = FakeRegistry()
-    maker = _maker(tmp_path, registry)
+    maker = _maker(tmp_path, registry, SlowDisk(look=2.0, decode=0.1))
     jobs = [_job(k) for k in range(64)]
     results: list[tuple[range, dict[str, bytes]]] = []
 
@@ -129,24 +155,22 @@ async def test_single_flight_no_piece_fetched_twice(
     async with trio.open_nursery() as nursery:
         for ks in (range(0, 64), range(10, 20), range(30, 64), range(0, 64), range(5, 6)):
             nursery.start_soon(reader, ks)
-            await trio.sleep(0.1)  # each comes while the earlier ones are in flight
+            await trio.sleep(0.5)
     assert max(registry.served.values()) == 1 and len(registry.served) == 64, registry.calls
-    for ks, got in results:  # every reader got its payloads (made or waited for)
-        assert sorted(got) == sorted(jobs[k].name for k in ks)
+    assert len(results) == 5
+    for ks, got in results:  # every reader got its payloads, made or waited for or kept
         assert all(hashlib.sha256(p).hexdigest() == n for n, p in got.items())
+        for k in ks:
+            assert jobs[k].name in got or maker.cache.read(jobs[k].name) == _payload(k)
+    assert sorted(results[0][1]) == sorted(j.name for j in jobs)  # the first made them all
     assert maker.inflations == 64 and not maker.flights
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: with MockClock autojump and real worker-thread cache looks, a piece is "
-    "sometimes fetched twice by interleaved readers; under investigation (see the issue note)",
-)
 async def test_a_failed_flight_wakes_its_waiters_who_try_themselves(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     registry = FakeRegistry(fail_first=1)
-    maker = _maker(tmp_path, registry)
+    maker = _maker(tmp_path, registry, SlowDisk(look=0.2, decode=0.1))
     jobs = [_job(k) for k in range(4)]
     outcome: list[str] = []
 
