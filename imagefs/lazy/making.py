@@ -10,7 +10,8 @@ missing pieces of a set of jobs:
   requests (pieces that touch or nearly touch go together; a small request takes following
   neighbour pieces along; no request grows past `max_fetch` once it holds a piece, so a long
   read-ahead becomes several requests in flight, each decoded as soon as it arrives);
-- one worker-thread hop per request decodes, verifies and keeps all its pieces.
+- one worker-thread hop per request decodes, verifies and keeps all its pieces (as one
+  pack file in the cache, see `cache.py`).
 
 Where the compressed bytes come from (a local blob or the registry) is the caller's: this
 module sees a layer only as a number passed back to `fetch`, `is_local` and `pread`.
@@ -214,7 +215,8 @@ class PieceMaker:
 
         def decode_and_keep() -> list[tuple[str, bytes]]:
             blob = self.pread(i, start, end) if data is None else data
-            out = []
+            out: list[tuple[str, bytes]] = []
+            keep: list[tuple[str, bytes]] = []
             for j in group:
                 try:
                     payload = j.decode(blob[j.start - start : j.end - start])
@@ -224,8 +226,9 @@ class PieceMaker:
                     # a waiter on it finds no payload and fetches (and reports) itself
                     log.warning("piece at %d-%d not kept: %s", j.start, j.end, exc)
                     continue
-                cache.put(j.name, payload)
+                keep.append((j.name, payload))
                 out.append((j.name, payload if j.name in wanted else b""))
+            cache.put_many(keep)  # one pack per request: a file write and a link per piece
             return out
 
         try:
