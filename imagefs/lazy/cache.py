@@ -114,10 +114,13 @@ def locate_piece(fd: int, hexd: str, file_size: int) -> tuple[int, int, int] | N
     if len(table) != count * PACK_ENTRY.size or xxhash.xxh3_64_intdigest(table) != check:
         return None
     want = bytes.fromhex(hexd)
-    for name, offset, length, xxh in PACK_ENTRY.iter_unpack(table):
-        if name == want:
-            return (offset, length, xxh) if offset + length <= file_size else None
-    return None
+    at = table.find(want)
+    while at >= 0 and at % PACK_ENTRY.size:  # 32 bytes inside another field: look on
+        at = table.find(want, at + 1)
+    if at < 0:
+        return None
+    _, offset, length, xxh = PACK_ENTRY.unpack_from(table, at)
+    return (offset, length, xxh) if offset + length <= file_size else None
 
 
 def read_piece(fd: int, hexd: str) -> bytes | None:

@@ -282,7 +282,7 @@ class LayerSet:
             except _Gone:
                 all_jobs = jobs()
                 need = [all_jobs[p[3]] for p in parts if p[0] is not None]
-                fresh = await self.maker.make(i, need, neighbours())
+                fresh = await self.maker.make(i, need, neighbours)
         raise ImageFSError("cache pieces keep vanishing under this read (cache cap too small?)")
 
     # -- reading ----------------------------------------------------------------------------

@@ -134,21 +134,28 @@ class PieceMaker:
         self,
         i: int,
         jobs: Sequence[Job],
-        neighbours: Sequence[Job] = (),
+        neighbours: Callable[[], Sequence[Job]] = tuple,
         *,
         payloads: bool = True,
     ) -> dict[str, bytes]:
         """Make sure the pieces of `jobs` exist; returns the payloads this call made or
         waited for (name -> bytes), the others are in the cache (open). Prefetches pass
-        `payloads=False`: what they make is not held in memory, only kept in the cache."""
+        `payloads=False`: what they make is not held in memory, only kept in the cache, and
+        what is there already is only looked at, not opened (a reader opens it when it
+        needs it). `neighbours` is called only when this call will fetch something."""
         cache = self.cache
         got: dict[str, bytes] = {}
+        there = cache.open if payloads else cache.exists
+        in_flight = self.flights
 
         def absent() -> tuple[list[Job], list[Job]]:
-            missing = [j for j in jobs if j.name not in got and not cache.open(j.name)]
-            # Neighbours only matter when something must be fetched; a cheap existence
-            # check for them (their content is checked when a read opens them).
-            company = [j for j in neighbours if not cache.exists(j.name)] if missing else []
+            missing = [j for j in jobs if j.name not in got and not there(j.name)]
+            # Neighbours only matter when something must be fetched, not when all that is
+            # missing is in flight already (a reader behind read-ahead: the common case).
+            # `in_flight` is read from this thread only as that hint; the event loop decides.
+            # A cheap existence check for them (a read that opens them checks them).
+            fetching = any(j.name not in in_flight for j in missing)
+            company = [j for j in neighbours() if not cache.exists(j.name)] if fetching else []
             return missing, company
 
         while True:

@@ -22,6 +22,7 @@ from imagefs.image import Layer
 from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.making import MAX_FETCH, MIN_FETCH, Job, PieceMaker, plan
+from imagefs.lazy.prefetch import Covered
 from imagefs.store import Store
 from tests.unit.test_pieces import FILES, _estargz_layer
 
@@ -264,3 +265,18 @@ async def test_read_ahead_runs_across_files_read_in_stored_order(
         pieces.update(range(start, end))
     assert pieces and max(pieces.values()) == 1
     ls.close()
+
+
+def test_read_ahead_asks_only_for_ground_no_earlier_window_covered() -> None:
+    covered = Covered()
+    assert covered.missing(10, 20) == [(10, 20)]
+    covered.add(10, 20)
+    covered.add(30, 40)
+    assert covered.missing(0, 50) == [(0, 10), (20, 30), (40, 50)]
+    assert covered.missing(12, 18) == [] and covered.missing(15, 35) == [(20, 30)]
+    covered.add(20, 30)  # touching: merged into one
+    assert (covered.starts, covered.ends) == ([10], [40])
+    covered.add(0, 5)
+    covered.add(45, 60)
+    covered.add(3, 50)
+    assert (covered.starts, covered.ends) == ([0], [60])
