@@ -19,10 +19,14 @@ import trio.testing
 
 from imagefs.errors import ImageFSError, IntegrityError
 from imagefs.image import Layer
+from imagefs.layers import estargz
 from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.layers import LayerSet
+from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST, TAIL_FETCH
 from imagefs.lazy.making import MAX_FETCH, MIN_FETCH, Job, PieceMaker, plan
 from imagefs.lazy.prefetch import Covered
+from imagefs.oci.digest import Digest
+from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
 from tests.unit.test_pieces import FILES, _estargz_layer
 
@@ -280,3 +284,42 @@ def test_read_ahead_asks_only_for_ground_no_earlier_window_covered() -> None:
     covered.add(45, 60)
     covered.add(3, 50)
     assert (covered.starts, covered.ends) == ([0], [60])
+
+
+async def test_a_toc_larger_than_the_tail_guess_is_fetched_without_overlap(
+    tmp_path: Path,
+) -> None:
+    """The eStargz TOC comes with a first guess of the blob's last 64 KiB; a TOC larger than
+    that takes one more request for the part before the tail, never the tail again."""
+    rng = random.Random(3)
+    specs = [
+        estargz.FileSpec(f"d/{rng.randbytes(24).hex()}", data=rng.randbytes(8)) for _ in range(3000)
+    ]
+    built = estargz.write_estargz(specs)
+    blob = built.blob
+    assert len(blob) - built.toc_offset > TAIL_FETCH  # the case under test
+    desc = Descriptor(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        Digest.of(blob),
+        len(blob),
+        annotations={ESTARGZ_TOC_DIGEST: built.toc_digest},
+    )
+    calls: list[tuple[int, int]] = []
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        calls.append((start, end))
+        return blob[start:end]
+
+    async def fetch_blob(_: Layer) -> None:
+        raise AssertionError("the whole blob is never needed")
+
+    ls = LayerSet(
+        Store(tmp_path), [Layer(desc, Digest.parse(built.diff_id))], fetch_blob, fetch_range
+    )
+    idx = await ls.ensure(0)
+    assert len(idx.toc) > 3000
+    times: Counter[int] = Counter()
+    for start, end in calls:
+        times.update(range(start, end))
+    assert len(calls) == 2 and max(times.values()) == 1, calls
+    ls.close()
