@@ -330,7 +330,7 @@ class PieceCache:
             offset += len(payload)
         head = PACK_HEADER.pack(PACK_MAGIC, len(items), xxhash.xxh3_64_intdigest(table))
         tmp = f"{fsutil.TEMP_PREFIX}{items[0][0][:16]}.{os.getpid()}.{threading.get_ident()}"
-        kept = 0
+        kept: list[str] = []
         try:
             fd = os.open(
                 tmp,
@@ -343,17 +343,21 @@ class PieceCache:
             finally:
                 os.close(fd)
             for hexd, _ in items:
-                self._link(tmp, hexd, dfd)
-                kept += 1
+                try:
+                    self._link(tmp, hexd, dfd)
+                except OSError as exc:  # e.g. a directory planted under the name
+                    log.warning("cannot cache piece %s: %s", hexd[:12], exc)
+                    continue
+                kept.append(hexd)
         except OSError as exc:
-            log.warning("cannot cache %d piece(s) from %s: %s", len(items) - kept, tmp, exc)
+            log.warning("cannot cache %d piece(s): %s", len(items), exc)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
         if not kept:
             return
-        self.writes += kept
-        for hexd, _ in items[:kept]:
+        self.writes += len(kept)
+        for hexd in kept:
             if len(self._checked) < _MAX_CHECKED:
                 self._checked.add(hexd)  # written from bytes just checked
         with self._lock:
