@@ -128,6 +128,17 @@ def test_pieces_of_one_request_share_a_pack_and_each_answers_only_for_itself(
     assert PieceCache(tmp_path).read(names[7]) == payloads[7]
 
 
+def test_a_name_that_cannot_be_linked_loses_only_its_own_piece(tmp_path: Path) -> None:
+    cache = PieceCache(tmp_path)
+    payloads = [random.Random(k).randbytes(500) for k in range(3)]
+    names = [hashlib.sha256(p).hexdigest() for p in payloads]
+    (cache.dir / names[1]).mkdir(parents=True)  # planted: a directory under a piece name
+    cache.put_many(list(zip(names, payloads, strict=True)))
+    assert cache.writes == 2 and (cache.dir / names[1]).is_dir()
+    assert cache.read(names[0]) == payloads[0] and cache.read(names[2]) == payloads[2]
+    assert [p.name for p in cache.dir.iterdir() if p.name.startswith(".")] == []  # no temp
+
+
 def test_a_piece_file_of_an_earlier_version_is_still_read(tmp_path: Path) -> None:
     payload = b"kept by an earlier imagefs" * 100
     name = hashlib.sha256(payload).hexdigest()
