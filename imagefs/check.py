@@ -28,7 +28,7 @@ from pathlib import Path
 
 from imagefs.errors import ImageFSError, LayerFormatError
 from imagefs.layers.index import LayerIndex
-from imagefs.lazy.cache import PieceCache, is_piece_name, piece_payload
+from imagefs.lazy.cache import PieceCache, is_piece_name, read_piece
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
 from imagefs.store import Layout, Store, fsutil, layout_links, locks
@@ -183,7 +183,14 @@ def _check_pieces(root: Path, report: CheckReport, bad: Bad) -> None:
             bad(f"stray file in the cache: {path}", path)
             continue
         report.pieces += 1
-        payload = piece_payload(fsutil.read_bytes(path, root=root) or b"")
+        try:
+            fd = fsutil.safe_open(pieces, entry.name, os.O_RDONLY, root=root)
+        except FileNotFoundError:
+            continue  # evicted while we looked
+        try:
+            payload = read_piece(fd, entry.name)  # its own bytes in its pack, self-checked
+        finally:
+            os.close(fd)
         if payload is None or hashlib.sha256(payload).hexdigest() != path.name:
             bad(f"cache piece {path} is damaged", path)
 

@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ log = logging.getLogger("imagefs.lazy")
 FetchBlob = Callable[[Layer], Awaitable[None]]
 FetchRange = Callable[[Layer, int, int], Awaitable[bytes]]
 ZSTD_FLAT_THRESHOLD = 8 << 20  # single-frame zstd bigger than this: decompress once to a file
+_HELD_LAYERS = 16  # layers whose TOC tail fetch's chunk bytes are held (`LayerSet.hold`)
 
 __all__ = ["ESTARGZ_TOC_DIGEST", "READ_AHEAD", "LayerSet", "LayerStats"]
 
@@ -96,6 +98,7 @@ class LayerSet:
         self._fds: dict[int, int] = {}
         self._local: dict[int, bool] = {}
         self._local_checked: dict[int, float] = {}
+        self._held: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
         self.read_ahead = ReadAhead(self)
         self.stats = [LayerStats() for _ in self.layers]
         self.maker = PieceMaker(
@@ -153,8 +156,28 @@ class LayerSet:
 
     # -- where compressed bytes come from ---------------------------------------------------
 
+    def hold(self, i: int, start: int, data: bytes) -> None:
+        """Keep blob bytes at `start` that came with another fetch (an eStargz TOC's tail
+        fetch brings the last chunks along), so that no request fetches them again. A few
+        layers' worth at most (`_HELD_LAYERS` x the 64 KiB tail guess)."""
+        if data:
+            self._held[i] = (start, data)
+            self._held.move_to_end(i)
+            while len(self._held) > _HELD_LAYERS:
+                self._held.popitem(last=False)
+
     async def fetch(self, i: int, start: int, end: int) -> bytes:
-        """Blob bytes [start, end) by a Range GET (not verified: callers verify)."""
+        """Blob bytes [start, end) by a Range GET (not verified: callers verify); the part
+        of them held from an earlier fetch (`hold`) is not asked for again."""
+        held = self._held.get(i)
+        if held is not None:
+            hs, data = held
+            if hs < end <= hs + len(data):
+                head = await self._fetch(i, start, hs) if start < hs else b""
+                return head + data[max(start, hs) - hs : end - hs]
+        return await self._fetch(i, start, end)
+
+    async def _fetch(self, i: int, start: int, end: int) -> bytes:
         assert self.fetch_range is not None
         began = time.monotonic()
         async with self.net:
@@ -259,7 +282,7 @@ class LayerSet:
             except _Gone:
                 all_jobs = jobs()
                 need = [all_jobs[p[3]] for p in parts if p[0] is not None]
-                fresh = await self.maker.make(i, need, neighbours())
+                fresh = await self.maker.make(i, need, neighbours)
         raise ImageFSError("cache pieces keep vanishing under this read (cache cap too small?)")
 
     # -- reading ----------------------------------------------------------------------------

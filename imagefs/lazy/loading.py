@@ -179,8 +179,11 @@ async def _fetch_estargz_toc(ls: LayerSet, i: int) -> tuple[dict[str, int], byte
         raise LayerFormatError(f"eStargz footer points outside the blob ({toc_offset})")
     if toc_offset >= tail_start:
         member = tail[toc_offset - tail_start : len(tail) - footer]
+        # the last chunks came along: their requests take these bytes instead
+        ls.hold(i, tail_start, tail[: toc_offset - tail_start])
     else:
-        member = await ls.fetch(i, toc_offset, size - footer)
+        # a TOC larger than the first guess: only the part before the tail is fetched
+        member = await ls.fetch(i, toc_offset, tail_start) + tail[: len(tail) - footer]
     toc_json = await trio.to_thread.run_sync(estargz.toc_json_from_member, member, limiter=ls.cpu)
     return {"toc_offset": toc_offset}, toc_json
 

@@ -10,7 +10,8 @@ missing pieces of a set of jobs:
   requests (pieces that touch or nearly touch go together; a small request takes following
   neighbour pieces along; no request grows past `max_fetch` once it holds a piece, so a long
   read-ahead becomes several requests in flight, each decoded as soon as it arrives);
-- one worker-thread hop per request decodes, verifies and keeps all its pieces.
+- one worker-thread hop per request decodes, verifies and keeps all its pieces (as one
+  pack file in the cache, see `cache.py`).
 
 Where the compressed bytes come from (a local blob or the registry) is the caller's: this
 module sees a layer only as a number passed back to `fetch`, `is_local` and `pread`.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -35,6 +37,23 @@ MIN_FETCH = 256 << 10
 # A request stops taking more pieces at this size: several requests of a long read-ahead are
 # then in flight at once and the first is decoded (on one core) while the next arrive.
 MAX_FETCH = 1 << 20
+
+
+T = TypeVar("T")
+
+
+class Hop(Protocol):
+    """How blocking work leaves the event loop: `trio.to_thread.run_sync`, or in tests a
+    deterministic stand-in (no real threads under a MockClock: its autojump fires while a
+    thread runs, which makes any interleaving possible but none reproducible)."""
+
+    async def __call__(
+        self, fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None = None
+    ) -> T: ...
+
+
+async def to_thread(fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None = None) -> T:
+    return await trio.to_thread.run_sync(fn, limiter=limiter)
 
 
 @dataclass(frozen=True)
@@ -103,38 +122,58 @@ class PieceMaker:
     min_fetch: int = MIN_FETCH
     max_fetch: int = MAX_FETCH
     describe: Callable[[int], str] = str  # a layer for the log
+    hop: Hop = to_thread  # blocking cache looks and decoding leave the event loop here
 
     def __post_init__(self) -> None:
         self.flights: dict[str, Flight] = {}
         self.inflations = 0  # pieces decoded by this process (a warm read decodes none)
+        self._looks: dict[int, set[str]] = {}  # cache looks out on a thread -> flights ended
+        self._next_look = 0
 
     async def make(
         self,
         i: int,
         jobs: Sequence[Job],
-        neighbours: Sequence[Job] = (),
+        neighbours: Callable[[], Sequence[Job]] = tuple,
         *,
         payloads: bool = True,
     ) -> dict[str, bytes]:
         """Make sure the pieces of `jobs` exist; returns the payloads this call made or
         waited for (name -> bytes), the others are in the cache (open). Prefetches pass
-        `payloads=False`: what they make is not held in memory, only kept in the cache."""
+        `payloads=False`: what they make is not held in memory, only kept in the cache, and
+        what is there already is only looked at, not opened (a reader opens it when it
+        needs it). `neighbours` is called only when this call will fetch something."""
         cache = self.cache
         got: dict[str, bytes] = {}
+        there = cache.open if payloads else cache.exists
+        in_flight = self.flights
 
         def absent() -> tuple[list[Job], list[Job]]:
-            missing = [j for j in jobs if j.name not in got and not cache.open(j.name)]
-            # Neighbours only matter when something must be fetched; a cheap existence
-            # check for them (their content is checked when a read opens them).
-            company = [j for j in neighbours if not cache.exists(j.name)] if missing else []
+            missing = [j for j in jobs if j.name not in got and not there(j.name)]
+            # Neighbours only matter when something must be fetched, not when all that is
+            # missing is in flight already (a reader behind read-ahead: the common case).
+            # `in_flight` is read from this thread only as that hint; the event loop decides.
+            # A cheap existence check for them (a read that opens them checks them).
+            fetching = any(j.name not in in_flight for j in missing)
+            company = [j for j in neighbours() if not cache.exists(j.name)] if fetching else []
             return missing, company
 
         while True:
-            # Neighbours come along only if absent: checked here, before the in-flight check
-            # below, so that no await separates that check from registering our flights.
-            missing, company = await trio.to_thread.run_sync(absent)
+            # The look runs on a thread. A flight that ends while it is out may have kept its
+            # piece after the look passed it by, and is gone from `flights` when the look
+            # returns: without `landed` that piece would be fetched a second time.
+            landed: set[str] = set()
+            token = self._next_look = self._next_look + 1
+            self._looks[token] = landed
+            try:
+                missing, company = await self.hop(absent)
+            finally:
+                del self._looks[token]
+            if any(j.name in landed for j in missing):
+                continue  # kept meanwhile (or failed: then the next look fetches it)
             if not missing:
                 return got
+            # No await from here to registering our flights: the in-flight check holds.
             waiting = [(j.name, self.flights[j.name]) for j in missing if j.name in self.flights]
             if not waiting:
                 break
@@ -145,7 +184,11 @@ class PieceMaker:
         unique: dict[str, Job] = {}
         for j in missing:
             unique.setdefault(j.name, j)
-        extra = {j.name: j for j in company if j.name not in unique and j.name not in self.flights}
+        extra = {
+            j.name: j
+            for j in company
+            if j.name not in unique and j.name not in self.flights and j.name not in landed
+        }
         groups = plan(list(unique.values()), list(extra.values()), self.min_fetch, self.max_fetch)
         flights = {j.name: Flight() for group in groups for j in group}
         self.flights.update(flights)
@@ -159,6 +202,8 @@ class PieceMaker:
             for name, flight in flights.items():
                 self.flights.pop(name, None)
                 flight.event.set()
+            for landed_during in self._looks.values():
+                landed_during.update(flights)
         for name in unique:
             payload = flights[name].payload
             if payload is not None:
@@ -177,7 +222,8 @@ class PieceMaker:
 
         def decode_and_keep() -> list[tuple[str, bytes]]:
             blob = self.pread(i, start, end) if data is None else data
-            out = []
+            out: list[tuple[str, bytes]] = []
+            keep: list[tuple[str, bytes]] = []
             for j in group:
                 try:
                     payload = j.decode(blob[j.start - start : j.end - start])
@@ -187,12 +233,13 @@ class PieceMaker:
                     # a waiter on it finds no payload and fetches (and reports) itself
                     log.warning("piece at %d-%d not kept: %s", j.start, j.end, exc)
                     continue
-                cache.put(j.name, payload)
+                keep.append((j.name, payload))
                 out.append((j.name, payload if j.name in wanted else b""))
+            cache.put_many(keep)  # one pack per request: a file write and a link per piece
             return out
 
         try:
-            made = await trio.to_thread.run_sync(decode_and_keep, limiter=self.cpu)
+            made = await self.hop(decode_and_keep, limiter=self.cpu)
         except (IntegrityError, LayerFormatError) as exc:
             log.error(
                 "layer %d (%s): bytes %d-%d %s failed verification (%s); not served, not kept",

@@ -8,12 +8,14 @@ module imports another.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from imagefs.layers import estargz
+from imagefs.lazy.cache import locate_piece
 from imagefs.testing.images import (
     LayoutImage,
     PushedImage,
@@ -80,3 +82,16 @@ def push_estargz(
         annotations={"containerd.io/snapshot/stargz/toc.digest": toc_digest or blob.toc_digest},
     )
     return push(image, registry, ref), image
+
+
+def rot_piece(path: Path) -> None:
+    """Flip the last byte of the cached piece at `path` (its own payload in its pack, so
+    that other pieces of the pack stay whole)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        where = locate_piece(fd, path.name, os.fstat(fd).st_size)
+        assert where is not None, path
+        last = where[0] + where[1] - 1
+        os.pwrite(fd, bytes([os.pread(fd, 1, last)[0] ^ 0x01]), last)
+    finally:
+        os.close(fd)

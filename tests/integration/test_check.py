@@ -8,7 +8,7 @@ import pytest
 
 from imagefs.testing.images import SampleImage
 from imagefs.testing.mounts import imagefs, mounted
-from tests.integration.lazy_content import BIG, Published
+from tests.integration.lazy_content import BIG, Published, rot_piece
 
 pytestmark = pytest.mark.fuse
 
@@ -33,8 +33,9 @@ def test_check_finds_and_repairs_damage(
     blob = max((root / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
     piece = next((root / "cache" / "pieces" / "sha256").iterdir())
     index = next((root / "indexes" / "layer" / "sha256").iterdir())
-    for damaged in (blob, piece, index):
+    for damaged in (blob, index):
         _flip_last_byte(damaged)
+    rot_piece(piece)
     (root / "blobs" / "sha256" / ".tmp-left-by-a-crash").write_bytes(b"x")
     # what earlier versions kept, keyed by layer alone / by offsets: bound to nothing
     old_index = root / "indexes" / "sha256" / index.name

@@ -1,29 +1,42 @@
 """Fetch planning, single flight and read-ahead, driven by a fake `fetch_range` on trio's
 MockClock (pytest-trio's `autojump_clock`): no sockets, and a fetch "takes" a virtual second
-so that concurrent readers really pile up behind each other's flights."""
+so that concurrent readers really pile up behind each other's flights. No real threads
+either (the clock jumps while one runs, so any interleaving could happen, none reliably):
+`SlowDisk` stands in for the worker-thread hop."""
 
 from __future__ import annotations
 
 import hashlib
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
 import trio.testing
 
 from imagefs.errors import ImageFSError, IntegrityError
+from imagefs.layers import estargz
 from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.layers import LayerSet
+from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST, TAIL_FETCH
 from imagefs.lazy.making import MAX_FETCH, MIN_FETCH, Job, PieceMaker, plan
+from imagefs.lazy.prefetch import Covered
+from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
+from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
 from tests.unit.test_pieces import FILES, _estargz_layer
 
 KiB = 1 << 10
 PIECE = 64 * KiB
 BLOB = random.Random(1).randbytes(64 * PIECE)  # 4 MiB: "compressed" = payload here
+
+
+def _payload(k: int) -> bytes:
+    return BLOB[k * PIECE : (k + 1) * PIECE]
 
 
 def _job(k: int, *, size: int = PIECE, gap: int = 0) -> Job:
@@ -81,7 +94,26 @@ class FakeRegistry:
             self.running -= 1
 
 
-def _maker(tmp_path: Path, registry: FakeRegistry) -> PieceMaker:
+T = TypeVar("T")
+
+
+class SlowDisk:
+    """The worker-thread hop, deterministic: the work happens at once, its answer comes back
+    after virtual time. A cache look (no limiter) takes `look` seconds, as on a slow or busy
+    disk; decoding (under the cpu limiter) takes `decode` seconds."""
+
+    def __init__(self, look: float = 0.0, decode: float = 0.0) -> None:
+        self.look, self.decode = look, decode
+
+    async def __call__(
+        self, fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None = None
+    ) -> T:
+        result = fn()
+        await trio.sleep(self.look if limiter is None else self.decode)
+        return result
+
+
+def _maker(tmp_path: Path, registry: FakeRegistry, disk: SlowDisk | None = None) -> PieceMaker:
     def no_pread(_i: int, _start: int, _end: int) -> bytes:
         raise AssertionError("nothing is local")
 
@@ -91,6 +123,7 @@ def _maker(tmp_path: Path, registry: FakeRegistry) -> PieceMaker:
         lambda _i: False,
         no_pread,
         trio.CapacityLimiter(2),
+        hop=disk or SlowDisk(),
     )
 
 
@@ -110,16 +143,14 @@ async def test_a_long_window_goes_out_as_several_requests_at_once(
     assert len(registry.calls) == 4 and maker.inflations == 64
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: with MockClock autojump and real worker-thread cache looks, a piece is "
-    "sometimes fetched twice by interleaved readers; under investigation (see the issue note)",
-)
 async def test_single_flight_no_piece_fetched_twice(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """Readers come while earlier ones look at the cache, fetch or decode. A cache look takes
+    2 s here: the readers at 1.5 s and 2 s look before the first reader's pieces are kept and
+    get their answer ("absent") after its flights have ended. They must not fetch again."""
     registry = FakeRegistry()
-    maker = _maker(tmp_path, registry)
+    maker = _maker(tmp_path, registry, SlowDisk(look=2.0, decode=0.1))
     jobs = [_job(k) for k in range(64)]
     results: list[tuple[range, dict[str, bytes]]] = []
 
@@ -129,24 +160,22 @@ async def test_single_flight_no_piece_fetched_twice(
     async with trio.open_nursery() as nursery:
         for ks in (range(0, 64), range(10, 20), range(30, 64), range(0, 64), range(5, 6)):
             nursery.start_soon(reader, ks)
-            await trio.sleep(0.1)  # each comes while the earlier ones are in flight
+            await trio.sleep(0.5)
     assert max(registry.served.values()) == 1 and len(registry.served) == 64, registry.calls
-    for ks, got in results:  # every reader got its payloads (made or waited for)
-        assert sorted(got) == sorted(jobs[k].name for k in ks)
+    assert len(results) == 5
+    for ks, got in results:  # every reader got its payloads, made or waited for or kept
         assert all(hashlib.sha256(p).hexdigest() == n for n, p in got.items())
+        for k in ks:
+            assert jobs[k].name in got or maker.cache.read(jobs[k].name) == _payload(k)
+    assert sorted(results[0][1]) == sorted(j.name for j in jobs)  # the first made them all
     assert maker.inflations == 64 and not maker.flights
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: with MockClock autojump and real worker-thread cache looks, a piece is "
-    "sometimes fetched twice by interleaved readers; under investigation (see the issue note)",
-)
 async def test_a_failed_flight_wakes_its_waiters_who_try_themselves(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     registry = FakeRegistry(fail_first=1)
-    maker = _maker(tmp_path, registry)
+    maker = _maker(tmp_path, registry, SlowDisk(look=0.2, decode=0.1))
     jobs = [_job(k) for k in range(4)]
     outcome: list[str] = []
 
@@ -233,9 +262,64 @@ async def test_read_ahead_runs_across_files_read_in_stored_order(
             await read_file(name)
     assert len(calls) == before, calls[before:]  # all there before the reader came
     assert before - after_toc >= 2
-    # no byte of the blob fetched twice for pieces (the TOC fetch overlaps the last chunk)
+    # no byte of the blob fetched twice, the TOC's tail fetch included (it brings the last
+    # chunks along: their requests take those bytes instead of fetching them again)
     pieces: Counter[int] = Counter()
-    for start, end in calls[after_toc:]:
+    for start, end in calls:
         pieces.update(range(start, end))
     assert pieces and max(pieces.values()) == 1
+    ls.close()
+
+
+def test_read_ahead_asks_only_for_ground_no_earlier_window_covered() -> None:
+    covered = Covered()
+    assert covered.missing(10, 20) == [(10, 20)]
+    covered.add(10, 20)
+    covered.add(30, 40)
+    assert covered.missing(0, 50) == [(0, 10), (20, 30), (40, 50)]
+    assert covered.missing(12, 18) == [] and covered.missing(15, 35) == [(20, 30)]
+    covered.add(20, 30)  # touching: merged into one
+    assert (covered.starts, covered.ends) == ([10], [40])
+    covered.add(0, 5)
+    covered.add(45, 60)
+    covered.add(3, 50)
+    assert (covered.starts, covered.ends) == ([0], [60])
+
+
+async def test_a_toc_larger_than_the_tail_guess_is_fetched_without_overlap(
+    tmp_path: Path,
+) -> None:
+    """The eStargz TOC comes with a first guess of the blob's last 64 KiB; a TOC larger than
+    that takes one more request for the part before the tail, never the tail again."""
+    rng = random.Random(3)
+    specs = [
+        estargz.FileSpec(f"d/{rng.randbytes(24).hex()}", data=rng.randbytes(8)) for _ in range(3000)
+    ]
+    built = estargz.write_estargz(specs)
+    blob = built.blob
+    assert len(blob) - built.toc_offset > TAIL_FETCH  # the case under test
+    desc = Descriptor(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        Digest.of(blob),
+        len(blob),
+        annotations={ESTARGZ_TOC_DIGEST: built.toc_digest},
+    )
+    calls: list[tuple[int, int]] = []
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        calls.append((start, end))
+        return blob[start:end]
+
+    async def fetch_blob(_: Layer) -> None:
+        raise AssertionError("the whole blob is never needed")
+
+    ls = LayerSet(
+        Store(tmp_path), [Layer(desc, Digest.parse(built.diff_id))], fetch_blob, fetch_range
+    )
+    idx = await ls.ensure(0)
+    assert len(idx.toc) > 3000
+    times: Counter[int] = Counter()
+    for start, end in calls:
+        times.update(range(start, end))
+    assert len(calls) == 2 and max(times.values()) == 1, calls
     ls.close()

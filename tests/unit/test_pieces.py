@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import trio
+import xxhash
 import zstandard
 
 from imagefs.errors import LayerFormatError
 from imagefs.layers import estargz
 from imagefs.layers.chunks import ChunkTable
-from imagefs.lazy.cache import PieceCache, verify_piece
+from imagefs.lazy.cache import HEADER, MAGIC, PieceCache, locate_piece, verify_piece
 from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
 from imagefs.oci.digest import Digest
@@ -90,6 +91,64 @@ def test_piece_cache_checks_once_and_survives_eviction_and_rot(tmp_path: Path) -
     assert not other.open(names[2])
     other.put(names[2], payloads[2])
     assert target.read_bytes() == b"secret" and not (cache.dir / names[2]).is_symlink()
+
+
+def test_pieces_of_one_request_share_a_pack_and_each_answers_only_for_itself(
+    tmp_path: Path,
+) -> None:
+    cache = PieceCache(tmp_path, cap=64 * MiB)
+    payloads = [random.Random(k).randbytes(1000 + 37 * k) for k in range(40)]
+    names = [hashlib.sha256(p).hexdigest() for p in payloads]
+    cache.put_many(list(zip(names, payloads, strict=True)))
+    inodes = {os.stat(cache.dir / n).st_ino for n in names}
+    assert len(inodes) == 1 and cache.writes == 40  # one file, a name (hard link) per piece
+    size = os.stat(cache.dir / names[0]).st_size
+    assert cache.total_bytes() == size  # the cap counts the pack once
+    fresh = PieceCache(tmp_path)  # another process: finds each piece by its name alone
+    for name, payload in zip(names, payloads, strict=True):
+        assert fresh.read(name) == payload
+    # rot in one piece's bytes drops that piece only
+    path = cache.dir / names[7]
+    fd = os.open(path, os.O_RDWR)
+    where = locate_piece(fd, names[7], size)
+    assert where is not None
+    os.pwrite(fd, b"\x00" if os.pread(fd, 1, where[0]) != b"\x00" else b"\x01", where[0])
+    os.close(fd)
+    other = PieceCache(tmp_path)
+    assert not other.open(names[7]) and other.corrupt == 1 and not path.exists()
+    assert other.read(names[8]) == payloads[8]
+    # a pack under a name its table does not list answers nothing (content addressing)
+    stranger = hashlib.sha256(b"not in the pack").hexdigest()
+    os.link(cache.dir / names[0], cache.dir / stranger)
+    assert not PieceCache(tmp_path).open(stranger) and not (cache.dir / stranger).exists()
+    # eviction frees a whole pack: all its names go together
+    cache.put(names[7], payloads[7])  # a pack of its own, newer
+    assert cache.evict(target=size // 2) >= size
+    assert [n for n in names if (cache.dir / n).exists()] == [names[7]]
+    assert PieceCache(tmp_path).read(names[7]) == payloads[7]
+
+
+def test_a_name_that_cannot_be_linked_loses_only_its_own_piece(tmp_path: Path) -> None:
+    cache = PieceCache(tmp_path)
+    payloads = [random.Random(k).randbytes(500) for k in range(3)]
+    names = [hashlib.sha256(p).hexdigest() for p in payloads]
+    (cache.dir / names[1]).mkdir(parents=True)  # planted: a directory under a piece name
+    cache.put_many(list(zip(names, payloads, strict=True)))
+    assert cache.writes == 2 and (cache.dir / names[1]).is_dir()
+    assert cache.read(names[0]) == payloads[0] and cache.read(names[2]) == payloads[2]
+    assert [p.name for p in cache.dir.iterdir() if p.name.startswith(".")] == []  # no temp
+
+
+def test_a_piece_file_of_an_earlier_version_is_still_read(tmp_path: Path) -> None:
+    payload = b"kept by an earlier imagefs" * 100
+    name = hashlib.sha256(payload).hexdigest()
+    cache = PieceCache(tmp_path)
+    cache.dir.mkdir(parents=True)
+    header = HEADER.pack(MAGIC, xxhash.xxh3_64_intdigest(payload))
+    (cache.dir / name).write_bytes(header + payload)
+    assert cache.read(name) == payload
+    (cache.dir / name).write_bytes(header + payload[:-1] + b"!")
+    assert PieceCache(tmp_path).read(name) is None and not (cache.dir / name).exists()
 
 
 def test_index_store_finds_a_bound_entry_only_under_its_own_verifier(tmp_path: Path) -> None:

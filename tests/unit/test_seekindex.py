@@ -22,6 +22,7 @@ from isal import igzip
 
 from imagefs.errors import IntegrityError, LayerFormatError
 from imagefs.layers import seekindex as si
+from imagefs.layers.seekindex import priming
 
 SPACING = 128 * 1024
 
@@ -190,7 +191,7 @@ def test_stdlib_zlib_restart_matches_isal(
     gzip_built: tuple[str, bytes, si.SeekIndex], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, blob, index = gzip_built
-    monkeypatch.setattr(si, "_fast_zlib", None)
+    monkeypatch.setattr(priming, "_fast_zlib", None)
     read = _reader(blob)
     for p in index.points:
         assert si.read_at(index, read, p.uncompressed, 3000) == DATA[p.uncompressed :][:3000]
@@ -214,7 +215,7 @@ def test_primed_start_restarts_mid_byte() -> None:
         shifted = (int.from_bytes(stream, "little") << (8 - bits)) | ((1 << (8 - bits)) - 1)
         buf = shifted.to_bytes(len(stream) + 1, "little")
         fed = si.primed_start(buf[0], bits) + buf[1:]
-        for mod in (zlib, getattr(si, "_fast_zlib")):  # noqa: B009
+        for mod in (zlib, getattr(priming, "_fast_zlib")):  # noqa: B009
             assert mod is not None
             assert mod.decompressobj(-15).decompress(fed) == payload
 
