@@ -99,6 +99,7 @@ class ImageOperations(pyfuse3.Operations):
         self._files: dict[int, _Open] = {}
         self._next_fh = 1
         self.telemetry: telemetry.Telemetry | None = None
+        self._tries = overlay.layer_count + 2  # each try may load one more layer
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class ImageOperations(pyfuse3.Operations):
 
         Once the layers a request needs are loaded (every warm request), this is one call
         of `fn` and nothing else: no await that yields, no thread hop."""
-        for _ in range(self.overlay.layer_count + 2):
+        for _ in range(self._tries):
             try:
                 return fn(*args)
             except NeedLayer as need:

@@ -81,15 +81,19 @@ def is_piece_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
+def piece_intact(raw: bytes) -> bool:
+    """Whether a piece file's header and xxh3 hold (no torn write, no rot); no copy made."""
+    if len(raw) < HEADER.size:
+        return False
+    magic, check = HEADER.unpack_from(raw)
+    return bool(
+        magic == MAGIC and xxhash.xxh3_64_intdigest(memoryview(raw)[HEADER.size :]) == check
+    )
+
+
 def piece_payload(raw: bytes) -> bytes | None:
     """The payload of a piece file, or None when it is torn or rotten (header, xxh3)."""
-    if len(raw) < HEADER.size:
-        return None
-    magic, check = HEADER.unpack_from(raw)
-    payload = raw[HEADER.size :]
-    if magic != MAGIC or xxhash.xxh3_64_intdigest(payload) != check:
-        return None
-    return payload
+    return raw[HEADER.size :] if piece_intact(raw) else None
 
 
 def verify_piece(hexd: str, payload: bytes) -> None:
@@ -148,9 +152,10 @@ class PieceCache:
         got = self._fds.get(hexd)
         return None if got is None else got[1]
 
-    def open(self, hexd: str) -> bool:
+    def open(self, hexd: str, *, count_miss: bool = True) -> bool:
         """Make a piece readable by `pread`: open it and check it once. False if absent or
-        damaged (a damaged piece is removed, so the next read fetches it again)."""
+        damaged (a damaged piece is removed, so the next read fetches it again).
+        `count_miss=False`: a look before the maker's own (which counts the miss)."""
         if hexd in self._fds:
             return True
         try:
@@ -158,7 +163,8 @@ class PieceCache:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ELOOP):
                 log.warning("cache piece %s: %s", hexd[:12], exc)
-            self.misses += 1
+            if count_miss:
+                self.misses += 1
             return False
         try:
             size = os.fstat(fd).st_size
@@ -170,7 +176,7 @@ class PieceCache:
         if hexd in self._checked and size >= HEADER.size:
             self._keep(hexd, fd, size - HEADER.size)
             return True
-        if piece_payload(raw) is None:
+        if not piece_intact(raw):
             os.close(fd)
             self.corrupt += 1
             self.misses += 1
@@ -213,13 +219,10 @@ class PieceCache:
                 return None
             self._fds.move_to_end(hexd)
             fd, size = got
-            # The fd stays open while we read, even if another thread closes it meanwhile:
-            # a dup is cheaper than a race.
-            fd = os.dup(fd)
-        try:
+            # Under the lock, so no other thread closes the fd (and another open reuses its
+            # number) meanwhile: a pread of an open piece from the page cache takes
+            # microseconds, less than the dup + close this used to pay on every read.
             data = os.pread(fd, max(0, min(length, size - offset)), HEADER.size + offset)
-        finally:
-            os.close(fd)
         self.hits += 1
         self._touch(hexd)
         return data
