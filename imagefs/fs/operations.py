@@ -100,6 +100,7 @@ class ImageOperations(pyfuse3.Operations):
         self._next_fh = 1
         self.telemetry: telemetry.Telemetry | None = None
         self._tries = overlay.layer_count + 2  # each try may load one more layer
+        self._loading_below: set[int] = set()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class ImageOperations(pyfuse3.Operations):
             log.warning("%s", warnings.pop(0))
 
     async def _load(self, index: int) -> None:
+        self._load_below_soon(index)
         try:
             idx = await self.layers.ensure(index)
         except ImageFSError as exc:  # registry or format trouble: EIO, and retry next time
@@ -145,6 +147,32 @@ class ImageOperations(pyfuse3.Operations):
         for j, layer in enumerate(self.layers.layers):  # the same blob elsewhere in the stack
             if layer.digest == digest and not self.overlay.has_layer(j):
                 self.overlay.set_layer(j, idx.toc)
+
+    def _load_below_soon(self, index: int) -> None:
+        """Start loading the indexes of the layers below `index` in the background.
+
+        A request that needs layer i nearly always goes on to need the layers below it (a
+        directory merges down the stack: the first `stat` of the root, or a lookup of `etc`,
+        needs every layer), and it asks for them one at a time. Loading them concurrently
+        turns a start-up of one index load after another into about one: the request's own
+        `_load` of a lower layer then waits for the load already in flight. A load that
+        fails here is only logged at debug level: the request that needs the layer loads
+        it again and reports the error."""
+        nursery = self.layers.nursery
+        if nursery is None:
+            return
+        for j in range(index - 1, -1, -1):
+            if j not in self._loading_below and not self.layers.loaded(j):
+                self._loading_below.add(j)
+                nursery.start_soon(self._load_quietly, j)
+
+    async def _load_quietly(self, index: int) -> None:
+        try:
+            await self.layers.ensure(index)
+        except ImageFSError as exc:
+            log.debug("early load of layer %d: %s", index, exc)
+        finally:
+            self._loading_below.discard(index)
 
     def _layer_name(self, index: int) -> str:
         return str(self.layers.layers[index].digest)
