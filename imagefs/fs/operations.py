@@ -152,12 +152,13 @@ class ImageOperations(pyfuse3.Operations):
         """Start loading the indexes of the layers below `index` in the background.
 
         A request that needs layer i nearly always goes on to need the layers below it (a
-        directory merges down the stack: the first `stat` of the root, or a lookup of `etc`,
-        needs every layer), and it asks for them one at a time. Loading them concurrently
-        turns a start-up of one index load after another into about one: the request's own
-        `_load` of a lower layer then waits for the load already in flight. A load that
-        fails here is only logged at debug level: the request that needs the layer loads
-        it again and reports the error."""
+        directory merges down the stack: a lookup of `etc` needs every layer), and it asks
+        for them one at a time. Loading them concurrently turns a start-up of one index
+        load after another into about one: the request's own `_load` of a lower layer then
+        waits for the load already in flight. Only cheap loads (`ensure_if_cheap`: no layer
+        blob fetched or indexed whole), so a path decided by the upper layers still costs
+        nothing below. A load that fails here is only logged at debug level: the request
+        that needs the layer loads it again and reports the error."""
         nursery = self.layers.nursery
         if nursery is None:
             return
@@ -168,7 +169,7 @@ class ImageOperations(pyfuse3.Operations):
 
     async def _load_quietly(self, index: int) -> None:
         try:
-            await self.layers.ensure(index)
+            await self.layers.ensure_if_cheap(index)
         except ImageFSError as exc:
             log.debug("early load of layer %d: %s", index, exc)
         finally:
