@@ -45,10 +45,6 @@ def render(
     if is_table:
         fmt = fmt[len("table") :]
     source = fmt.strip(" ").replace("\\t", "\t").replace("\\n", "\n")
-    # Here, not at the top: the CLI imports this module, and `imagefs mount` (the daemon
-    # too) should not pay for the template engine it never uses.
-    from imagefs.gotemplate import Header, parse
-
     template = parse(source)
     out = [template.execute(item) + "\n" for item in items]
     if not is_table:
