@@ -200,16 +200,26 @@ class ImageOperations(pyfuse3.Operations):
         listing = self._dirs.get(fh)
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        overlay = self.overlay
+        getattr_, remember, entry = overlay.getattr, overlay.remember, self._entry
+        reply, parents, this = pyfuse3.readdir_reply, self._parents, listing[0][1]
         for pos in range(start_id, len(listing)):
             name, ino = listing[pos]
-            a = await self._ask(self.overlay.getattr, ino)
-            if not pyfuse3.readdir_reply(token, name, self._entry(a), pos + 1):
+            try:
+                # Warm (the layers of a listed directory's entries are loaded): a plain
+                # call, not a coroutine per entry; `_ask` loads a layer or translates.
+                a = getattr_(ino)
+            except Exception:
+                a = await self._ask(getattr_, ino)
+            if not reply(token, name, entry(a), pos + 1):
                 break
             if name in (b".", b".."):
                 continue  # the kernel takes no lookup reference for these (fuse_direntplus_link)
-            self.overlay.remember(ino)  # readdirplus counts as a lookup
+            remember(ino)  # readdirplus counts as a lookup
             if stat.S_ISDIR(a.mode):
-                self._parents[ino] = listing[0][1]
+                parents[ino] = this
+        if overlay.warnings:
+            self.tree.log_warnings()
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

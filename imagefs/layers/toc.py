@@ -487,6 +487,7 @@ class Toc:
     __slots__ = (
         "_extra_offs",
         "_extras",
+        "_finds",
         "_gids",
         "_links",
         "_modes",
@@ -496,6 +497,7 @@ class Toc:
         "_opaque",
         "_order",
         "_path_offs",
+        "_path_table",
         "_paths",
         "_sizes",
         "_types",
@@ -536,6 +538,8 @@ class Toc:
         self._extra_offs = extra_offs
         self._extras = extras
         self._order = order
+        self._path_table: array[int] | None = None  # built once `find` is used enough
+        self._finds = 0
         self._links = links
         self._whiteouts = whiteouts
         self._opaque = opaque
@@ -554,12 +558,49 @@ class Toc:
         return self._paths[self._path_offs[i] : self._path_offs[i + 1]]
 
     def find(self, path: bytes) -> int | None:
-        """Index of the visible entry at a cleaned `path` (b"" is the root entry, if any)."""
-        order = self._order
-        lo = bisect.bisect_left(order, path, key=self.path)
-        if lo < len(order) and self.path(order[lo]) == path:
-            return order[lo]
-        return None
+        """Index of the visible entry at a cleaned `path` (b"" is the root entry, if any).
+
+        Once a TOC has answered enough lookups, from a hash table of entry indices (open
+        addressing, 4 bytes a slot, at most half full): one or two path comparisons, where
+        a bisection of the sorted order takes ~16 path slices (a warm random read's lookups
+        spent most of their time there).
+        """
+        table = self._path_table
+        if table is None:
+            # The table costs ~0.4 µs an entry to build (~17 ms for 40k entries), a bisection
+            # ~7 µs more than a table lookup: bisect until the lookups made would have paid
+            # for it (ski rental: never more than twice the better choice), so a mount's
+            # first request, a handful of lookups, does not build it.
+            self._finds += 1
+            if self._finds < max(64, len(self._order) // 16):
+                order = self._order
+                lo = bisect.bisect_left(order, path, key=self.path)
+                return order[lo] if lo < len(order) and self.path(order[lo]) == path else None
+            table = self._path_table = self._build_path_table()
+        mask = len(table) - 1
+        slot = hash(path) & mask
+        paths, offs = self._paths, self._path_offs
+        while True:
+            i = table[slot]
+            if i < 0:
+                return None
+            if paths[offs[i] : offs[i + 1]] == path:
+                return i
+            slot = (slot + 1) & mask
+
+    def _build_path_table(self) -> array[int]:
+        size = 8
+        while size < 2 * len(self._order):
+            size <<= 1
+        table = array("i", [-1]) * size
+        mask = size - 1
+        paths, offs = self._paths, self._path_offs
+        for i in self._order:
+            slot = hash(paths[offs[i] : offs[i + 1]]) & mask
+            while table[slot] >= 0:
+                slot = (slot + 1) & mask
+            table[slot] = i
+        return table
 
     def children(self, dir_path: bytes) -> Iterator[tuple[bytes, int]]:
         """(name, entry index) of the visible entries directly in `dir_path`, sorted by name.

@@ -142,17 +142,34 @@ class LayerSet:
                 continue  # loaded, or failed: then this caller tries (and reports) itself
             event = self._inflight[i] = trio.Event()
             try:
-                idx = await loading.load(self, i)
-                # The same blob at other places of the stack (empty layers repeat in real
-                # images; a hostile manifest may list one blob 10,000 times): same index.
-                for j, layer in enumerate(self.layers):
-                    if layer.digest == self.layers[i].digest and self._ready[j] is None:
-                        self._ready[j] = idx
-                        self.stats[j].ready = True
-                        self.stats[j].source = self.stats[j].source or self.stats[i].source
+                self._set_ready(i, await loading.load(self, i))
             finally:
                 del self._inflight[i]
                 event.set()
+
+    async def ensure_if_cheap(self, i: int) -> None:
+        """Load layer i's index ahead of need, but only from where it costs no layer blob
+        (the index store, a kept or ranged TOC, a published index): a whole-blob fetch
+        (or indexing a whole local blob) waits until a request really needs the layer."""
+        if self._ready[i] is not None or i in self._inflight:
+            return
+        event = self._inflight[i] = trio.Event()
+        try:
+            idx = await loading.load(self, i, cheap_only=True)
+            if idx is not None:
+                self._set_ready(i, idx)
+        finally:
+            del self._inflight[i]
+            event.set()  # a waiter finding no index loads it itself, as after a failure
+
+    def _set_ready(self, i: int, idx: LayerIndex) -> None:
+        # The same blob at other places of the stack (empty layers repeat in real images; a
+        # hostile manifest may list one blob 10,000 times): same index.
+        for j, layer in enumerate(self.layers):
+            if layer.digest == self.layers[i].digest and self._ready[j] is None:
+                self._ready[j] = idx
+                self.stats[j].ready = True
+                self.stats[j].source = self.stats[j].source or self.stats[i].source
 
     # -- where compressed bytes come from ---------------------------------------------------
 
@@ -269,9 +286,13 @@ class LayerSet:
                         out.append(fresh[name][off : off + n])
                     else:
                         got = cache.pread(name, off, n)
-                        if got is None and cache.checked(name) and cache.open(name):
-                            # Checked earlier by this process, its fd since closed by the
-                            # fd LRU: an openat + fstat, cheaper than a thread hop.
+                        if got is None and cache.open(name, count_miss=False):
+                            # On disk but not open in this process (a new mount, or its
+                            # fd fell out of the LRU): open it here. Its one xxh3 check
+                            # reads at most one piece (~1 MiB, ~0.2 ms of CPU from the page
+                            # cache), less than a worker-thread hop costs on a busy machine
+                            # (milliseconds of scheduling); an absent piece is one failed
+                            # openat before the maker goes to a thread.
                             got = cache.pread(name, off, n)
                         if got is None or len(got) != n:
                             raise _Gone

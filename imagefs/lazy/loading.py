@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import trio
 
@@ -60,12 +60,20 @@ def toc_binding(layer: Layer) -> Bound | None:
     return None
 
 
-async def load(ls: LayerSet, i: int) -> LayerIndex:
+@overload
+async def load(ls: LayerSet, i: int) -> LayerIndex: ...
+@overload
+async def load(ls: LayerSet, i: int, *, cheap_only: bool) -> LayerIndex | None: ...
+
+
+async def load(ls: LayerSet, i: int, *, cheap_only: bool = False) -> LayerIndex | None:
+    """Layer i's index, in trust order; `cheap_only`: None rather than fetch (or read and
+    index) the whole blob."""
     with wire.for_layer(i):  # everything fetched to index layer i counts for it
-        return await _load(ls, i)
+        return await _load(ls, i, cheap_only=cheap_only)
 
 
-async def _load(ls: LayerSet, i: int) -> LayerIndex:
+async def _load(ls: LayerSet, i: int, *, cheap_only: bool) -> LayerIndex | None:
     layer = ls.layers[i]
     idx = await trio.to_thread.run_sync(ls.indexes.load_layer, layer.digest)
     if idx is not None:
@@ -81,6 +89,8 @@ async def _load(ls: LayerSet, i: int) -> LayerIndex:
             if idx is not None:
                 ls.stats[i].source = "registry index"
     if idx is None:
+        if cheap_only:
+            return None
         idx = await _index_whole_blob(ls, i)
     for w in idx.warnings:
         log.warning("layer %d (%s): %s", i, layer.digest.short, w)

@@ -178,6 +178,9 @@ class Telemetry:
         self.bytes_served += length
         self.served_from[info.source] += 1
         self.files.add(ino)
+        if self._trace is None:  # counted only (the common case: no record to build)
+            self.ops["read"] = self.ops.get("read", 0) + 1
+            return
         self.event(
             "read",
             path,

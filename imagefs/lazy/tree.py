@@ -30,6 +30,7 @@ class LazyTree:
         self.overlay = overlay
         self.layers = layers
         self.log = log  # the caller's: overlay warnings read as the mount's or the browse's
+        self._loading_below: set[int] = set()
 
     async def ask(self, fn: Callable[..., T], *args: Any) -> T:
         """Call a pure overlay method, loading the layers it asks for.
@@ -42,7 +43,7 @@ class LazyTree:
             return await self._ask_loading(need.index, fn, args)
         finally:
             if self.overlay.warnings:
-                self._log_warnings()
+                self.log_warnings()
 
     async def _ask_loading(self, index: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         # Each round loads one more layer; more rounds than layers means something is wrong.
@@ -54,19 +55,47 @@ class LazyTree:
                 index = need.index
             finally:
                 if self.overlay.warnings:
-                    self._log_warnings()
+                    self.log_warnings()
         raise ImageFSError(f"{getattr(fn, '__name__', fn)}: the image's layers never settle")
 
     async def load(self, index: int) -> None:
         """Load layer `index` and give its TOC to every slot holding the same blob (a layer
         repeated in the stack is fetched and parsed once)."""
+        self._load_below_soon(index)
         idx = await self.layers.ensure(index)
         digest = self.layers.layers[index].digest
         for j, layer in enumerate(self.layers.layers):
             if layer.digest == digest and not self.overlay.has_layer(j):
                 self.overlay.set_layer(j, idx.toc)
 
-    def _log_warnings(self) -> None:
+    def _load_below_soon(self, index: int) -> None:
+        """Start loading the indexes of the layers below `index` in the background.
+
+        A request that needs layer i nearly always goes on to need the layers below it (a
+        directory merges down the stack: a lookup of `etc` needs every layer), and it asks
+        for them one at a time. Loading them concurrently turns a start-up of one index
+        load after another into about one: the request's own load of a lower layer then
+        waits for the load already in flight. Only cheap loads (`ensure_if_cheap`: no layer
+        blob fetched or indexed whole), so a path decided by the upper layers still costs
+        nothing below. A load that fails here is only logged at debug level: the request
+        that needs the layer loads it again and reports the error."""
+        nursery = self.layers.nursery
+        if nursery is None:
+            return
+        for j in range(index - 1, -1, -1):
+            if j not in self._loading_below and not self.layers.loaded(j):
+                self._loading_below.add(j)
+                nursery.start_soon(self._load_quietly, j)
+
+    async def _load_quietly(self, index: int) -> None:
+        try:
+            await self.layers.ensure_if_cheap(index)
+        except ImageFSError as exc:
+            self.log.debug("early load of layer %d: %s", index, exc)
+        finally:
+            self._loading_below.discard(index)
+
+    def log_warnings(self) -> None:
         """The overlay notes entries it had to skip (a hard link whose target is missing in
         the layers below); each is reported once, when it is first discovered."""
         warnings = self.overlay.warnings

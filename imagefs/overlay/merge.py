@@ -179,6 +179,7 @@ class Overlay:
         self._link_ident: dict[tuple[int, int], tuple[int, int] | None] = {}
         self._link_groups: dict[tuple[int, int], set[bytes]] = {}
         self._links_indexed: set[int] = set()
+        self._links_from = layer_count  # the lowest k with layers [k, top] all indexed
 
     # ------------------------------------------------------------------ layers
 
@@ -544,8 +545,10 @@ class Overlay:
         if f.nlink is not None:
             return f.nlink
         j, t = f.ident
-        for k in range(j, self._top + 1):
-            self._index_links(k)
+        if j < self._links_from:
+            for k in range(j, self._top + 1):
+                self._index_links(k)
+            self._links_from = j  # layers [j, top] are all indexed now
         links = self._link_groups.get(f.ident)
         if not links:
             f.nlink = 1

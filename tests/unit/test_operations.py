@@ -13,6 +13,8 @@ from typing import Any, cast
 
 import pyfuse3
 import pytest
+import trio
+import trio.testing
 
 from imagefs.errors import LayerFormatError
 from imagefs.fs.operations import ImageOperations
@@ -47,6 +49,7 @@ class FakeLayers:
         self.tocs = tocs
         self.layers = [_Layer(_Digest(f"sha256:{i:064x}")) for i in range(len(tocs))]
         self.ensured: list[int] = []
+        self.nursery: Any = None  # where ImageOperations starts background loads
 
     async def ensure(self, i: int) -> _Index:
         self.ensured.append(i)
@@ -264,3 +267,47 @@ async def test_open_refuses_what_is_not_a_regular_file() -> None:
     with pytest.raises(pyfuse3.FUSEError) as info:
         await ops.open(d.st_ino, os.O_RDWR, _CTX)
     assert info.value.errno == errno.EROFS
+
+
+class _SlowLayers(FakeLayers):
+    """Each index load takes a while (trio time), counted: how many run at once."""
+
+    def __init__(self, tocs: list[Toc | None]) -> None:
+        super().__init__(tocs)
+        self.ready: set[int] = set()
+        self.running = self.peak = 0
+
+    async def ensure(self, i: int) -> _Index:
+        if i not in self.ready:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            await trio.sleep(1)
+            self.running -= 1
+            self.ready.add(i)
+        return await super().ensure(i)
+
+    async def ensure_if_cheap(self, i: int) -> None:
+        await self.ensure(i)  # every index here is cheap (as from the index store)
+
+    def loaded(self, i: int) -> bool:
+        return i in self.ready
+
+
+async def test_the_first_request_loads_the_layers_below_concurrently(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Listing `etc` needs all four layers, top first; they load side by side (one
+    load's time in all), not one after another."""
+    tocs: list[Toc | None] = [
+        _toc((b"etc", EntryType.DIR, {}), (f"etc/f{i}".encode(), EntryType.REG, {}))
+        for i in range(4)
+    ]
+    layers = _SlowLayers(tocs)
+    ops = ImageOperations(Overlay(4, exact_dir_nlink=False), cast(LayerSet, layers))
+    async with trio.open_nursery() as nursery:
+        layers.nursery = nursery
+        entry = await ops.lookup(ROOT_INODE, b"etc")
+        fh = await ops.opendir(entry.st_ino, cast(pyfuse3.RequestContext, None))
+    assert [name for name, _ in ops._dirs[fh][2:]] == [b"f0", b"f1", b"f2", b"f3"]
+    assert layers.peak >= 3, layers.peak  # the three lower layers at once
+    assert layers.ready == {0, 1, 2, 3}

@@ -266,7 +266,9 @@ def test_a_zstd_span_never_inflates_past_its_recorded_length() -> None:
     assert peak < 8 * MiB, peak
 
 
-async def test_a_local_gzip_layer_inflates_each_span_once(tmp_path: Path) -> None:
+async def test_a_local_gzip_layer_inflates_each_span_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import gzip
     import io
     import tarfile
@@ -304,3 +306,23 @@ async def test_a_local_gzip_layer_inflates_each_span_once(tmp_path: Path) -> Non
         assert await ls.read(0, offset + start, n) == files["f5.txt"][start : start + n]
     assert ls.inflations == made
     ls.close()
+
+    # A new mount (a new LayerSet and PieceCache over the same store): the pieces are on
+    # disk, not open in this process. Its first read opens and checks them on the event
+    # loop: no inflate and no worker-thread hop (the hop is what a warm read paid for).
+    again = LayerSet(store, [layer], no_blob, fetch_range=no_range)
+    await again.ensure(0)
+    hops = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    assert await again.read(0, offset, size) == files["f5.txt"]
+    monkeypatch.undo()
+    assert again.inflations == 0 and hops == 0, (again.inflations, hops)
+    assert again.pieces.misses == 0
+    again.close()

@@ -284,3 +284,24 @@ def test_memory_of_a_large_toc() -> None:
         tracemalloc.stop()
     assert toc.visible_count > ENTRIES
     assert used < ENTRIES * BYTES_PER_ENTRY_BOUND, f"{used / ENTRIES:.1f} bytes per entry"
+
+
+def test_find_answers_every_visible_path_and_nothing_else() -> None:
+    """`find` bisects, then (used enough) answers from a hash table: every visible entry
+    (superseded versions are not) is found at its own index; whiteout markers and absent
+    paths are None."""
+    specs: list[tuple[bytes, EntryType] | tuple[bytes, EntryType, dict[str, Any]]] = []
+    for d in range(40):
+        specs.append((b"d%d" % d, D))
+        specs += [(b"d%d/f%d" % (d, f), R, {"size": f}) for f in range(50)]
+    specs.append((b"d3/f7", R, {"size": 999}))  # a newer version: the older one is hidden
+    specs.append((b"d4/.wh.f8", R))
+    toc = build(*specs)
+    for _ in range(2):  # the first lookups bisect, later ones use the table
+        for i in toc.visible():
+            assert toc.find(toc.path(i)) == i
+    newer = toc.find(b"d3/f7")
+    assert newer is not None and toc.size(newer) == 999
+    assert toc.find(b"d4/.wh.f8") is None
+    for absent in (b"d40", b"d1/f50", b"d1/f", b"d1/", b"/d1", b"x" * 300):
+        assert toc.find(absent) is None

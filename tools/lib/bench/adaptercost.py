@@ -62,6 +62,7 @@ class MemoryLayers:
         self.layers = [_Layer(Digest.parse(f"sha256:{i:064x}")) for i in range(len(tocs))]
         self._idx = [_Index(t) for t in tocs]
         self._zeros = bytes(READ_SIZE)
+        self.nursery = None  # no background loads: every layer is loaded already
 
     async def ensure(self, i: int) -> _Index:
         return self._idx[i]
