@@ -33,8 +33,11 @@ class _Index:
 
 
 class RepeatedLayers:
-    """What the tree uses of a LayerSet (`layers`, `ensure`), for a stack whose bottom and top
-    are the same blob (a base layer repeated, as `COPY` of identical content makes)."""
+    """What the tree uses of a LayerSet (`layers`, `ensure`; no `nursery`, so no early loads
+    of the layers below), for a stack whose bottom and top are the same blob (a base layer
+    repeated, as `COPY` of identical content makes)."""
+
+    nursery = None
 
     def __init__(self, digests: list[str], tocs: dict[str, Toc]) -> None:
         self.layers = [_Layer(d) for d in digests]
