@@ -219,6 +219,8 @@ def read_bytes(path: Path, *, root: Path | None = None, limit: int | None = None
     with os.fdopen(fd, "rb") as f:
         if limit is None:
             return f.read()
+        if os.fstat(f.fileno()).st_size > limit:  # refused before a byte is buffered
+            raise StoreError(f"{path} is larger than the {limit} bytes expected")
         data = f.read(limit + 1)  # bounded even if the file grows while we read
         if len(data) > limit:
             raise StoreError(f"{path} is larger than the {limit} bytes expected")
