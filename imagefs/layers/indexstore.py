@@ -41,7 +41,7 @@ from typing import Any
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.layers import chunks as chunk_tables
-from imagefs.layers import estargz, lostnames, zstdchunked
+from imagefs.layers import estargz, lostnames, seekindex, zstdchunked
 from imagefs.layers.index import LayerIndex
 from imagefs.oci.digest import Digest
 from imagefs.store import fsutil
@@ -56,7 +56,7 @@ _U32 = struct.Struct("<I")
 
 # Bounds on what is read back (nothing in the store is read unbounded: a planted or grown
 # file must not exhaust memory). An index or raw TOC record holds at most a 512 MiB
-# zstd:chunked TOC (`zstdchunked._MAX_TOC_SIZE`) plus a seek index's windows; the referrer
+# zstd:chunked TOC (`zstdchunked.MAX_TOC_SIZE`) plus a seek index's windows; the referrer
 # record is one line per layer.
 MAX_RECORD = 1 << 30
 MAX_REFERRERS = 4 << 20
@@ -106,6 +106,7 @@ def derive(bound: Bound, params: dict[str, Any], raw: bytes) -> LayerIndex:
             )
         if int(params.get("layer_size", idx.seek.compressed_size)) != idx.seek.compressed_size:
             raise IntegrityError(f"published index {bound.verifier.short}: blob size mismatch")
+        seekindex.check_span_bounds(idx.seek)
         return idx
     raise LayerFormatError(f"unknown index kind {bound.kind!r}")
 

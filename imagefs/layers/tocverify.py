@@ -34,6 +34,18 @@ def _entries(idx: LayerIndex) -> dict[bytes, tuple[EntryType, int, int, bytes]]:
     return out
 
 
+def _zeros_digest(size: int) -> str:
+    """sha256 of `size` zero bytes, hashed a block at a time: a "zeros" chunk may declare
+    any size (it carries no data), and must not become one allocation of that size."""
+    h = hashlib.sha256()
+    block = bytes(min(size, _READ))
+    while size:
+        n = min(size, len(block))
+        h.update(block[:n] if n < len(block) else block)
+        size -= n
+    return h.hexdigest()
+
+
 def _stream(blob: Path, compression: str) -> Iterator[bytes]:
     with open(blob, "rb") as f:
         if compression == "gzip":
@@ -77,7 +89,7 @@ def disagreement(built: LayerIndex, toc_idx: LayerIndex, blob: Path) -> str | No
             if not table.zeros[k]:
                 ranges.append((base + table.voffsets[k] - voff, table.sizes[k], table.piece(k)))
             else:
-                zero = hashlib.sha256(bytes(table.sizes[k])).hexdigest()
+                zero = _zeros_digest(table.sizes[k])
                 ranges.append((base + table.voffsets[k] - voff, table.sizes[k], zero))
     ranges.sort()
     pos = 0

@@ -44,6 +44,12 @@ RemoteIndex = Callable[[Layer], Awaitable[LayerIndex | None]]
 
 ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 TAIL_FETCH = 64 << 10  # first guess at footer + TOC size for eStargz
+# The most compressed TOC bytes fetched into memory. The footer and the manifest-position
+# annotation say where the TOC is, and neither is verified before the fetch (only the bytes
+# fetched are): a footer claiming toc_offset=0 on a 20 GiB layer would otherwise buffer
+# 20 GiB. A real TOC of 100,000 files compresses to a few MiB; a larger claim is refused and
+# the layer is read from its whole blob instead (streamed to disk, verified).
+MAX_TOC_FETCH = 64 << 20
 
 
 def toc_binding(layer: Layer) -> Bound | None:
@@ -152,6 +158,11 @@ async def _recover_names(
     for gap in gaps:
         if gap.end <= gap.start:
             raise LayerFormatError("a lost name's tar header has no place in the blob")
+        if gap.end - gap.start > lostnames.MAX_GAP:
+            raise LayerFormatError(
+                f"the TOC puts lost names' tar headers in {gap.end - gap.start} bytes at "
+                f"{gap.start}, more than the {lostnames.MAX_GAP} imagefs fetches for them"
+            )
         with wire.cause("lost names"):
             compressed = await ls.fetch(i, gap.start, gap.end)
         fetched += len(compressed)
@@ -177,6 +188,11 @@ async def _fetch_estargz_toc(ls: LayerSet, i: int) -> tuple[dict[str, int], byte
     footer = estargz.footer_size(tail)
     if not 0 <= toc_offset < size - footer:
         raise LayerFormatError(f"eStargz footer points outside the blob ({toc_offset})")
+    if size - footer - toc_offset > MAX_TOC_FETCH:
+        raise LayerFormatError(
+            f"eStargz footer puts a {size - footer - toc_offset}-byte TOC at {toc_offset}, "
+            f"more than the {MAX_TOC_FETCH} bytes imagefs fetches for a TOC"
+        )
     if toc_offset >= tail_start:
         member = tail[toc_offset - tail_start : len(tail) - footer]
     else:
@@ -191,6 +207,11 @@ async def _fetch_zstd_toc(
     end = position.offset + position.length
     if position.length <= 0 or end > ls.layers[i].size:
         raise LayerFormatError("zstd:chunked TOC position outside the blob")
+    if position.length > MAX_TOC_FETCH or position.uncompressed_length > zstdchunked.MAX_TOC_SIZE:
+        raise LayerFormatError(
+            f"zstd:chunked TOC position declares {position.length} bytes "
+            f"({position.uncompressed_length} uncompressed), more than imagefs fetches for a TOC"
+        )
     raw = await ls.fetch(i, position.offset, end)
     params = {
         "offset": position.offset,
