@@ -34,6 +34,36 @@ def _entries(idx: LayerIndex) -> dict[bytes, tuple[EntryType, int, int, bytes]]:
     return out
 
 
+def _entry_disagreement(built: LayerIndex, other: LayerIndex, what: str) -> str | None:
+    ours, theirs = _entries(built), _entries(other)
+    for path in sorted(set(ours) | set(theirs)):
+        if ours.get(path) != theirs.get(path):
+            shown = path.decode("utf-8", "replace")
+            return f"{shown}: tar stream has {ours.get(path)}, {what} says {theirs.get(path)}"
+    return None
+
+
+def published_disagreement(built: LayerIndex, published: LayerIndex) -> str | None:
+    """None when a published index says what the blob's own index says, else what differs.
+
+    Both are seek-point indexes of the same tar stream: every entry (as `_entries` sees it)
+    and every regular file's offset in the stream must be the same. Its spans need no check:
+    each span read is verified against the span digests, and its blob digest is the layer's.
+    """
+    problem = _entry_disagreement(built, published, "published index")
+    if problem is not None:
+        return problem
+    btoc, ptoc = built.toc, published.toc
+    for i in ptoc.visible():
+        if ptoc.entry_type(i) is not EntryType.REG or not ptoc.size(i):
+            continue
+        j = btoc.find(ptoc.path(i))
+        if j is None or btoc.offset(j) != ptoc.offset(i):
+            shown = ptoc.path(i).decode("utf-8", "replace")
+            return f"{shown}: published index puts it at another offset than the tar stream"
+    return None
+
+
 def _zeros_digest(size: int) -> str:
     """sha256 of `size` zero bytes, hashed a block at a time: a "zeros" chunk may declare
     any size (it carries no data), and must not become one allocation of that size."""
@@ -71,11 +101,9 @@ def disagreement(built: LayerIndex, toc_idx: LayerIndex, blob: Path) -> str | No
     table = toc_idx.chunks
     if table is None:
         return None
-    ours, theirs = _entries(built), _entries(toc_idx)
-    for path in sorted(set(ours) | set(theirs)):
-        if ours.get(path) != theirs.get(path):
-            shown = path.decode("utf-8", "replace")
-            return f"{shown}: tar stream has {ours.get(path)}, TOC says {theirs.get(path)}"
+    problem = _entry_disagreement(built, toc_idx, "TOC")
+    if problem is not None:
+        return problem
     # Every chunk's digest against the bytes at that place in the tar stream.
     ranges: list[tuple[int, int, str]] = []  # (tar-stream offset, size, sha256)
     ttoc, btoc = toc_idx.toc, built.toc

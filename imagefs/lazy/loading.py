@@ -7,10 +7,12 @@ For layer i of manifest M:
    `containerd.io/snapshot/stargz/toc.digest` annotation) or zstd:chunked TOC (verifier: its
    `manifest-checksum` annotation) — from the store under exactly that verifier, else by
    Range GETs, verified, then kept under that verifier;
-3. M's published imagefs index (`remote_index`: only what M's own referrers led to);
+3. M's published imagefs index, only with `--trust-published-index` (`remote_index`:
+   only what M's own referrers led to);
 4. otherwise the whole blob, fetched once (verified against the layer digest) and indexed;
-   the result is layer-bound. When it is built, every TOC kept for the layer is compared
-   with it (the tar stream is what the diff_id covers): a TOC that disagrees is refused.
+   the result is layer-bound. When it is built, every TOC and published index kept for the
+   layer is compared with it (the tar stream is what the diff_id covers): one that
+   disagrees is refused.
 
 Only step 1 and 4 give data shared with other images; a TOC or published index is only
 ever found under the verifier the mounting manifest names.
@@ -30,7 +32,7 @@ from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.image import Layer
 from imagefs.layers import estargz, lostnames, tocverify, zstdchunked
 from imagefs.layers.index import LayerIndex, build_from_blob
-from imagefs.layers.indexstore import ESTARGZ, ZSTD_CHUNKED, Bound, derive
+from imagefs.layers.indexstore import ESTARGZ, PUBLISHED, ZSTD_CHUNKED, Bound, derive
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
 from imagefs.registry import wire
@@ -246,16 +248,21 @@ async def _index_whole_blob(ls: LayerSet, i: int) -> LayerIndex:
 
 
 def check_tocs(ls: LayerSet, built: LayerIndex) -> None:
-    """Compare every TOC kept for this layer with the index of its own tar stream; refuse
-    the ones that disagree (in a worker thread: it inflates the blob once per TOC)."""
+    """Compare every TOC and published index kept for this layer with the index of its own
+    tar stream; refuse the ones that disagree (in a worker thread: it inflates the blob once
+    per TOC; a published index is compared entry by entry, its offsets being tar-stream
+    offsets already)."""
     blob = ls.store.blobs.path(built.digest)
     for bound in ls.indexes.bound_entries(built.digest):
-        if bound.kind not in (ESTARGZ, ZSTD_CHUNKED):
+        if bound.kind not in (ESTARGZ, ZSTD_CHUNKED, PUBLISHED):
             continue
         toc_idx = ls.indexes.load_bound(bound)
         if toc_idx is None:
             continue
-        problem = tocverify.disagreement(built, toc_idx, blob)
+        if bound.kind == PUBLISHED:
+            problem = tocverify.published_disagreement(built, toc_idx)
+        else:
+            problem = tocverify.disagreement(built, toc_idx, blob)
         if problem is not None:
             log.error(
                 "layer %s: its %s TOC %s disagrees with the tar stream (%s); refused",

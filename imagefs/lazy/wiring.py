@@ -26,11 +26,19 @@ def lazy_layer_set(
     *,
     cache_size: int = DEFAULT_CACHE_SIZE,
     on_fetch: Callable[[int, int, int, float], None] | None = None,
+    trust_published_index: bool = False,
 ) -> LayerSet:
     """The `LayerSet` of a stored image, wired exactly as `imagefs mount` wires it.
 
     One function for the daemon and for `imagefs ls`/`cat`: a browse must fetch the same
     pieces, through the same cache and index store, as a mount would.
+
+    `trust_published_index` (`--trust-published-index`): use an imagefs index found through
+    the manifest's referrers (or its `sha256-<hex>` tag). Off by default: the referrers list
+    is not part of the manifest chain, so whoever can push to the repository (or runs a
+    pull-through mirror) can attach an index whose names, modes, owners and offsets are
+    served over genuine layer bytes. Without it a plain layer is indexed from its verified
+    blob, and eStargz/zstd:chunked layers use the TOC their own manifest annotates.
     """
     store = session.store
     source = Reference.parse(record.source) if record.source else None
@@ -87,14 +95,16 @@ def lazy_layer_set(
         data: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
         return data
 
-    # Published indexes are looked up for this manifest only, also without a source (an
-    # offline remount finds what this manifest's referrers led to before).
-    remote = RemoteIndexes(
-        session.client(source) if source is not None else None,
-        source.repository if source is not None else "",
-        record.manifest.digest,
-        IndexStore(store.root),
-    )
+    # Published indexes (opted into) are looked up for this manifest only, also without a
+    # source (an offline remount finds what this manifest's referrers led to before).
+    remote = None
+    if trust_published_index:
+        remote = RemoteIndexes(
+            session.client(source) if source is not None else None,
+            source.repository if source is not None else "",
+            record.manifest.digest,
+            IndexStore(store.root),
+        )
     positions: dict[Digest, int] = {}
     for i, layer in enumerate(layers):
         positions.setdefault(layer.digest, i)
