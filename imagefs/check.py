@@ -28,7 +28,7 @@ from pathlib import Path
 
 from imagefs.errors import ImageFSError, LayerFormatError
 from imagefs.layers.index import LayerIndex
-from imagefs.layers.indexstore import KINDS, Bound, IndexStore, derive
+from imagefs.layers.indexstore import KINDS, MAX_RECORD, Bound, IndexStore, derive
 from imagefs.lazy.cache import PieceCache, is_piece_name, piece_payload
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
@@ -186,7 +186,11 @@ def _check_pieces(root: Path, report: CheckReport, bad: Bad) -> None:
             bad(f"stray file in the cache: {path}", path)
             continue
         report.pieces += 1
-        payload = piece_payload(fsutil.read_bytes(path, root=root) or b"")
+        try:
+            payload = piece_payload(fsutil.read_bytes(path, root=root, limit=MAX_RECORD) or b"")
+        except ImageFSError as exc:  # swapped for something else since the scan
+            bad(f"cache piece {path}: {exc}", path)
+            continue
         if payload is None or hashlib.sha256(payload).hexdigest() != path.name:
             bad(f"cache piece {path} is damaged", path)
 
@@ -214,7 +218,8 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
             try:
                 if entry.kind != "file":
                     raise LayerFormatError("not a regular file")
-                idx = LayerIndex.from_bytes(digest, fsutil.read_bytes(path, root=root) or b"")
+                data = fsutil.read_bytes(path, root=root, limit=MAX_RECORD)
+                idx = LayerIndex.from_bytes(digest, data or b"")
                 if idx.seek is None or idx.seek.blob_digest != str(digest):
                     raise LayerFormatError("not built from this layer's blob")
             except ImageFSError as exc:
@@ -228,19 +233,23 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
             if layer_entry.kind != "dir":
                 bad(f"stray file among bound indexes: {layer_path}", layer_path)
                 continue
-            for path in sorted(layer_path.iterdir()):
-                if path.name.startswith(fsutil.TEMP_PREFIX) or path.name.endswith(".idx"):
+            # lstat-based and from the root: links and FIFOs were reported by _find_links
+            entries = fsutil.scan(layer_path, root=root)
+            names = {e.name for e in entries}
+            for entry in entries:
+                path = layer_path / entry.name
+                if entry.name.startswith(fsutil.TEMP_PREFIX) or entry.kind in ("link", "other"):
+                    continue
+                if entry.name.endswith(".idx"):
+                    if entry.name[: -len(".idx")] not in names:
+                        bad(f"derived index {path} has no verified bytes", path)
                     continue
                 report.indexes += 1
-                why = _bound_problem(store, layer_path.name, path.name)
+                why = _bound_problem(store, layer_path.name, entry.name)
                 if why is not None:
                     bad(f"index {path}: {why}", path)
-                    derived = path.with_name(path.name + ".idx")
-                    if repair and derived.exists():
-                        derived.unlink()
-            for path in sorted(layer_path.glob("*.idx")):
-                if not path.with_name(path.name[: -len(".idx")]).exists():
-                    bad(f"derived index {path} has no verified bytes", path)
+                    if repair:
+                        fsutil.safe_unlink(path.with_name(entry.name + ".idx"), root=root)
 
 
 def _is_dir(root: Path, path: Path) -> bool:
@@ -260,14 +269,15 @@ def _bound_problem(store: IndexStore, layer_hex: str, name: str) -> str | None:
         return "not a (layer, kind, verifier) name"
     if kind not in KINDS:
         return f"unknown kind {kind!r}"
-    raw = store.load_raw(bound, drop_damaged=False)
-    if raw is None:
-        return "damaged"
     try:
+        raw = store.load_raw(bound, drop_damaged=False)
+        if raw is None:
+            return "damaged"
         idx = derive(bound, *raw)
+        # bounded, never through a link, never a FIFO (it would hang check)
+        derived = fsutil.read_bytes(store.derived_path(bound), root=store.root, limit=MAX_RECORD)
     except ImageFSError as exc:
         return str(exc)
-    derived = store.derived_path(bound)
-    if derived.exists() and derived.read_bytes() != idx.to_bytes():
+    if derived is not None and derived != idx.to_bytes():
         return "its derived index is not what its verified bytes say"
     return None

@@ -332,3 +332,28 @@ def test_a_toc_is_never_kept_through_a_linked_bound_directory(
     victim.assert_intact()
     repair_removes_the_link(root, bound)
     assert "motd" in imagefs(root, "ls", estargz_image.ref, "/etc", timeout=60).stdout
+
+
+def test_check_never_reads_a_derived_index_through_a_link_or_a_fifo(
+    tmp_path: Path, victim: Victim, estargz_image: Published
+) -> None:
+    """`check` compared `<kind>-<hex>.idx` with its verified bytes by `read_bytes()` on the
+    path: a FIFO there hung it, a link to /dev/zero exhausted memory."""
+    root = tmp_path / "root"
+    imagefs(root, "ls", estargz_image.ref, "/etc")  # keeps the TOC, raw and derived
+    bound = root / "indexes" / "bound" / "sha256" / estargz_image.layer_digests[-1][7:]
+    (derived,) = bound.glob("*.idx")
+    derived.unlink()
+    os.mkfifo(derived)
+    found = imagefs(root, "check", check=False, timeout=60)
+    assert f"{derived} is not a regular file" in found.stdout, found.stdout
+    imagefs(root, "check", "--repair", timeout=60)
+    assert not os.path.lexists(derived)
+    derived.symlink_to(victim.file)
+    found = imagefs(root, "check", check=False, timeout=60)
+    assert f"symbolic link {derived}" in found.stdout
+    assert "derived index is not what" not in found.stdout  # the victim was never read
+    imagefs(root, "check", "--repair", timeout=60)
+    assert not os.path.lexists(derived)
+    victim.assert_intact()
+    assert imagefs(root, "check").stdout.strip().endswith("all good")
