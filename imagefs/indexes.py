@@ -177,6 +177,7 @@ def build_local(store_root: Path, blob: Path, layer: Layer) -> LayerIndex:
     indexes = IndexStore(store_root)
     idx = indexes.load_layer(layer.digest)
     if idx is None:
-        idx = build_from_blob(blob, layer.digest, layer_compression(layer.descriptor.media_type))
+        compression = layer_compression(layer.descriptor.media_type)
+        idx = build_from_blob(blob, layer.digest, compression, root=store_root)
         indexes.save_layer(idx)
     return idx

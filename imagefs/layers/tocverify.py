@@ -10,6 +10,7 @@ the bytes at that place of the file in the tar stream (one sequential inflate of
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import zstandard
 
 from imagefs.layers.index import LayerIndex
 from imagefs.layers.tarscan import EntryType
+from imagefs.store import fsutil
 
 _READ = 1 << 20
 
@@ -76,8 +78,9 @@ def _zeros_digest(size: int) -> str:
     return h.hexdigest()
 
 
-def _stream(blob: Path, compression: str) -> Iterator[bytes]:
-    with open(blob, "rb") as f:
+def _stream(blob: Path, compression: str, root: Path | None) -> Iterator[bytes]:
+    fd = fsutil.safe_open(blob.parent, blob.name, os.O_RDONLY, root=root)  # no link followed
+    with os.fdopen(fd, "rb") as f:
         if compression == "gzip":
             import gzip
 
@@ -95,8 +98,11 @@ def _stream(blob: Path, compression: str) -> Iterator[bytes]:
                 yield data
 
 
-def disagreement(built: LayerIndex, toc_idx: LayerIndex, blob: Path) -> str | None:
-    """None when the TOC-derived index agrees with the tar-stream index, else what differs."""
+def disagreement(
+    built: LayerIndex, toc_idx: LayerIndex, blob: Path, root: Path | None = None
+) -> str | None:
+    """None when the TOC-derived index agrees with the tar-stream index, else what differs.
+    `root`: the store holding `blob` (reached from there, no link followed)."""
     assert built.seek is not None
     table = toc_idx.chunks
     if table is None:
@@ -123,7 +129,7 @@ def disagreement(built: LayerIndex, toc_idx: LayerIndex, blob: Path) -> str | No
     pos = 0
     active: list[tuple[int, int, str, Any]] = []
     nxt = 0
-    for data in _stream(blob, built.seek.compression):
+    for data in _stream(blob, built.seek.compression, root):
         end = pos + len(data)
         while nxt < len(ranges) and ranges[nxt][0] < end:
             start, size, want = ranges[nxt]

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import xxhash
 
-from imagefs.errors import IntegrityError
+from imagefs.errors import IntegrityError, StoreError
 from imagefs.store import fsutil
 
 log = logging.getLogger("imagefs.cache")
@@ -103,6 +103,7 @@ class PieceCache:
     (page cache), so the event loop may call it directly; everything else runs in threads."""
 
     def __init__(self, root: Path, cap: int = DEFAULT_CACHE_SIZE) -> None:
+        self.root = root
         self.dir = root / "cache" / "pieces" / "sha256"
         self.cap = cap
         self._lock = threading.Lock()
@@ -123,10 +124,9 @@ class PieceCache:
 
     def _dir(self) -> int:
         if self._dirfd is None:
-            self.dir.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(self.dir)
-            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Walked from the root, no component a link (one planted after the store was
+            # opened included): LinkInStore. Then pinned: every name is relative to this fd.
+            fd = fsutil.open_dir(self.dir, root=self.root, create=True)
             with self._lock:
                 if self._dirfd is None:
                     self._dirfd = fd
@@ -153,8 +153,11 @@ class PieceCache:
         damaged (a damaged piece is removed, so the next read fetches it again)."""
         if hexd in self._fds:
             return True
-        try:
-            fd = os.open(hexd, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir())
+        try:  # a link, FIFO or device under the name is a miss (never opened, never a hang)
+            fd = fsutil.safe_open(self._dir(), hexd, os.O_RDONLY)
+        except fsutil.LinkInStore:
+            self.misses += 1
+            return False
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ELOOP):
                 log.warning("cache piece %s: %s", hexd[:12], exc)
@@ -247,7 +250,11 @@ class PieceCache:
         """
         if not _NAME.match(hexd):
             raise ValueError(f"not a piece name: {hexd!r}")
-        dfd = self._dir()
+        try:
+            dfd = self._dir()
+        except StoreError as exc:  # a link where the cache directory should be
+            log.warning("cannot cache piece %s: %s", hexd[:12], exc)
+            return
         tmp = f"{fsutil.TEMP_PREFIX}{hexd[:16]}.{os.getpid()}.{threading.get_ident()}"
         data = HEADER.pack(MAGIC, xxhash.xxh3_64_intdigest(payload)) + payload
         try:

@@ -191,8 +191,8 @@ class LayerSet:
         fd = self._fds.get(i)
         if fd is None:
             path = self._flat.get(i) or self.store.blobs.path(self.layers[i].digest)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:  # every component from the store root checked: O_NOFOLLOW guards the last
+                fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=self.store.root)
             except FileNotFoundError:
                 self._local[i] = False
                 raise ImageFSError(

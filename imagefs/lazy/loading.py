@@ -239,7 +239,14 @@ async def _index_whole_blob(ls: LayerSet, i: int) -> LayerIndex:
     ls.stats[i].source = "built from the blob"
     is_estargz = ESTARGZ_TOC_DIGEST in layer.descriptor.annotations
     idx = await trio.to_thread.run_sync(
-        functools.partial(build_from_blob, blob, layer.digest, compression, estargz=is_estargz),
+        functools.partial(
+            build_from_blob,
+            blob,
+            layer.digest,
+            compression,
+            estargz=is_estargz,
+            root=ls.store.root,
+        ),
         limiter=ls.cpu,
     )
     await trio.to_thread.run_sync(ls.indexes.save_layer, idx)
@@ -262,7 +269,7 @@ def check_tocs(ls: LayerSet, built: LayerIndex) -> None:
         if bound.kind == PUBLISHED:
             problem = tocverify.published_disagreement(built, toc_idx)
         else:
-            problem = tocverify.disagreement(built, toc_idx, blob)
+            problem = tocverify.disagreement(built, toc_idx, blob, ls.store.root)
         if problem is not None:
             log.error(
                 "layer %s: its %s TOC %s disagrees with the tar stream (%s); refused",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -16,7 +17,7 @@ from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.digest import Digest
 from imagefs.oci.reference import Reference
-from imagefs.store import ImageRecord, Store
+from imagefs.store import ImageRecord, Store, fsutil
 
 
 def lazy_layer_set(
@@ -121,8 +122,11 @@ def lazy_layer_set(
 
 
 def _read_stored(store: Store, digest: Digest, start: int, end: int) -> bytes:
-    """Bytes [start, end) of a stored (verified) blob."""
-    with open(store.blobs.path(digest), "rb") as f:
+    """Bytes [start, end) of a stored (verified) blob, reached from the store root (a link
+    planted on the way since the store was opened is LinkInStore, never followed)."""
+    path = store.blobs.path(digest)
+    fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=store.root)
+    with os.fdopen(fd, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
     if len(data) != end - start:
