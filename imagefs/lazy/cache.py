@@ -208,14 +208,24 @@ class PieceCache:
         for old_fd in closing:
             os.close(old_fd)
 
-    def pread(self, hexd: str, offset: int, length: int) -> bytes | None:
-        """Payload bytes [offset, offset+length) of an open piece; None if not open."""
+    def pread(
+        self, hexd: str, offset: int, length: int, *, expect: int | None = None
+    ) -> bytes | None:
+        """Payload bytes [offset, offset+length) of an open piece; None if not open.
+
+        `expect`: the piece's size as the index that names it declares. A piece is only
+        ever its digest's bytes, so another size means the index lies about the chunk (a
+        cold read refuses it the same way): IntegrityError, never a prefix served."""
         with self._lock:
             got = self._fds.get(hexd)
             if got is None:
                 return None
             self._fds.move_to_end(hexd)
             fd, size = got
+            if expect is not None and size != expect:
+                raise IntegrityError(
+                    f"piece sha256:{hexd[:12]} holds {size} bytes; its index declares {expect}"
+                )
             # The fd stays open while we read, even if another thread closes it meanwhile:
             # a dup is cheaper than a race.
             fd = os.dup(fd)

@@ -228,28 +228,29 @@ class LayerSet:
     async def _assemble(
         self,
         i: int,
-        parts: Sequence[tuple[str | None, int, int, int]],
+        parts: Sequence[tuple[str | None, int, int, int, int]],
         jobs: Callable[[], list[Job]],
         neighbours: Callable[[], list[Job]],
     ) -> bytes:
         """Bytes from pieces: `parts` are (piece name or None for zeros, offset in the
-        piece, length, piece index in `jobs()`); warm parts are preads on the event loop."""
+        piece, length, piece index in `jobs()`, the piece's declared size); warm parts are
+        preads on the event loop, of pieces exactly their declared size."""
         cache = self.pieces
         fresh: dict[str, bytes] = {}
         for _attempt in range(3):
             try:
                 out = []
-                for name, off, n, _ in parts:
+                for name, off, n, _, size in parts:
                     if name is None:
                         out.append(bytes(n))
                     elif name in fresh:
                         out.append(fresh[name][off : off + n])
                     else:
-                        got = cache.pread(name, off, n)
+                        got = cache.pread(name, off, n, expect=size)
                         if got is None and cache.checked(name) and cache.open(name):
                             # Checked earlier by this process, its fd since closed by the
                             # fd LRU: an openat + fstat, cheaper than a thread hop.
-                            got = cache.pread(name, off, n)
+                            got = cache.pread(name, off, n, expect=size)
                         if got is None or len(got) != n:
                             raise _Gone
                         out.append(got)
@@ -306,12 +307,12 @@ class LayerSet:
         self, i: int, table: chunk_tables.ChunkTable, offset: int, length: int
     ) -> bytes:
         ks = list(table.covering(offset, length))
-        parts: list[tuple[str | None, int, int, int]] = []
+        parts: list[tuple[str | None, int, int, int, int]] = []
         for n, k in enumerate(ks):
             voff, size = table.voffsets[k], table.sizes[k]
             lo = max(offset, voff) - voff
             hi = min(offset + length, voff + size) - voff
-            parts.append((None if table.zeros[k] else table.piece(k), lo, hi - lo, n))
+            parts.append((None if table.zeros[k] else table.piece(k), lo, hi - lo, n, size))
 
         def jobs() -> list[Job]:
             return [self.chunk_job(table, k) for k in ks]
@@ -328,12 +329,13 @@ class LayerSet:
 
     async def _read_spans(self, i: int, seek: SeekIndex, offset: int, end: int) -> bytes:
         ks = list(range(seek.point_for(offset), seek.point_for(end - 1) + 1))
-        parts: list[tuple[str | None, int, int, int]] = []
+        parts: list[tuple[str | None, int, int, int, int]] = []
         for n, k in enumerate(ks):
             s = seek.points[k].uncompressed
+            size = seek.span_uncompressed_end(k) - s
             lo = max(offset, s) - s
             hi = min(end, seek.span_uncompressed_end(k)) - s
-            parts.append((seek.raw_digests[k].hex(), lo, hi - lo, n))
+            parts.append((seek.raw_digests[k].hex(), lo, hi - lo, n, size))
 
         def jobs() -> list[Job]:
             return [self._span_job(i, seek, k) for k in ks]

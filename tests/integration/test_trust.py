@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,14 @@ from imagefs.layers import estargz
 from imagefs.layers.index import build_from_blob
 from imagefs.oci.digest import Digest
 from imagefs.oci.reference import Reference
-from imagefs.testing.hostile import END, Layer, RegistryWriter, default_config, file_entry
+from imagefs.testing.hostile import (
+    END,
+    Layer,
+    RegistryWriter,
+    default_config,
+    estargz_retoc,
+    file_entry,
+)
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.registry import LocalRegistry
 
@@ -160,23 +165,6 @@ async def test_lying_registry_cannot_poison_another_image(
     assert _cat(root, good, "a.txt") == TRUE_A
 
 
-def _retoc(blob: estargz.EStargzBlob, edit: dict[str, dict[str, object]]) -> tuple[Layer, bytes]:
-    """The eStargz blob with its TOC entries edited (by name); a valid blob and diff_id."""
-    footer = estargz.footer_size(blob.blob)
-    toc_json = estargz.toc_json_from_member(blob.blob[blob.toc_offset : len(blob.blob) - footer])
-    doc = json.loads(toc_json)
-    for entry in doc["entries"]:
-        entry.update(edit.get(entry["name"], {}))
-    new_json = json.dumps(doc, separators=(",", ":")).encode()
-    info = tarfile.TarInfo(estargz.TOC_TAR_NAME)
-    info.size = len(new_json)
-    tar = info.tobuf(tarfile.USTAR_FORMAT) + new_json + bytes(-len(new_json) % 512) + END
-    member = gzip.compress(tar, mtime=0)
-    data = blob.blob[: blob.toc_offset] + member + estargz.make_footer(blob.toc_offset)
-    diff_id = "sha256:" + hashlib.sha256(gzip.GzipFile(fileobj=io.BytesIO(data)).read()).hexdigest()
-    return Layer(data, diff_id), new_json
-
-
 async def test_estargz_toc_that_lies_about_its_tar_stream_is_refused(
     tmp_path: Path, registry: LocalRegistry, repo_name: str
 ) -> None:
@@ -190,7 +178,7 @@ async def test_estargz_toc_that_lies_about_its_tar_stream_is_refused(
     )["entries"]
     b = next(e for e in entries if e["name"] == "b.txt")
     lie = {k: b[k] for k in ("offset", "digest", "chunkDigest")}
-    layer, toc_json = _retoc(honest, {"a.txt": lie})
+    layer, toc_json = estargz_retoc(honest, {"a.txt": lie})
     toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     writer = RegistryWriter(registry)
     desc = {
