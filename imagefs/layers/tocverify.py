@@ -3,8 +3,9 @@
 The diff_id (and the layer digest) cover the tar stream, not the TOC: a TOC verified by its
 annotation can still point `a.txt` at `b.txt`'s bytes, and a lazy mount would then show a
 tree no extractor shows. When the whole blob is local, its tar-stream index is compared
-with the TOC: paths, types, modes, sizes, link targets, and every chunk's sha256 against
-the bytes at that place of the file in the tar stream (one sequential inflate of the blob).
+with the TOC: paths, types, modes, sizes, link targets, owners, device numbers, xattrs, and
+every chunk's sha256 against the bytes at that place of the file in the tar stream (one
+sequential inflate of the blob).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from imagefs.store import fsutil
 _READ = 1 << 20
 
 
-def _entries(idx: LayerIndex) -> dict[bytes, tuple[EntryType, int, int, bytes]]:
+Entry = tuple[EntryType, int, int, bytes, int, int, int, int, tuple[tuple[bytes, bytes], ...]]
+
+
+def _entries(idx: LayerIndex) -> dict[bytes, Entry]:
+    """Per path, what a mount shows of it besides its bytes: type, permission bits, size,
+    link target, owner (uid, gid), device numbers and xattrs. mtimes are left out: a TOC
+    carries seconds where a tar stream may carry nanoseconds (and they grant nothing)."""
     toc = idx.toc
     out = {}
     for i in toc.visible():
@@ -32,7 +39,18 @@ def _entries(idx: LayerIndex) -> dict[bytes, tuple[EntryType, int, int, bytes]]:
             continue
         a = toc.attrs(i)
         size = a.size if a.type is EntryType.REG else 0
-        out[toc.path(i)] = (a.type, a.mode & 0o7777, size, a.linkname)
+        xattrs = tuple(sorted(toc.xattrs(i).items()))
+        out[toc.path(i)] = (
+            a.type,
+            a.mode & 0o7777,
+            size,
+            a.linkname,
+            a.uid,
+            a.gid,
+            a.devmajor,
+            a.devminor,
+            xattrs,
+        )
     return out
 
 
