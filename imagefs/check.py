@@ -126,7 +126,8 @@ def _files(
 
 NOT_WALKED = ("build-cache", "build-tmp")
 """Top-level areas holding image contents (with their own links) and a running build's
-mounts, not the store's own files: never walked."""
+mounts, not the store's own files: never walked below (the names themselves are looked at:
+`build-cache` a link is reported and removed like any other)."""
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, str, int, os.stat_result]]:
@@ -134,11 +135,11 @@ def _walk(root: Path) -> Iterator[tuple[Path, str, int, os.stat_result]]:
     rfd = fsutil.open_dir(root, root=root)
     try:
         for top, dirs, files, dfd in os.fwalk(".", dir_fd=rfd, follow_symlinks=False):
-            if top == ".":
+            names = sorted(dirs + files)
+            if top == ".":  # listed (a link there is reported), not descended into
                 dirs[:] = [d for d in dirs if d not in NOT_WALKED]  # fwalk honours this
-                files = [f for f in files if f not in NOT_WALKED]
             here = root / top if top != "." else root
-            for name in sorted(dirs + files):
+            for name in names:
                 with contextlib.suppress(FileNotFoundError):
                     yield here, name, dfd, os.stat(name, dir_fd=dfd, follow_symlinks=False)
     finally:

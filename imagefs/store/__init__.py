@@ -63,6 +63,7 @@ STORE_DIRS = (
     "cache/chunks",  # earlier versions' offset-keyed chunk cache
     "cache/flat",
     "logs",
+    "build-cache",  # its entries' upper dirs become overlay lower dirs of RUN steps
 )
 """imagefs's own directories under the root: none of them may be a symbolic link."""
 

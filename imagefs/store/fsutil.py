@@ -21,7 +21,8 @@ Every function takes `root=`: the trust boundary. The root itself must not be a 
 ancestors are the administrator's business and are followed as usual. Without `root` (paths
 the user named on the command line, such as `-o FILE`) the directory is trusted as a whole.
 
-How to use them (the piece cache, the index store and the flat cache use these):
+How to use them (the blob and ref stores, the piece cache, the index store, the flat cache,
+the build cache, `check` and every reader of a stored blob use these):
 
     fsutil.ensure_dir(root / "cache" / "pieces" / "sha256", root=root)   # mkdir -p, no links
     fsutil.atomic_write(root / "cache/pieces/sha256" / hex, data, root=root, durable=False)

@@ -97,6 +97,7 @@ def repair_removes_the_link(root: Path, link: Path) -> None:
         "blobs/sha256",
         "cache/chunks",  # earlier versions' areas, removed by prune
         "indexes/sha256",
+        "build-cache",  # prune --build-cache and a build's sweep deleted inside it
     ],
 )
 def test_a_symlinked_store_directory_is_refused_and_repaired(
