@@ -255,11 +255,7 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
 
 def _is_dir(root: Path, path: Path) -> bool:
     """A real directory (not a link to one), reached without following links."""
-    try:
-        st = fsutil.lstat(path, root=root)
-    except (fsutil.LinkInStore, FileNotFoundError):
-        return False
-    return st is not None and stat.S_ISDIR(st.st_mode)
+    return fsutil.is_real_dir(path, root=root)
 
 
 def _bound_problem(store: IndexStore, layer_hex: str, name: str) -> str | None:

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,15 +61,6 @@ def _meta(root: Path, entry: Path) -> Any:
         return None
 
 
-def _real_dir(root: Path, path: Path) -> bool:
-    """`path` is a directory, and neither it nor anything above it (to the root) a link."""
-    try:
-        st = fsutil.lstat(path, root=root)
-    except (fsutil.LinkInStore, FileNotFoundError):
-        return False
-    return st is not None and stat.S_ISDIR(st.st_mode)
-
-
 class BuildCache:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -86,7 +76,7 @@ class BuildCache:
 
     def get(self, k: str, blob_exists: Any) -> Entry | None:
         path = self.dir / k
-        if not _real_dir(self.root, path / "upper"):
+        if not fsutil.is_real_dir(path / "upper", root=self.root):
             return None  # absent, or a link somewhere: never handed to overlayfs
         meta = _meta(self.root, path)
         if not isinstance(meta, dict):
@@ -127,7 +117,7 @@ class BuildCache:
                 os.rename(tmp.name, k, src_dir_fd=d, dst_dir_fd=d)
         except OSError:  # another build made the same step meanwhile: theirs is as good
             fsutil.safe_rmtree(tmp, root=self.root)
-            if not _real_dir(self.root, final / "upper"):
+            if not fsutil.is_real_dir(final / "upper", root=self.root):
                 raise StoreError(
                     f"{final} is not a build cache entry (a link?); imagefs never follows "
                     "links in its store (`imagefs prune --build-cache` empties the cache)"

@@ -237,6 +237,15 @@ def lstat(path: Path, *, root: Path | None = None) -> os.stat_result | None:
         return None
 
 
+def is_real_dir(path: Path, *, root: Path | None = None) -> bool:
+    """`path` is a directory, and neither it nor anything above it (to `root`) a link."""
+    try:
+        st = lstat(path, root=root)
+    except (LinkInStore, FileNotFoundError):
+        return False
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
 def safe_unlink(path: Path, *, root: Path | None = None) -> bool:
     """Remove the file or link `path` (a link itself, never its target); False if missing.
     A directory is left alone (use `safe_rmtree`)."""
