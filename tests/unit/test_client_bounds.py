@@ -66,6 +66,8 @@ def client_with(
     fake = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=False)
     client._upstream.client = fake
     client._upstream.base_url = "https://reg.example:5000"
+    # the pools made later (a token realm on another host) reach the same fake network
+    client._make_client = lambda host: fake  # type: ignore[method-assign]
     return client
 
 
