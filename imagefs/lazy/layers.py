@@ -27,10 +27,12 @@ import contextlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 import zstandard
@@ -93,7 +95,13 @@ class LayerSet:
         self._ready: list[LayerIndex | None] = [None] * len(self.layers)
         self._inflight: dict[int, trio.Event] = {}
         self._flat: dict[int, Path] = {}
+        self._flattening: dict[int, trio.Event] = {}  # single flight per layer
+        # Layer fds, opened from worker threads (piece making) and the event loop: guarded.
+        # An fd replaced (the blob's, once the flat file exists) may still be in a worker's
+        # pread: it is retired, closed with the LayerSet, never closed under a reader.
         self._fds: dict[int, int] = {}
+        self._retired: list[int] = []
+        self._fds_lock = threading.Lock()
         self._local: dict[int, bool] = {}
         self._local_checked: dict[int, float] = {}
         self.read_ahead = ReadAhead(self)
@@ -188,18 +196,23 @@ class LayerSet:
         self._local[i] = True
 
     def _fd(self, i: int) -> int:
-        fd = self._fds.get(i)
-        if fd is None:
-            path = self._flat.get(i) or self.store.blobs.path(self.layers[i].digest)
-            try:  # every component from the store root checked: O_NOFOLLOW guards the last
-                fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=self.store.root)
-            except FileNotFoundError:
-                self._local[i] = False
-                raise ImageFSError(
-                    f"layer {self.layers[i].digest.short} vanished from the store"
-                ) from None
-            self._fds[i] = fd
-        return fd
+        with self._fds_lock:
+            fd = self._fds.get(i)
+        if fd is not None:
+            return fd
+        path = self._flat.get(i) or self.store.blobs.path(self.layers[i].digest)
+        try:  # every component from the store root checked: O_NOFOLLOW guards the last
+            fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=self.store.root)
+        except FileNotFoundError:
+            self._local[i] = False
+            raise ImageFSError(
+                f"layer {self.layers[i].digest.short} vanished from the store"
+            ) from None
+        with self._fds_lock:
+            kept = self._fds.setdefault(i, fd)
+        if kept != fd:  # another thread opened it meanwhile: one fd per layer
+            os.close(fd)
+        return kept
 
     def _pread(self, i: int, start: int, end: int) -> bytes:
         return os.pread(self._fd(i), end - start, start)
@@ -383,9 +396,21 @@ class LayerSet:
         return idx.seek.uncompressed_size if idx.seek is not None else _virtual_size(idx)
 
     async def _flatten(self, i: int) -> None:
-        """Decompress a single-frame zstd layer once into `ROOT/cache/flat/<hex>`."""
-        if i in self._flat:
-            return
+        """Decompress a single-frame zstd layer once into `ROOT/cache/flat/<hex>` (one
+        flight per layer: concurrent readers wait for it)."""
+        while i not in self._flat:
+            flight = self._flattening.get(i)
+            if flight is None:
+                self._flattening[i] = flight = trio.Event()
+                try:
+                    await self._flatten_once(i)
+                finally:
+                    del self._flattening[i]
+                    flight.set()
+                return
+            await flight.wait()  # a failed flight: the loop tries again itself
+
+    async def _flatten_once(self, i: int) -> None:
         layer = self.layers[i]
         target = self.store.root / "cache" / "flat" / layer.digest.hex
         seek = self.index(i).seek
@@ -405,26 +430,42 @@ class LayerSet:
                 fd, tmp = fsutil.create_temp(d)
                 try:
                     with self.store.blobs.open(layer.digest) as src, os.fdopen(fd, "wb") as dst:
-                        zstandard.ZstdDecompressor().copy_stream(src, dst)
-                    if os.stat(tmp, dir_fd=d).st_size != seek.uncompressed_size:
-                        raise LayerFormatError(f"layer {layer.digest.short}: zstd size mismatch")
+                        _inflate_capped(src, dst, seek.uncompressed_size, layer.digest.short)
                     os.replace(tmp, target.name, src_dir_fd=d, dst_dir_fd=d)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp, dir_fd=d)
 
         await trio.to_thread.run_sync(work, limiter=self.cpu)
-        old = self._fds.pop(i, None)
-        if old is not None:
-            os.close(old)
-        self._flat[i] = target
+        with self._fds_lock:
+            self._flat[i] = target
+            old = self._fds.pop(i, None)
+            if old is not None:
+                self._retired.append(old)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        with self._fds_lock:
+            fds = [*self._fds.values(), *self._retired]
+            self._fds.clear()
+            self._retired.clear()
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds.clear()
         self.pieces.close()
+
+
+def _inflate_capped(src: BinaryIO, dst: BinaryIO, size: int, name: str) -> None:
+    """Inflate a zstd stream into `dst`, refusing it as soon as it passes `size` bytes (the
+    index's word): a bomb never fills the disk. Short is refused as well."""
+    written = 0
+    with zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True) as r:
+        while piece := r.read(min(1 << 20, size + 1 - written)):
+            written += len(piece)
+            if written > size:
+                raise LayerFormatError(f"layer {name}: inflates beyond its {size} bytes")
+            dst.write(piece)
+    if written != size:
+        raise LayerFormatError(f"layer {name}: inflates to {written} bytes, not {size}")
 
 
 def _virtual_size(idx: LayerIndex) -> int:
