@@ -91,6 +91,7 @@ async def open_image(
     platform: Platform | None = None,
     *,
     cache_size: int = DEFAULT_CACHE_SIZE,
+    trust_published_index: bool = False,
 ) -> Browser:
     """A `Browser` on `reference`, pulling its metadata first when it is not in the store
     (as `imagefs mount` does). Close it with `aclose()` or use it with `async with`."""
@@ -103,7 +104,13 @@ async def open_image(
     lease = stack.enter_context(store.lease())
     lease.add(record.manifest.digest, image.id, *(layer.digest for layer in layers))
     try:
-        layer_set = lazy_layer_set(session, record, layers, cache_size=cache_size)
+        layer_set = lazy_layer_set(
+            session,
+            record,
+            layers,
+            cache_size=cache_size,
+            trust_published_index=trust_published_index,
+        )
     except BaseException:
         stack.close()
         raise
@@ -319,6 +326,7 @@ async def cat(
     *,
     platform: Platform | None = None,
     cache_size: int = DEFAULT_CACHE_SIZE,
+    trust_published_index: bool = False,
 ) -> None:
     """Write the files `paths` name, one after the other, to `out` (symlinks followed).
 
@@ -326,7 +334,14 @@ async def cat(
     half output. Each file streams with read-ahead within the file (see `Browser.copy_to`)."""
     if not paths:
         raise UsageError("cat: no path given")
-    async with await open_image(session, reference, platform, cache_size=cache_size) as browser:
+    opened = await open_image(
+        session,
+        reference,
+        platform,
+        cache_size=cache_size,
+        trust_published_index=trust_published_index,
+    )
+    async with opened as browser:
         inos = [await browser.open_file(p) for p in paths]
         with unwrap_groups():
             async with trio.open_nursery() as nursery:
@@ -349,6 +364,7 @@ async def ls(
     platform: Platform | None = None,
     cache_size: int = DEFAULT_CACHE_SIZE,
     now_ns: int | None = None,
+    trust_published_index: bool = False,
 ) -> list[str]:
     """The lines GNU `ls -1b [-ln] [-R] [-A] PATH` would print for `path` in the image.
 
@@ -360,7 +376,14 @@ async def ls(
     image's /etc/passwd is not this machine's). `now_ns` fixes the time that decides which
     times are recent (default: the clock, read again for a file from the future, as GNU does).
     """
-    async with await open_image(session, reference, platform, cache_size=cache_size) as browser:
+    opened = await open_image(
+        session,
+        reference,
+        platform,
+        cache_size=cache_size,
+        trust_published_index=trust_published_index,
+    )
+    async with opened as browser:
         return await list_lines(
             browser,
             path,

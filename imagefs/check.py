@@ -33,7 +33,7 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
 from imagefs.store import Layout, Store, fsutil, layout_links, locks
 from imagefs.store.blobs import sha256_file
-from imagefs.store.indexstore import KINDS, Bound, IndexStore, derive
+from imagefs.store.indexstore import KINDS, MAX_RECORD, Bound, IndexStore, derive
 
 
 @dataclass
@@ -130,11 +130,14 @@ def _walk(root: Path) -> Iterator[tuple[Path, str, int, os.stat_result]]:
     rfd = fsutil.open_dir(root, root=root)
     try:
         for top, dirs, files, dfd in os.fwalk(".", dir_fd=rfd, follow_symlinks=False):
+            names = sorted(dirs + files)
+            # The build areas hold image contents (with their own links) and a running
+            # build's mounts: listed (a link there is reported and removed like any other),
+            # never descended into.
             if top == ".":
                 dirs[:] = [d for d in dirs if d not in not_walked]  # fwalk honours this
-                files = [f for f in files if f not in not_walked]
             here = root / top if top != "." else root
-            for name in sorted(dirs + files):
+            for name in names:
                 with contextlib.suppress(FileNotFoundError):
                     yield here, name, dfd, os.stat(name, dir_fd=dfd, follow_symlinks=False)
     finally:
@@ -187,6 +190,9 @@ def _check_pieces(root: Path, report: CheckReport, bad: Bad) -> None:
             fd = fsutil.safe_open(pieces, entry.name, os.O_RDONLY, root=root)
         except FileNotFoundError:
             continue  # evicted while we looked
+        except ImageFSError as exc:  # swapped for something else since the scan
+            bad(f"cache piece {path}: {exc}", path)
+            continue
         try:
             payload = read_piece(fd, entry.name)  # its own bytes in its pack, self-checked
         finally:
@@ -218,7 +224,8 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
             try:
                 if entry.kind != "file":
                     raise LayerFormatError("not a regular file")
-                idx = LayerIndex.from_bytes(digest, fsutil.read_bytes(path, root=root) or b"")
+                data = fsutil.read_bytes(path, root=root, limit=MAX_RECORD)
+                idx = LayerIndex.from_bytes(digest, data or b"")
                 if idx.seek is None or idx.seek.blob_digest != str(digest):
                     raise LayerFormatError("not built from this layer's blob")
             except ImageFSError as exc:
@@ -232,28 +239,28 @@ def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> N
             if layer_entry.kind != "dir":
                 bad(f"stray file among bound indexes: {layer_path}", layer_path)
                 continue
-            for path in sorted(layer_path.iterdir()):
-                if path.name.startswith(fsutil.TEMP_PREFIX) or path.name.endswith(".idx"):
+            # lstat-based and from the root: links and FIFOs were reported by _find_links
+            entries = fsutil.scan(layer_path, root=root)
+            names = {e.name for e in entries}
+            for entry in entries:
+                path = layer_path / entry.name
+                if entry.name.startswith(fsutil.TEMP_PREFIX) or entry.kind in ("link", "other"):
+                    continue
+                if entry.name.endswith(".idx"):
+                    if entry.name[: -len(".idx")] not in names:
+                        bad(f"derived index {path} has no verified bytes", path)
                     continue
                 report.indexes += 1
-                why = _bound_problem(store, layer_path.name, path.name)
+                why = _bound_problem(store, layer_path.name, entry.name)
                 if why is not None:
                     bad(f"index {path}: {why}", path)
-                    derived = path.with_name(path.name + ".idx")
-                    if repair and derived.exists():
-                        derived.unlink()
-            for path in sorted(layer_path.glob("*.idx")):
-                if not path.with_name(path.name[: -len(".idx")]).exists():
-                    bad(f"derived index {path} has no verified bytes", path)
+                    if repair:
+                        fsutil.safe_unlink(path.with_name(entry.name + ".idx"), root=root)
 
 
 def _is_dir(root: Path, path: Path) -> bool:
     """A real directory (not a link to one), reached without following links."""
-    try:
-        st = fsutil.lstat(path, root=root)
-    except (fsutil.LinkInStore, FileNotFoundError):
-        return False
-    return st is not None and stat.S_ISDIR(st.st_mode)
+    return fsutil.is_real_dir(path, root=root)
 
 
 def _bound_problem(store: IndexStore, layer_hex: str, name: str) -> str | None:
@@ -264,14 +271,15 @@ def _bound_problem(store: IndexStore, layer_hex: str, name: str) -> str | None:
         return "not a (layer, kind, verifier) name"
     if kind not in KINDS:
         return f"unknown kind {kind!r}"
-    raw = store.load_raw(bound, drop_damaged=False)
-    if raw is None:
-        return "damaged"
     try:
+        raw = store.load_raw(bound, drop_damaged=False)
+        if raw is None:
+            return "damaged"
         idx = derive(bound, *raw)
+        # bounded, never through a link, never a FIFO (it would hang check)
+        derived = fsutil.read_bytes(store.derived_path(bound), root=store.root, limit=MAX_RECORD)
     except ImageFSError as exc:
         return str(exc)
-    derived = store.derived_path(bound)
-    if derived.exists() and derived.read_bytes() != idx.to_bytes():
+    if derived is not None and derived != idx.to_bytes():
         return "its derived index is not what its verified bytes say"
     return None

@@ -12,7 +12,10 @@ once and publishes the result: an OCI image manifest with
 
 found by a later mount through the referrers API, or, where the registry lacks it
 (distribution 2.8 does), the OCI 1.1 tag fallback: an image index tagged `sha256-<hex>`
-listing the referrers.
+listing the referrers — only when the user asks for it (`--trust-published-index` on mount,
+ls and cat): the referrers list is not reached from the manifest the user named, so whoever
+can push to the repository, or runs the mirror, can attach an index whose names, modes,
+owners and offsets would be served over the genuine layer bytes.
 
 Trust: the index blob is verified against its digest; it is used only for the layer whose
 digest it names (its seek index records the blob digest it was built from), and every span
@@ -125,6 +128,8 @@ class RemoteIndexes:
         known = await trio.to_thread.run_sync(self.store.referrers, self.manifest_digest)
         if str(layer.digest) in known:
             bound = Bound(layer.digest, PUBLISHED, Digest.parse(known[str(layer.digest)]))
+            if await trio.to_thread.run_sync(self.store.refused, bound):
+                return None  # it disagreed with the layer's own tar stream once
             idx = await trio.to_thread.run_sync(self.store.load_bound, bound)
             if idx is not None:
                 return idx
@@ -149,6 +154,8 @@ class RemoteIndexes:
         if desc is None:
             return None
         bound = Bound(layer.digest, PUBLISHED, desc.digest)
+        if await trio.to_thread.run_sync(self.store.refused, bound):
+            return None
         idx = await trio.to_thread.run_sync(self.store.load_bound, bound)
         if idx is not None:
             return idx
@@ -168,6 +175,7 @@ def build_local(store_root: Path, blob: Path, layer: Layer) -> LayerIndex:
     indexes = IndexStore(store_root)
     idx = indexes.load_layer(layer.digest)
     if idx is None:
-        idx = build_from_blob(blob, layer.digest, layer_compression(layer.descriptor.media_type))
+        compression = layer_compression(layer.descriptor.media_type)
+        idx = build_from_blob(blob, layer.digest, compression, root=store_root)
         indexes.save_layer(idx)
     return idx

@@ -43,8 +43,7 @@ from imagefs.oci.platform import Platform
 from imagefs.oci.reference import Reference
 from imagefs.published import build_local
 from imagefs.session import Session
-from imagefs.store import ImageRecord, Layout, Lease
-from imagefs.store.fsutil import fsync_dir
+from imagefs.store import ImageRecord, Layout, Lease, fsutil
 from imagefs.store.lookup import load_resolved, put_record
 from imagefs.store.refs import now_rfc3339
 
@@ -313,21 +312,25 @@ class Builder:
         st.add_layer(entry.upper, layer, created_by)
 
     def _store_layer(self, upper: Path) -> layerdiff.LayerBlob:
-        """Write the layer blob into the store: temp file, fsync, rename (containerd's way)."""
-        blobs = self.store.blobs
-        blobs.ingest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = blobs.ingest_dir / f"build-{uuid.uuid4().hex}.partial"
+        """Write the layer blob into the store: temp file, fsync, rename (containerd's way).
+
+        Through `fsutil` from the store root (no link followed); the temp file is an
+        `fsutil.TEMP_PREFIX` name, so one a crash leaves is found by `check` and removed by
+        `check --repair`."""
+        blobs, root = self.store.blobs, self.store.root
+        tmp = blobs.ingest_dir  # the directory until the temp file has a name
         try:
-            with open(tmp, "xb") as out:
+            with fsutil.dir_fd(blobs.ingest_dir, root=root, create=True) as d:
+                fd, name = fsutil.create_temp(d)
+            tmp = blobs.ingest_dir / name
+            with os.fdopen(fd, "wb") as out:
                 blob = LAYER_WRITERS[self.opts.compression](upper, out, self.epoch)
                 out.flush()
                 os.fsync(out.fileno())
             assert self.lease is not None
             self.lease.add(blob.digest)
             target = blobs.path(blob.digest)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
+            fsutil.replace(tmp, target, root=root)  # fsyncs the directory
             # Index the new layer now, so `push` can publish it and a mount of the pushed
             # image reads byte ranges at once (the blob is hot in the page cache here).
             # An eStargz layer needs none: its TOC is its index.
@@ -335,8 +338,8 @@ class Builder:
                 layer = Layer(Descriptor(mt.OCI_LAYER_GZIP, blob.digest, blob.size), blob.diff_id)
                 build_local(self.store.root, target, layer)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if tmp != blobs.ingest_dir:
+                fsutil.safe_unlink(tmp, root=root)
         return blob
 
     async def _run(self, st: StageState, ins: frontend.Instruction, step: Step) -> None:

@@ -14,6 +14,11 @@ visible only by the rename of a finished directory, so a killed build leaves at 
 `partial-*` directory, which the next build removes. `imagefs prune` keeps the blobs and
 indexes of cached layers; `imagefs prune --build-cache` drops the cache first (then what
 only the cache kept). Do not run that during a build.
+
+Every path is reached from the store root through `fsutil` (no link followed): `build-cache`
+itself a link is refused in one line; `<key>` or `<key>/upper` a link is not a cache entry
+(its `upper` would be handed to overlayfs as a lower directory: a planted link would give RUN
+a host directory); sweeping and `prune --build-cache` never delete through a link.
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imagefs.build.layerdiff import LayerBlob
+from imagefs.errors import ImageFSError, StoreError
 from imagefs.oci.digest import Digest
+from imagefs.store import fsutil
 from imagefs.store.layout import Layout
 
 _TMP = "partial-"
+_MAX_META = 1 << 20  # step.json: a few hundred bytes
 
 
 def key(*parts: Any) -> str:
@@ -45,25 +52,34 @@ class Entry:
     layer: LayerBlob | None
 
 
+def _meta(root: Path, entry: Path) -> Any:
+    """An entry's step.json (bounded, no link followed); None when absent or unreadable."""
+    try:
+        raw = fsutil.read_bytes(entry / "step.json", root=root, limit=_MAX_META)
+        return None if raw is None else json.loads(raw)
+    except (ImageFSError, OSError, ValueError):
+        return None
+
+
 class BuildCache:
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.dir = Layout(root).build_cache
 
     def sweep(self) -> None:
         """Remove what killed builds left (their pid is gone: nothing else can own them)."""
-        if not self.dir.is_dir():
-            return
-        for entry in self.dir.iterdir():
+        for entry in fsutil.scan(self.dir, root=self.root):
             if entry.name.startswith(_TMP):
                 pid = entry.name[len(_TMP) :].split("-")[0]
                 if pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(entry, ignore_errors=True)
+                    fsutil.safe_rmtree(self.dir / entry.name, root=self.root)
 
     def get(self, k: str, blob_exists: Any) -> Entry | None:
         path = self.dir / k
-        try:
-            meta = json.loads((path / "step.json").read_text())
-        except (OSError, ValueError):
+        if not fsutil.is_real_dir(path / "upper", root=self.root):
+            return None  # absent, or a link somewhere: never handed to overlayfs
+        meta = _meta(self.root, path)
+        if not isinstance(meta, dict):
             return None
         layer = None
         if meta.get("layer"):
@@ -77,9 +93,10 @@ class BuildCache:
         return Entry(path / "upper", layer)
 
     def new_dir(self) -> Path:
-        path = self.dir / f"{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        path.mkdir(parents=True)
-        return path
+        name = f"{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with fsutil.dir_fd(self.dir, root=self.root, create=True) as d:
+            os.mkdir(name, 0o755, dir_fd=d)
+        return self.dir / name
 
     def commit(self, tmp: Path, k: str, layer: LayerBlob | None, *, keep: bool) -> Entry:
         """Record `tmp` (holding `upper/`) under key `k`; with keep=False, just use it."""
@@ -91,30 +108,27 @@ class BuildCache:
                 "size": layer.size,
                 "annotations": dict(layer.annotations),
             }
-        (tmp / "step.json").write_text(json.dumps(meta))
+        fsutil.atomic_write(tmp / "step.json", json.dumps(meta).encode(), root=self.root)
         if not keep:
             return Entry(tmp / "upper", layer)
         final = self.dir / k
         try:
-            os.rename(tmp, final)
+            with fsutil.dir_fd(self.dir, root=self.root) as d:
+                os.rename(tmp.name, k, src_dir_fd=d, dst_dir_fd=d)
         except OSError:  # another build made the same step meanwhile: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
+            fsutil.safe_rmtree(tmp, root=self.root)
+            if not fsutil.is_real_dir(final / "upper", root=self.root):
+                raise StoreError(
+                    f"{final} is not a build cache entry (a link?); imagefs never follows "
+                    "links in its store (`imagefs prune --build-cache` empties the cache)"
+                ) from None
         return Entry(final / "upper", layer)
 
 
 def remove_all(root: Path) -> int:
     """`prune --build-cache`: drop every cache entry; returns the bytes freed (approximately:
     the files' sizes)."""
-    cache_dir = Layout(root).build_cache
-    freed = 0
-    if not cache_dir.is_dir():
-        return 0
-    for dirpath, _dirs, files in os.walk(cache_dir):
-        for name in files:
-            with contextlib.suppress(OSError):
-                freed += os.lstat(os.path.join(dirpath, name)).st_size
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    return freed
+    return fsutil.safe_rmtree(Layout(root).build_cache, root=root)  # a link: the link itself goes
 
 
 def _alive(pid: int) -> bool:

@@ -6,7 +6,15 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from imagefs.cli.options import PROG, REF_HELP, Verb, cache_size_of, flag, platform_of
+from imagefs.cli.options import (
+    PROG,
+    REF_HELP,
+    Verb,
+    cache_size_of,
+    flag,
+    platform_of,
+    trust_published_index,
+)
 
 if TYPE_CHECKING:
     from imagefs import api
@@ -24,6 +32,7 @@ def _ls_arguments(p: argparse.ArgumentParser) -> None:
 def _image_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
     p.add_argument("--cache-size", metavar="SIZE", help="cap of the piece cache (as mount's)")
+    trust_published_index(p)
 
 
 async def run_ls(s: api.Session, a: argparse.Namespace) -> int:
@@ -38,6 +47,7 @@ async def run_ls(s: api.Session, a: argparse.Namespace) -> int:
         almost_all=a.almost_all,
         platform=platform_of(a),
         cache_size=cache_size_of(a),
+        trust_published_index=a.trust_published_index,
     )
     for line in lines:
         print(line)
@@ -63,6 +73,7 @@ async def run_cat(s: api.Session, a: argparse.Namespace) -> int:
             sys.stdout.buffer,
             platform=platform_of(a),
             cache_size=cache_size_of(a),
+            trust_published_index=a.trust_published_index,
         )
     except (NotAFile, SymlinkLoop) as exc:  # a path's own trouble: GNU cat's words and exit 1
         print(f"{PROG} cat: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from imagefs.cli.options import (
     global_argv,
     platform_of,
     repeatable,
+    trust_published_index,
 )
 from imagefs.cli.output import MOUNT_HEADERS, format_stats, mount_row, stats_row, warn
 from imagefs.config import default_root
@@ -74,6 +75,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
     flag(
         p, "--no-prefetch-landmark", help="ignore eStargz .prefetch.landmark (honoured by default)"
     )
+    trust_published_index(p)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
 
@@ -108,6 +110,7 @@ async def run_mount(s: api.Session, a: argparse.Namespace) -> int:
         prefetch=load_profile(a.prefetch) if a.prefetch else None,
         landmarks=not a.no_prefetch_landmark,
         log_path=log_path,
+        trust_published_index=a.trust_published_index,
     )
     return 0
 
@@ -162,6 +165,8 @@ def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[st
         argv += ["--prefetch", str(a.prefetch.absolute())]
     if a.no_prefetch_landmark:
         argv.append("--no-prefetch-landmark")
+    if a.trust_published_index:
+        argv.append("--trust-published-index")
     for opt in a.options:
         argv += ["-o", opt]
     return [*argv, a.reference, str(mountpoint)]

@@ -220,6 +220,17 @@ def flag(p: argparse.ArgumentParser, *names: str, help: str, dest: str | None = 
     p.add_argument(*names, action="store_true", help=help, dest=dest)  # None: from the name
 
 
+def trust_published_index(p: argparse.ArgumentParser) -> None:
+    """mount, ls, cat: opt in to layer indexes found through the image's referrers."""
+    flag(
+        p,
+        "--trust-published-index",
+        help="use an imagefs index published next to the image (`index --push`) for plain "
+        "gzip/zstd layers; off by default: referrers are not covered by the image digest, so "
+        "anyone who can push to the repository could attach one",
+    )
+
+
 def repeatable(
     p: argparse.ArgumentParser, *names: str, metavar: str, help: str, dest: str | None = None
 ) -> None:

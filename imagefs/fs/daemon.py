@@ -58,6 +58,7 @@ async def serve(
     prefetch: Profile | None = None,
     landmarks: bool = True,
     log_path: Path | None = None,
+    trust_published_index: bool = False,
 ) -> None:
     store = session.store
     record = await session.disk(find_record, store, query)
@@ -69,7 +70,13 @@ async def serve(
     started = min(session.wire.earliest_ns() or now, now)
     tele = Telemetry([layer.size for layer in layers], trace_path=trace, started_ns=started)
     session.wire.listen(tele.fetch)
-    layer_set = lazy_layer_set(session, record, layers, cache_size=cache_size)
+    layer_set = lazy_layer_set(
+        session,
+        record,
+        layers,
+        cache_size=cache_size,
+        trust_published_index=trust_published_index,
+    )
     cache = layer_set.cache
     assert cache is not None
     # Directory link counts would need every layer of a directory's listing before its

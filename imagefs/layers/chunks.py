@@ -35,6 +35,13 @@ from imagefs.layers.toc import Toc, TocBuilder
 MAGIC = b"IFSCHNK2"
 _TYPES = lostnames.TYPES
 ZERO_DIGEST = b"\0" * 32
+# The largest chunk imagefs fetches and inflates in one piece (writers use 4 MiB; ctr-remote
+# and containers/storage stay far below this). A TOC is verified by its annotation, but
+# that only proves the manifest's author wrote it: a declared 20 GiB chunk would otherwise be
+# one 20 GiB range buffered and a 20 GiB inflate. "zeros" chunks carry no data and are never
+# held whole (reads and `tocverify` make their zeros piece by piece), so they are not capped.
+MAX_CHUNK = 64 << 20
+MAX_CHUNK_SPAN = MAX_CHUNK + (MAX_CHUNK >> 4)  # compressed: deflate/zstd overhead included
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,7 @@ def build_chunked(
                 algo, _, hexd = digest.partition(":")
                 if not zeros and (algo != "sha256" or len(hexd) != 64):
                     raise LayerFormatError(f"{e.name}: chunk without a sha256 digest")
+                _check_bounds(e.name, size, start, end, inner, zeros)
                 rows.append(
                     (
                         voff + file_off,
@@ -268,6 +276,19 @@ def build_chunked(
         bytes(1 if r[6] else 0 for r in rows),
     )
     return toc, table, warnings
+
+
+def _check_bounds(name: str, size: int, start: int, end: int, inner: int, zeros: bool) -> None:
+    """A chunk's declared sizes, before anything is fetched for it (see MAX_CHUNK)."""
+    if size < 0 or inner < 0 or end < start:
+        raise LayerFormatError(f"{name}: chunk at {start} has negative sizes")
+    if zeros:
+        return
+    if size > MAX_CHUNK or inner > MAX_CHUNK or end - start > MAX_CHUNK_SPAN:
+        raise LayerFormatError(
+            f"{name}: chunk at {start} declares {size} bytes ({end - start} compressed, "
+            f"{inner} before it in its member), more than the {MAX_CHUNK} imagefs reads at once"
+        )
 
 
 def from_estargz(

@@ -19,9 +19,11 @@ of the whole file detectable before either part is parsed.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import xxhash
 
@@ -32,6 +34,7 @@ from imagefs.layers.tarscan import TarScanner
 from imagefs.layers.toc import Toc, TocBuilder
 from imagefs.oci.digest import Digest
 from imagefs.oci.mediatypes import Compression
+from imagefs.store import fsutil
 
 MAGIC = b"IFSLIDX2"
 _SEEK, _CHUNKS = 1, 2
@@ -110,11 +113,27 @@ def build_from_blob(
     *,
     spool_dir: Path | None = None,
     estargz: bool = False,
+    root: Path | None = None,
 ) -> LayerIndex:
-    """Scan a verified, local layer blob into a LayerIndex (CPU-bound: run in a thread)."""
+    """Scan a verified, local layer blob into a LayerIndex (CPU-bound: run in a thread).
+
+    `root`: the store the blob is in; its directories are reached from there, no link
+    followed (`fsutil.safe_open`)."""
+    with os.fdopen(fsutil.safe_open(blob.parent, blob.name, os.O_RDONLY, root=root), "rb") as f:
+        return _build(f, digest, compression, spool_dir, estargz)
+
+
+def _build(
+    f: BinaryIO,
+    digest: Digest,
+    compression: Compression,
+    spool_dir: Path | None,
+    estargz: bool,
+) -> LayerIndex:
     scanner = TarScanner()
     builder = TocBuilder(estargz=estargz)
-    limit = inflate_limit(blob.stat().st_size)
+    size = os.fstat(f.fileno()).st_size
+    limit = inflate_limit(size)
     inflated = 0
 
     def feed(data: bytes) -> None:
@@ -123,19 +142,18 @@ def build_from_blob(
         if inflated > limit:
             raise LayerFormatError(
                 f"layer {digest.short} inflates to more than {limit} bytes from "
-                f"{blob.stat().st_size}: refused as a decompression bomb"
+                f"{size}: refused as a decompression bomb"
             )
         for entry in scanner.feed(data):
             builder.add_tar_entry(entry)
 
-    with open(blob, "rb") as f:
-        seek = build_index(
-            f,
-            compression,
-            on_uncompressed=feed,
-            spool_dir=str(spool_dir) if spool_dir else None,
-            blob_digest=str(digest),
-        )
+    seek = build_index(
+        f,
+        compression,
+        on_uncompressed=feed,
+        spool_dir=str(spool_dir) if spool_dir else None,
+        blob_digest=str(digest),
+    )
     for entry in scanner.close():
         builder.add_tar_entry(entry)
     toc = builder.build()

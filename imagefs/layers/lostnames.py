@@ -52,6 +52,10 @@ LOST = "\ufffd"
 _HEADER_ROOM = 1 << 20
 _PER_HEADER = 16 << 10
 _MAX_HEADERS = 64 << 20
+# The most compressed bytes fetched for one gap: the chunk before the headers (eStargz keeps
+# them in its member; `chunks.MAX_CHUNK` at most), the headers, and deflate's overhead on
+# incompressible data (well under 1%). Checked before the fetch: the offsets are the TOC's.
+MAX_GAP = 2 * _MAX_HEADERS + (4 << 20)
 TYPES = {  # CRFS TOC entry types as tar entry types
     "reg": EntryType.REG,
     "dir": EntryType.DIR,

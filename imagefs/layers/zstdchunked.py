@@ -43,7 +43,7 @@ LEGACY_FOOTER_SIZE = 40
 FOOTER_MAGIC = b"GNUlInUx"
 LEGACY_FOOTER_MAGIC = b"GnUlInUx"
 SKIPPABLE_FRAME_MAGIC = b"\x50\x2a\x4d\x18"
-_MAX_TOC_SIZE = 512 * 1024 * 1024
+MAX_TOC_SIZE = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def decode_manifest(
             raise IntegrityError(
                 f"zstd:chunked: TOC checksum is sha256:{actual}, expected {expected_checksum}"
             )
-    if position.uncompressed_length > _MAX_TOC_SIZE:
+    if position.uncompressed_length > MAX_TOC_SIZE:
         raise LayerFormatError("zstd:chunked: TOC too large")
     # Output capped at the declared length (+1 to see a lie): a checksum only proves the
     # compressed bytes are the ones the manifest names, not that they inflate to a sane size.

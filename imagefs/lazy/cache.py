@@ -58,7 +58,7 @@ from pathlib import Path
 
 import xxhash
 
-from imagefs.errors import IntegrityError
+from imagefs.errors import IntegrityError, StoreError
 from imagefs.store import fsutil
 from imagefs.store.layout import Layout
 
@@ -160,6 +160,7 @@ class PieceCache:
     (page cache), so the event loop may call it directly; everything else runs in threads."""
 
     def __init__(self, root: Path, cap: int = DEFAULT_CACHE_SIZE) -> None:
+        self.root = root
         self.dir = Layout(root).pieces
         self.cap = cap
         self._lock = threading.Lock()
@@ -181,10 +182,9 @@ class PieceCache:
 
     def _dir(self) -> int:
         if self._dirfd is None:
-            self.dir.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(self.dir)
-            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Walked from the root, no component a link (one planted after the store was
+            # opened included): LinkInStore. Then pinned: every name is relative to this fd.
+            fd = fsutil.open_dir(self.dir, root=self.root, create=True)
             with self._lock:
                 if self._dirfd is None:
                     self._dirfd = fd
@@ -212,8 +212,11 @@ class PieceCache:
         `count_miss=False`: a look before the maker's own (which counts the miss)."""
         if hexd in self._fds:
             return True
-        try:
-            fd = os.open(hexd, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir())
+        try:  # a link, FIFO or device under the name is a miss (never opened, never a hang)
+            fd = fsutil.safe_open(self._dir(), hexd, os.O_RDONLY)
+        except fsutil.LinkInStore:
+            self.misses += 1
+            return False
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ELOOP):
                 log.warning("cache piece %s: %s", hexd[:12], exc)
@@ -266,14 +269,24 @@ class PieceCache:
         for old_fd in closing:
             os.close(old_fd)
 
-    def pread(self, hexd: str, offset: int, length: int) -> bytes | None:
-        """Payload bytes [offset, offset+length) of an open piece; None if not open."""
+    def pread(
+        self, hexd: str, offset: int, length: int, *, expect: int | None = None
+    ) -> bytes | None:
+        """Payload bytes [offset, offset+length) of an open piece; None if not open.
+
+        `expect`: the piece's size as the index that names it declares. A piece is only
+        ever its digest's bytes, so another size means the index lies about the chunk (a
+        cold read refuses it the same way): IntegrityError, never a prefix served."""
         with self._lock:
             got = self._fds.get(hexd)
             if got is None:
                 return None
             self._fds.move_to_end(hexd)
             fd, base, size = got
+            if expect is not None and size != expect:
+                raise IntegrityError(
+                    f"piece sha256:{hexd[:12]} holds {size} bytes; its index declares {expect}"
+                )
             # Under the lock, so no other thread closes the fd (and another open reuses its
             # number) meanwhile: a pread of an open piece from the page cache takes
             # microseconds, less than the dup + close this used to pay on every read.
@@ -320,7 +333,11 @@ class PieceCache:
             self._put_pack(items[start : start + MAX_PACK_ENTRIES])
 
     def _put_pack(self, items: list[tuple[str, bytes]]) -> None:
-        dfd = self._dir()
+        try:
+            dfd = self._dir()
+        except StoreError as exc:  # a link where the cache directory should be
+            log.warning("cannot cache pieces %s...: %s", items[0][0][:12], exc)
+            return
         offset = PACK_HEADER.size + len(items) * PACK_ENTRY.size
         table = bytearray()
         for hexd, payload in items:

@@ -27,11 +27,13 @@ import contextlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 import zstandard
@@ -95,7 +97,13 @@ class LayerSet:
         self._ready: list[LayerIndex | None] = [None] * len(self.layers)
         self._inflight: dict[int, trio.Event] = {}
         self._flat: dict[int, Path] = {}
+        self._flattening: dict[int, trio.Event] = {}  # single flight per layer
+        # Layer fds, opened from worker threads (piece making) and the event loop: guarded.
+        # An fd replaced (the blob's, once the flat file exists) may still be in a worker's
+        # pread: it is retired, closed with the LayerSet, never closed under a reader.
         self._fds: dict[int, int] = {}
+        self._retired: list[int] = []
+        self._fds_lock = threading.Lock()
         self._local: dict[int, bool] = {}
         self._local_checked: dict[int, float] = {}
         self._held: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
@@ -228,18 +236,23 @@ class LayerSet:
         self._local[i] = True
 
     def _fd(self, i: int) -> int:
-        fd = self._fds.get(i)
-        if fd is None:
-            path = self._flat.get(i) or self.store.blobs.path(self.layers[i].digest)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                self._local[i] = False
-                raise ImageFSError(
-                    f"layer {self.layers[i].digest.short} vanished from the store"
-                ) from None
-            self._fds[i] = fd
-        return fd
+        with self._fds_lock:
+            fd = self._fds.get(i)
+        if fd is not None:
+            return fd
+        path = self._flat.get(i) or self.store.blobs.path(self.layers[i].digest)
+        try:  # every component from the store root checked: O_NOFOLLOW guards the last
+            fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=self.store.root)
+        except FileNotFoundError:
+            self._local[i] = False
+            raise ImageFSError(
+                f"layer {self.layers[i].digest.short} vanished from the store"
+            ) from None
+        with self._fds_lock:
+            kept = self._fds.setdefault(i, fd)
+        if kept != fd:  # another thread opened it meanwhile: one fd per layer
+            os.close(fd)
+        return kept
 
     def _pread(self, i: int, start: int, end: int) -> bytes:
         return os.pread(self._fd(i), end - start, start)
@@ -268,24 +281,25 @@ class LayerSet:
     async def _assemble(
         self,
         i: int,
-        parts: Sequence[tuple[str | None, int, int, int]],
+        parts: Sequence[tuple[str | None, int, int, int, int]],
         jobs: Callable[[], list[Job]],
         neighbours: Callable[[], list[Job]],
     ) -> bytes:
         """Bytes from pieces: `parts` are (piece name or None for zeros, offset in the
-        piece, length, piece index in `jobs()`); warm parts are preads on the event loop."""
+        piece, length, piece index in `jobs()`, the piece's declared size); warm parts are
+        preads on the event loop, of pieces exactly their declared size."""
         cache = self.pieces
         fresh: dict[str, bytes] = {}
         for _attempt in range(3):
             try:
                 out = []
-                for name, off, n, _ in parts:
+                for name, off, n, _, size in parts:
                     if name is None:
                         out.append(bytes(n))
                     elif name in fresh:
                         out.append(fresh[name][off : off + n])
                     else:
-                        got = cache.pread(name, off, n)
+                        got = cache.pread(name, off, n, expect=size)
                         if got is None and cache.open(name, count_miss=False):
                             # On disk but not open in this process (a new mount, or its
                             # fd fell out of the LRU): open it here. Its one xxh3 check
@@ -293,7 +307,7 @@ class LayerSet:
                             # cache), less than a worker-thread hop costs on a busy machine
                             # (milliseconds of scheduling); an absent piece is one failed
                             # openat before the maker goes to a thread.
-                            got = cache.pread(name, off, n)
+                            got = cache.pread(name, off, n, expect=size)
                         if got is None or len(got) != n:
                             raise _Gone
                         out.append(got)
@@ -350,12 +364,12 @@ class LayerSet:
         self, i: int, table: chunk_tables.ChunkTable, offset: int, length: int
     ) -> bytes:
         ks = list(table.covering(offset, length))
-        parts: list[tuple[str | None, int, int, int]] = []
+        parts: list[tuple[str | None, int, int, int, int]] = []
         for n, k in enumerate(ks):
             voff, size = table.voffsets[k], table.sizes[k]
             lo = max(offset, voff) - voff
             hi = min(offset + length, voff + size) - voff
-            parts.append((None if table.zeros[k] else table.piece(k), lo, hi - lo, n))
+            parts.append((None if table.zeros[k] else table.piece(k), lo, hi - lo, n, size))
 
         def jobs() -> list[Job]:
             return [self.chunk_job(table, k) for k in ks]
@@ -372,12 +386,13 @@ class LayerSet:
 
     async def _read_spans(self, i: int, seek: SeekIndex, offset: int, end: int) -> bytes:
         ks = list(range(seek.point_for(offset), seek.point_for(end - 1) + 1))
-        parts: list[tuple[str | None, int, int, int]] = []
+        parts: list[tuple[str | None, int, int, int, int]] = []
         for n, k in enumerate(ks):
             s = seek.points[k].uncompressed
+            size = seek.span_uncompressed_end(k) - s
             lo = max(offset, s) - s
             hi = min(end, seek.span_uncompressed_end(k)) - s
-            parts.append((seek.raw_digests[k].hex(), lo, hi - lo, n))
+            parts.append((seek.raw_digests[k].hex(), lo, hi - lo, n, size))
 
         def jobs() -> list[Job]:
             return [self._span_job(i, seek, k) for k in ks]
@@ -425,9 +440,21 @@ class LayerSet:
         return idx.seek.uncompressed_size if idx.seek is not None else _virtual_size(idx)
 
     async def _flatten(self, i: int) -> None:
-        """Decompress a single-frame zstd layer once into `ROOT/cache/flat/<hex>`."""
-        if i in self._flat:
-            return
+        """Decompress a single-frame zstd layer once into `ROOT/cache/flat/<hex>` (one
+        flight per layer: concurrent readers wait for it)."""
+        while i not in self._flat:
+            flight = self._flattening.get(i)
+            if flight is None:
+                self._flattening[i] = flight = trio.Event()
+                try:
+                    await self._flatten_once(i)
+                finally:
+                    del self._flattening[i]
+                    flight.set()
+                return
+            await flight.wait()  # a failed flight: the loop tries again itself
+
+    async def _flatten_once(self, i: int) -> None:
         layer = self.layers[i]
         target = self.store.paths.flat / layer.digest.hex
         seek = self.index(i).seek
@@ -447,26 +474,42 @@ class LayerSet:
                 fd, tmp = fsutil.create_temp(d)
                 try:
                     with self.store.blobs.open(layer.digest) as src, os.fdopen(fd, "wb") as dst:
-                        zstandard.ZstdDecompressor().copy_stream(src, dst)
-                    if os.stat(tmp, dir_fd=d).st_size != seek.uncompressed_size:
-                        raise LayerFormatError(f"layer {layer.digest.short}: zstd size mismatch")
+                        _inflate_capped(src, dst, seek.uncompressed_size, layer.digest.short)
                     os.replace(tmp, target.name, src_dir_fd=d, dst_dir_fd=d)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp, dir_fd=d)
 
         await trio.to_thread.run_sync(work, limiter=self.cpu)
-        old = self._fds.pop(i, None)
-        if old is not None:
-            os.close(old)
-        self._flat[i] = target
+        with self._fds_lock:
+            self._flat[i] = target
+            old = self._fds.pop(i, None)
+            if old is not None:
+                self._retired.append(old)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        with self._fds_lock:
+            fds = [*self._fds.values(), *self._retired]
+            self._fds.clear()
+            self._retired.clear()
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds.clear()
         self.pieces.close()
+
+
+def _inflate_capped(src: BinaryIO, dst: BinaryIO, size: int, name: str) -> None:
+    """Inflate a zstd stream into `dst`, refusing it as soon as it passes `size` bytes (the
+    index's word): a bomb never fills the disk. Short is refused as well."""
+    written = 0
+    with zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True) as r:
+        while piece := r.read(min(1 << 20, size + 1 - written)):
+            written += len(piece)
+            if written > size:
+                raise LayerFormatError(f"layer {name}: inflates beyond its {size} bytes")
+            dst.write(piece)
+    if written != size:
+        raise LayerFormatError(f"layer {name}: inflates to {written} bytes, not {size}")
 
 
 def _virtual_size(idx: LayerIndex) -> int:

@@ -7,10 +7,12 @@ For layer i of manifest M:
    `containerd.io/snapshot/stargz/toc.digest` annotation) or zstd:chunked TOC (verifier: its
    `manifest-checksum` annotation) — from the store under exactly that verifier, else by
    Range GETs, verified, then kept under that verifier;
-3. M's published imagefs index (`remote_index`: only what M's own referrers led to);
+3. M's published imagefs index, only with `--trust-published-index` (`remote_index`:
+   only what M's own referrers led to);
 4. otherwise the whole blob, fetched once (verified against the layer digest) and indexed;
-   the result is layer-bound. When it is built, every TOC kept for the layer is compared
-   with it (the tar stream is what the diff_id covers): a TOC that disagrees is refused.
+   the result is layer-bound. When it is built, every TOC and published index kept for the
+   layer is compared with it (the tar stream is what the diff_id covers): one that
+   disagrees is refused.
 
 Only step 1 and 4 give data shared with other images; a TOC or published index is only
 ever found under the verifier the mounting manifest names.
@@ -33,7 +35,7 @@ from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.registry import wire
-from imagefs.store.indexstore import ESTARGZ, ZSTD_CHUNKED, Bound, derive
+from imagefs.store.indexstore import ESTARGZ, PUBLISHED, ZSTD_CHUNKED, Bound, derive
 
 if TYPE_CHECKING:
     from imagefs.lazy.layers import LayerSet
@@ -44,6 +46,12 @@ RemoteIndex = Callable[[Layer], Awaitable[LayerIndex | None]]
 
 ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 TAIL_FETCH = 64 << 10  # first guess at footer + TOC size for eStargz
+# The most compressed TOC bytes fetched into memory. The footer and the manifest-position
+# annotation say where the TOC is, and neither is verified before the fetch (only the bytes
+# fetched are): a footer claiming toc_offset=0 on a 20 GiB layer would otherwise buffer
+# 20 GiB. A real TOC of 100,000 files compresses to a few MiB; a larger claim is refused and
+# the layer is read from its whole blob instead (streamed to disk, verified).
+MAX_TOC_FETCH = 64 << 20
 
 
 def toc_binding(layer: Layer) -> Bound | None:
@@ -162,6 +170,11 @@ async def _recover_names(
     for gap in gaps:
         if gap.end <= gap.start:
             raise LayerFormatError("a lost name's tar header has no place in the blob")
+        if gap.end - gap.start > lostnames.MAX_GAP:
+            raise LayerFormatError(
+                f"the TOC puts lost names' tar headers in {gap.end - gap.start} bytes at "
+                f"{gap.start}, more than the {lostnames.MAX_GAP} imagefs fetches for them"
+            )
         with wire.cause("lost names"):
             compressed = await ls.fetch(i, gap.start, gap.end)
         fetched += len(compressed)
@@ -187,6 +200,11 @@ async def _fetch_estargz_toc(ls: LayerSet, i: int) -> tuple[dict[str, int], byte
     footer = estargz.footer_size(tail)
     if not 0 <= toc_offset < size - footer:
         raise LayerFormatError(f"eStargz footer points outside the blob ({toc_offset})")
+    if size - footer - toc_offset > MAX_TOC_FETCH:
+        raise LayerFormatError(
+            f"eStargz footer puts a {size - footer - toc_offset}-byte TOC at {toc_offset}, "
+            f"more than the {MAX_TOC_FETCH} bytes imagefs fetches for a TOC"
+        )
     if toc_offset >= tail_start:
         member = tail[toc_offset - tail_start : len(tail) - footer]
         # the last chunks came along: their requests take these bytes instead
@@ -204,6 +222,11 @@ async def _fetch_zstd_toc(
     end = position.offset + position.length
     if position.length <= 0 or end > ls.layers[i].size:
         raise LayerFormatError("zstd:chunked TOC position outside the blob")
+    if position.length > MAX_TOC_FETCH or position.uncompressed_length > zstdchunked.MAX_TOC_SIZE:
+        raise LayerFormatError(
+            f"zstd:chunked TOC position declares {position.length} bytes "
+            f"({position.uncompressed_length} uncompressed), more than imagefs fetches for a TOC"
+        )
     raw = await ls.fetch(i, position.offset, end)
     params = {
         "offset": position.offset,
@@ -229,7 +252,14 @@ async def _index_whole_blob(ls: LayerSet, i: int) -> LayerIndex:
     ls.stats[i].source = "built from the blob"
     is_estargz = ESTARGZ_TOC_DIGEST in layer.descriptor.annotations
     idx = await trio.to_thread.run_sync(
-        functools.partial(build_from_blob, blob, layer.digest, compression, estargz=is_estargz),
+        functools.partial(
+            build_from_blob,
+            blob,
+            layer.digest,
+            compression,
+            estargz=is_estargz,
+            root=ls.store.root,
+        ),
         limiter=ls.cpu,
     )
     await trio.to_thread.run_sync(ls.indexes.save_layer, idx)
@@ -238,16 +268,21 @@ async def _index_whole_blob(ls: LayerSet, i: int) -> LayerIndex:
 
 
 def check_tocs(ls: LayerSet, built: LayerIndex) -> None:
-    """Compare every TOC kept for this layer with the index of its own tar stream; refuse
-    the ones that disagree (in a worker thread: it inflates the blob once per TOC)."""
+    """Compare every TOC and published index kept for this layer with the index of its own
+    tar stream; refuse the ones that disagree (in a worker thread: it inflates the blob once
+    per TOC; a published index is compared entry by entry, its offsets being tar-stream
+    offsets already)."""
     blob = ls.store.blobs.path(built.digest)
     for bound in ls.indexes.bound_entries(built.digest):
-        if bound.kind not in (ESTARGZ, ZSTD_CHUNKED):
+        if bound.kind not in (ESTARGZ, ZSTD_CHUNKED, PUBLISHED):
             continue
         toc_idx = ls.indexes.load_bound(bound)
         if toc_idx is None:
             continue
-        problem = tocverify.disagreement(built, toc_idx, blob)
+        if bound.kind == PUBLISHED:
+            problem = tocverify.published_disagreement(built, toc_idx)
+        else:
+            problem = tocverify.disagreement(built, toc_idx, blob, ls.store.root)
         if problem is not None:
             log.error(
                 "layer %s: its %s TOC %s disagrees with the tar stream (%s); refused",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -15,7 +16,7 @@ from imagefs.oci.image import Layer
 from imagefs.oci.reference import Reference
 from imagefs.published import RemoteIndexes
 from imagefs.session import Session, fetch_blob, keep_whole_blob
-from imagefs.store import ImageRecord, Store
+from imagefs.store import ImageRecord, Store, fsutil
 from imagefs.store.indexstore import IndexStore
 
 
@@ -26,11 +27,19 @@ def lazy_layer_set(
     *,
     cache_size: int = DEFAULT_CACHE_SIZE,
     on_fetch: Callable[[int, int, int, float], None] | None = None,
+    trust_published_index: bool = False,
 ) -> LayerSet:
     """The `LayerSet` of a stored image, wired exactly as `imagefs mount` wires it.
 
     One function for the daemon and for `imagefs ls`/`cat`: a browse must fetch the same
     pieces, through the same cache and index store, as a mount would.
+
+    `trust_published_index` (`--trust-published-index`): use an imagefs index found through
+    the manifest's referrers (or its `sha256-<hex>` tag). Off by default: the referrers list
+    is not part of the manifest chain, so whoever can push to the repository (or runs a
+    pull-through mirror) can attach an index whose names, modes, owners and offsets are
+    served over genuine layer bytes. Without it a plain layer is indexed from its verified
+    blob, and eStargz/zstd:chunked layers use the TOC their own manifest annotates.
     """
     store = session.store
     source = record.source
@@ -87,14 +96,16 @@ def lazy_layer_set(
         data: bytes = await session.disk(_read_stored, store, layer.digest, start, end)
         return data
 
-    # Published indexes are looked up for this manifest only, also without a source (an
-    # offline remount finds what this manifest's referrers led to before).
-    remote = RemoteIndexes(
-        session.client(source) if source is not None else None,
-        source.repository if source is not None else "",
-        record.manifest.digest,
-        IndexStore(store.root),
-    )
+    # Published indexes (opted into) are looked up for this manifest only, also without a
+    # source (an offline remount finds what this manifest's referrers led to before).
+    remote = None
+    if trust_published_index:
+        remote = RemoteIndexes(
+            session.client(source) if source is not None else None,
+            source.repository if source is not None else "",
+            record.manifest.digest,
+            IndexStore(store.root),
+        )
     positions: dict[Digest, int] = {}
     for i, layer in enumerate(layers):
         positions.setdefault(layer.digest, i)
@@ -111,8 +122,11 @@ def lazy_layer_set(
 
 
 def _read_stored(store: Store, digest: Digest, start: int, end: int) -> bytes:
-    """Bytes [start, end) of a stored (verified) blob."""
-    with open(store.blobs.path(digest), "rb") as f:
+    """Bytes [start, end) of a stored (verified) blob, reached from the store root (a link
+    planted on the way since the store was opened is LinkInStore, never followed)."""
+    path = store.blobs.path(digest)
+    fd = fsutil.safe_open(path.parent, path.name, os.O_RDONLY, root=store.root)
+    with os.fdopen(fd, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
     if len(data) != end - start:

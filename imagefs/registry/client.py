@@ -176,9 +176,13 @@ class RegistryClient(Connection):
         """A small blob (a config) in memory, verified."""
         if size > max_bytes:
             raise IntegrityError(f"blob {digest} declares {size} bytes, over the {max_bytes} cap")
-        chunks = []
+        chunks: list[bytes] = []
+
+        async def restart(_: int) -> None:  # Range ignored on a resume: the whole blob again
+            chunks.clear()
+
         with wire.default_cause("config"):
-            async for chunk in self.stream_blob(repository, digest, size):
+            async for chunk in self.stream_blob(repository, digest, size, on_restart=restart):
                 chunks.append(chunk)
         data = b"".join(chunks)
         digest.verify(data, size)

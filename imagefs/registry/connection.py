@@ -110,6 +110,9 @@ class Connection:
             for m in mirrors_for(registry, self.options)
         ]
         self._scheme_lock = trio.Lock()
+        # Token servers on hosts other than their registry's: a pool each, with that host's
+        # own TLS rules (--insecure-registry names a registry, not its token server).
+        self._token_clients: dict[str, httpx.AsyncClient] = {}
         self.requests_sent = 0
         # What the server showed about blob reads: Range ignored at least once; signed storage
         # URLs that blob GETs were redirected to, reused (without auth) until they expire.
@@ -147,6 +150,19 @@ class Connection:
     async def aclose(self) -> None:
         for ep in [self._upstream, *self._mirrors]:
             await ep.client.aclose()
+        for client in self._token_clients.values():
+            await client.aclose()
+
+    def _token_client(self, ep: _Endpoint, realm_host: str) -> httpx.AsyncClient:
+        """The registry's own pool for a realm on the registry's host; otherwise one made
+        for the realm's host, whose certificate is verified unless that host itself is
+        named insecure (credentials go there)."""
+        if realm_host.lower() in (ep.netloc.lower(), ep.host.lower()):
+            return ep.client
+        client = self._token_clients.get(realm_host)
+        if client is None:
+            client = self._token_clients[realm_host] = self._make_client(realm_host)
+        return client
 
     # -- credentials ------------------------------------------------------------------------
 
@@ -370,6 +386,7 @@ class Connection:
                 host=ep.host,
             )
         headers: dict[str, str] = {}
+        client = self._token_client(ep, realm_host)
         try:
             if creds is not None and creds.identity_token:
                 form = {
@@ -379,15 +396,15 @@ class Connection:
                     "service": ch.params.get("service", ""),
                     "scope": " ".join(s for k, s in params if k == "scope"),
                 }
-                request = ep.client.build_request("POST", realm, data=form)
+                request = client.build_request("POST", realm, data=form)
             else:
                 if creds is not None:
                     headers["Authorization"] = _basic(creds)
-                request = ep.client.build_request(
+                request = client.build_request(
                     "GET", f"{realm}?{urlencode(params)}", headers=headers
                 )
             with fetch_cause("auth", layer=None):  # not the bytes of what needed the token
-                resp = await ep.client.send(request, stream=True)
+                resp = await client.send(request, stream=True)
                 resp = await bodies.loaded(
                     resp, bodies.TOKEN_BODY_CAP, f"{ep.host}: token server {urlsplit(realm).netloc}"
                 )

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagefs.errors import StoreError
+from imagefs.errors import ImageFSError, StoreError
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Index, Manifest, parse_manifest
 from imagefs.store import fsutil, locks
@@ -118,11 +118,12 @@ def _build_cache_layers(root: Path) -> set[str]:
     layer digest from it, so that gc needs nothing from the layers above it."""
     out: set[str] = set()
     cache_dir = Layout(root).build_cache
-    if not cache_dir.is_dir():
-        return out
-    for entry in cache_dir.iterdir():
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            layer = json.loads((entry / "step.json").read_text())["layer"]
+    for entry in fsutil.scan(cache_dir, root=root):  # no link followed
+        if entry.kind != "dir":
+            continue
+        with contextlib.suppress(ImageFSError, OSError, ValueError, KeyError, TypeError):
+            raw = fsutil.read_bytes(cache_dir / entry.name / "step.json", root=root, limit=1 << 20)
+            layer = None if raw is None else json.loads(raw)["layer"]
             if layer:
                 out.add(str(Digest.parse(layer["digest"])))
     return out

@@ -21,8 +21,9 @@ Every function takes `root=`: the trust boundary. The root itself must not be a 
 ancestors are the administrator's business and are followed as usual. Without `root` (paths
 the user named on the command line, such as `-o FILE`) the directory is trusted as a whole.
 
-How to use them (the piece cache, the index store and the flat cache use these; the paths
-come from `store.layout`, `paths = Layout(root)`):
+How to use them (the blob and ref stores, the piece cache, the index store, the flat cache,
+the build cache, `check` and every reader of a stored blob use these; the paths come from
+`store.layout`, `paths = Layout(root)`):
 
     fsutil.ensure_dir(paths.pieces, root=root)                          # mkdir -p, no links
     fsutil.atomic_write(paths.pieces / hex, data, root=root, durable=False)
@@ -220,6 +221,8 @@ def read_bytes(path: Path, *, root: Path | None = None, limit: int | None = None
     with os.fdopen(fd, "rb") as f:
         if limit is None:
             return f.read()
+        if os.fstat(f.fileno()).st_size > limit:  # refused before a byte is buffered
+            raise StoreError(f"{path} is larger than the {limit} bytes expected")
         data = f.read(limit + 1)  # bounded even if the file grows while we read
         if len(data) > limit:
             raise StoreError(f"{path} is larger than the {limit} bytes expected")
@@ -233,6 +236,15 @@ def lstat(path: Path, *, root: Path | None = None) -> os.stat_result | None:
             return os.stat(path.name, dir_fd=d, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def is_real_dir(path: Path, *, root: Path | None = None) -> bool:
+    """`path` is a directory, and neither it nor anything above it (to `root`) a link."""
+    try:
+        st = lstat(path, root=root)
+    except (LinkInStore, FileNotFoundError):
+        return False
+    return st is not None and stat.S_ISDIR(st.st_mode)
 
 
 def safe_unlink(path: Path, *, root: Path | None = None) -> bool:

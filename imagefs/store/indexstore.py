@@ -24,15 +24,16 @@ manifest chain vouches for it:
         local): never used again; mounts fall back to the whole blob.
 
 The raw bytes are kept so that `imagefs check` can re-derive every binding: sha256(raw) must
-be the verifier in the name and the `.idx` must be what the raw bytes derive to. Every write
-is temp-then-rename (`fsutil.atomic_write`).
+be the verifier in the name and the `.idx` must be what the raw bytes derive to. Every file is
+reached through `fsutil` with `root=` (a link anywhere from the store root down, or a FIFO in
+place of a record, is `LinkInStore`: never followed, never opened, never a hang), read with a
+bound, written temp-then-rename (`fsutil.atomic_write`) and removed with `fsutil.safe_unlink`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.layers import chunks as chunk_tables
-from imagefs.layers import estargz, lostnames, zstdchunked
+from imagefs.layers import estargz, lostnames, seekindex, zstdchunked
 from imagefs.layers.index import LayerIndex
 from imagefs.oci.digest import Digest
 from imagefs.store import fsutil
@@ -53,6 +54,13 @@ KINDS = (ESTARGZ, ZSTD_CHUNKED, PUBLISHED)
 
 _RAW_MAGIC = b"IFSRAW1\n"
 _U32 = struct.Struct("<I")
+
+# Bounds on what is read back (nothing in the store is read unbounded: a planted or grown
+# file must not exhaust memory). An index or raw TOC record holds at most a 512 MiB
+# zstd:chunked TOC (`zstdchunked.MAX_TOC_SIZE`) plus a seek index's windows; the referrer
+# record is one line per layer.
+MAX_RECORD = 1 << 30
+MAX_REFERRERS = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ def derive(bound: Bound, params: dict[str, Any], raw: bytes) -> LayerIndex:
             )
         if int(params.get("layer_size", idx.seek.compressed_size)) != idx.seek.compressed_size:
             raise IntegrityError(f"published index {bound.verifier.short}: blob size mismatch")
+        seekindex.check_span_bounds(idx.seek)
         return idx
     raise LayerFormatError(f"unknown index kind {bound.kind!r}")
 
@@ -122,23 +131,24 @@ def _unpack_raw(data: bytes) -> tuple[dict[str, Any], bytes]:
     return params, data[pos + n :]
 
 
-def _read(path: Path) -> bytes | None:
-    """A file's bytes, never through a symlink; None when absent."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError:  # ELOOP: a planted symlink is not an index
-        return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
 class IndexStore:
     """Synchronous; callers on trio run it in worker threads."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.paths = Layout(root)
+
+    def _read(self, path: Path, limit: int | None = None) -> bytes | None:
+        """A record's bytes (at most `limit`, MAX_RECORD by default), its directories reached
+        from the root; None when absent. A link or FIFO anywhere on the way is LinkInStore."""
+        return fsutil.read_bytes(path, root=self.root, limit=limit or MAX_RECORD)
+
+    def _write(self, path: Path, data: bytes, *, durable: bool = True) -> None:
+        fsutil.atomic_write(path, data, root=self.root, durable=durable)
+
+    def _unlink(self, *paths: Path) -> None:
+        for path in paths:
+            fsutil.safe_unlink(path, root=self.root)
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -165,7 +175,7 @@ class IndexStore:
     def load_layer(self, layer: Digest) -> LayerIndex | None:
         """The index built here from the verified blob; None when absent or damaged."""
         path = self.layer_path(layer)
-        data = _read(path)
+        data = self._read(path)
         if data is None:
             return None
         try:
@@ -173,30 +183,29 @@ class IndexStore:
         except LayerFormatError:
             idx = None
         if idx is None or idx.seek is None or idx.seek.blob_digest != str(layer):
-            path.unlink(missing_ok=True)  # damaged, or not built from this blob: not bound
+            self._unlink(path)  # damaged, or not built from this blob: not bound
             return None
         return idx
 
     def save_layer(self, index: LayerIndex) -> None:
         if index.seek is None or index.seek.blob_digest != str(index.digest):
             raise ValueError("only an index built from the verified blob is bound to a layer")
-        fsutil.atomic_write(self.layer_path(index.digest), index.to_bytes())
+        self._write(self.layer_path(index.digest), index.to_bytes())
 
     # -- bound to a manifest ----------------------------------------------------------------
 
     def refused(self, bound: Bound) -> bool:
-        return os.path.lexists(self.refused_path(bound))
+        return fsutil.lstat(self.refused_path(bound), root=self.root) is not None
 
     def refuse(self, bound: Bound, why: str) -> None:
-        fsutil.atomic_write(self.refused_path(bound), why.encode() + b"\n")
-        for path in (self.derived_path(bound), self.raw_path(bound)):
-            path.unlink(missing_ok=True)
+        self._write(self.refused_path(bound), why.encode() + b"\n")
+        self._unlink(self.derived_path(bound), self.raw_path(bound))
 
     def load_bound(self, bound: Bound) -> LayerIndex | None:
         """The entry for exactly this (layer, kind, verifier), unless refused or damaged."""
         if self.refused(bound):
             return None
-        data = _read(self.derived_path(bound))
+        data = self._read(self.derived_path(bound))
         if data is not None:
             with contextlib.suppress(LayerFormatError):
                 return LayerIndex.from_bytes(bound.layer, data)
@@ -208,13 +217,13 @@ class IndexStore:
         except ImageFSError:
             self.remove(bound)
             return None
-        fsutil.atomic_write(self.derived_path(bound), idx.to_bytes(), durable=False)
+        self._write(self.derived_path(bound), idx.to_bytes(), durable=False)
         return idx
 
     def load_raw(
         self, bound: Bound, *, drop_damaged: bool = True
     ) -> tuple[dict[str, Any], bytes] | None:
-        data = _read(self.raw_path(bound))
+        data = self._read(self.raw_path(bound))
         if data is None:
             return None
         try:
@@ -228,28 +237,26 @@ class IndexStore:
         self, bound: Bound, params: dict[str, Any], raw: bytes, index: LayerIndex
     ) -> None:
         """Keep verified raw bytes and what they derive to (raw first: it is the truth)."""
-        fsutil.atomic_write(self.raw_path(bound), _pack_raw(params, raw))
-        fsutil.atomic_write(self.derived_path(bound), index.to_bytes(), durable=False)
+        self._write(self.raw_path(bound), _pack_raw(params, raw))
+        self._write(self.derived_path(bound), index.to_bytes(), durable=False)
 
     def remove(self, bound: Bound) -> None:
-        for path in (self.derived_path(bound), self.raw_path(bound)):
-            path.unlink(missing_ok=True)
+        self._unlink(self.derived_path(bound), self.raw_path(bound))
 
     def bound_entries(self, layer: Digest) -> list[Bound]:
         """The manifest-bound entries kept for a layer (any manifest's)."""
         out = []
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for name in sorted(os.listdir(self.bound_dir(layer))):
-                kind, _, hexd = name.partition("-")
-                if kind in KINDS and "." not in hexd:
-                    with contextlib.suppress(ImageFSError):
-                        out.append(Bound(layer, kind, Digest("sha256", hexd)))
+        for entry in fsutil.scan(self.bound_dir(layer), root=self.root):
+            kind, _, hexd = entry.name.partition("-")
+            if entry.kind == "file" and kind in KINDS and "." not in hexd:
+                with contextlib.suppress(ImageFSError):
+                    out.append(Bound(layer, kind, Digest("sha256", hexd)))
         return out
 
     # -- which published indexes a manifest's referrers led to ------------------------------
 
     def referrers(self, manifest: Digest) -> dict[str, str]:
-        data = _read(self.referrers_path(manifest))
+        data = self._read(self.referrers_path(manifest), MAX_REFERRERS)
         if data is None:
             return {}
         try:
@@ -263,7 +270,7 @@ class IndexStore:
     def remember_referrers(self, manifest: Digest, found: dict[str, str]) -> None:
         merged = {**self.referrers(manifest), **found}
         data = json.dumps(merged, sort_keys=True).encode()
-        fsutil.atomic_write(self.referrers_path(manifest), data)
+        self._write(self.referrers_path(manifest), data)
 
 
 __all__ = ["ESTARGZ", "KINDS", "PUBLISHED", "ZSTD_CHUNKED", "Bound", "IndexStore", "derive"]

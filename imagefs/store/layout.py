@@ -50,6 +50,7 @@ STORE_DIRS = (
     OLD_CHUNKS,
     "cache/flat",
     "logs",
+    "build-cache",  # its entries' upper dirs become overlay lower dirs of RUN steps
 )
 """imagefs's own directories under the root: none of them may be a symbolic link."""
 

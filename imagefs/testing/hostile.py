@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import struct
+import tarfile
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
 
+from imagefs.layers import estargz
 from imagefs.testing.registry import LocalRegistry
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -248,3 +250,24 @@ def gzip_bomb(zeros: int, name: bytes = b"zeros.bin") -> tuple[bytes, str]:
         ]
     )
     return blob, "sha256:" + sha.hexdigest()
+
+
+def estargz_retoc(
+    blob: estargz.EStargzBlob, edit: Mapping[str, Mapping[str, object]]
+) -> tuple[Layer, bytes]:
+    """The eStargz blob with its TOC entries edited (by name: fields to set), the TOC member
+    and footer written again; a valid blob and diff_id, and the new TOC JSON (whose sha256 is
+    what a `toc.digest` annotation naming it must say)."""
+    footer = estargz.footer_size(blob.blob)
+    toc_json = estargz.toc_json_from_member(blob.blob[blob.toc_offset : len(blob.blob) - footer])
+    doc = json.loads(toc_json)
+    for entry in doc["entries"]:
+        entry.update(edit.get(entry["name"], {}))
+    new_json = json.dumps(doc, separators=(",", ":")).encode()
+    info = tarfile.TarInfo(estargz.TOC_TAR_NAME)
+    info.size = len(new_json)
+    tar = info.tobuf(tarfile.USTAR_FORMAT) + new_json + bytes(-len(new_json) % BLOCK) + END
+    member = gzip.compress(tar, mtime=0)
+    data = blob.blob[: blob.toc_offset] + member + estargz.make_footer(blob.toc_offset)
+    diff_id = "sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest()
+    return Layer(data, diff_id), new_json

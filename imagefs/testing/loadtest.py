@@ -138,7 +138,7 @@ def run(
         mnt_dirs = {name: workdir / "mnt" / name for name in mounts}
         for name, (_, ref) in mounts.items():
             mnt_dirs[name].mkdir(parents=True)
-            res = _imagefs(root, "mount", ref, str(mnt_dirs[name]))
+            res = _imagefs(root, "mount", "--trust-published-index", ref, str(mnt_dirs[name]))
             if res.returncode:
                 raise RuntimeError(f"mount {ref}: {res.stderr}")
         try:

@@ -35,7 +35,12 @@ def gzip_image(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory
     # publish the imagefs layer index next to it, as `imagefs index --push` does for users
     imagefs(work / "indexer", "index", "--push", pushed.ref)
     layers = _layers_of(image)
-    return Published(pushed.ref, [str(x["digest"]) for x in layers], int(layers[-1]["size"]))
+    return Published(
+        pushed.ref,
+        [str(x["digest"]) for x in layers],
+        int(layers[-1]["size"]),
+        flags=("--trust-published-index",),
+    )
 
 
 @pytest.fixture(scope="module")

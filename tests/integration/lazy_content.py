@@ -39,6 +39,13 @@ class Published:
     ref: str
     layer_digests: list[str]
     layer_size: int  # the (single) content layer's blob size
+    # what mount/ls/cat need to read it lazily: the gzip image's index is published next to
+    # it, which imagefs uses only when asked (`--trust-published-index`)
+    flags: tuple[str, ...] = ()
+
+    @property
+    def trusts_published_index(self) -> bool:
+        return "--trust-published-index" in self.flags
 
 
 def write_files(rootfs: Path) -> None:

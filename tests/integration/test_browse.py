@@ -209,10 +209,12 @@ async def browse_ls(
         )
 
 
-async def browse_cat(root: Path, ref: str, *paths: str | bytes) -> bytes:
+async def browse_cat(
+    root: Path, ref: str, *paths: str | bytes, trust_published_index: bool = False
+) -> bytes:
     out = io.BytesIO()
     async with session(root) as s:
-        await cat(s, ref, list(paths), out)
+        await cat(s, ref, list(paths), out, trust_published_index=trust_published_index)
     return out.getvalue()
 
 
@@ -503,8 +505,9 @@ async def test_cat_reads_every_lazy_format_exactly(
     tmp_path: Path, published: Published, registry: LocalRegistry
 ) -> None:
     root = tmp_path / "root"
+    trust = published.trusts_published_index
     for name, data in FILES.items():
-        assert await browse_cat(root, published.ref, name) == data, name
+        assert await browse_cat(root, published.ref, name, trust_published_index=trust) == data
     assert await browse_ls(root, published.ref, "data") == sorted(n.split("/")[1] for n in BIG)
 
 

@@ -90,7 +90,8 @@ def test_rebuild_is_cached_and_the_image_mounts(
     layers = json.loads(imagefs(root, "inspect", ref).stdout)[0]["ImageFS"]["Layers"]
     new = [layer["Digest"] for layer in layers[1:]]
     registry.mark()
-    with mounted(tmp_path / "fresh", ref, tmp_path / "mnt2") as mnt:
+    trust = ["--trust-published-index"]  # the indexes `push` published are opted into
+    with mounted(tmp_path / "fresh", ref, tmp_path / "mnt2", mount_args=trust) as mnt:
         assert (mnt / "r").read_text() == "ran\n"
         assert (mnt / "f").read_text() == "two\n"
     whole = [

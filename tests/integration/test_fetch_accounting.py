@@ -40,13 +40,13 @@ def _read(mnt: Path) -> None:
 
 
 def _mount_read_count(
-    tmp_path: Path, registry: LocalRegistry, ref: str
+    tmp_path: Path, registry: LocalRegistry, ref: str, flags: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], list[dict[str, Any]], int, Path]:
     """Mount `ref` from an empty store, read READS, and return (stats, the trace's fetch
     lines, the body bytes the registry logged for the mount's requests, the trace)."""
     root, trace = tmp_path / "root", tmp_path / "trace.jsonl"
     registry.mark()
-    args = ["--trace", str(trace), "--no-prefetch-landmark"]
+    args = ["--trace", str(trace), "--no-prefetch-landmark", *flags]
     with mounted(root, ref, tmp_path / "mnt", mount_args=args) as mnt:
         _read(mnt)
         stats = json.loads(imagefs(root, "stats", "--json", str(mnt)).stdout)
@@ -97,7 +97,9 @@ def test_estargz_mount_counts_manifest_config_toc_and_reads(
 def test_gzip_mount_counts_the_published_index(
     tmp_path: Path, gzip_image: Published, registry: LocalRegistry
 ) -> None:
-    stats, fetches, logged, trace = _mount_read_count(tmp_path, registry, gzip_image.ref)
+    stats, fetches, logged, trace = _mount_read_count(
+        tmp_path, registry, gzip_image.ref, gzip_image.flags
+    )
     by_cause = _check_agreement(stats, fetches, logged, trace)
     assert {"manifest", "config", "referrers", "index", "read"} <= set(by_cause)
     assert by_cause["index"] > 0 and "whole layer" not in by_cause

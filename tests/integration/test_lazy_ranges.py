@@ -38,7 +38,7 @@ def test_cat_of_one_small_file_fetches_only_its_pieces(
 ) -> None:
     root = tmp_path / "root"
     registry.mark()
-    with mounted(root, published.ref, tmp_path / "mnt") as mnt:
+    with mounted(root, published.ref, tmp_path / "mnt", mount_args=published.flags) as mnt:
         assert (mnt / "etc" / "motd").read_bytes() == SMALL["etc/motd"]
         fetched = layer_fetches(registry, published)
     assert fetched and all(status == 206 for status, _ in fetched), fetched
@@ -50,7 +50,9 @@ def test_cat_of_one_small_file_fetches_only_its_pieces(
 def test_whole_tree_reads_back_exactly(
     tmp_path: Path, published: Published, registry: LocalRegistry
 ) -> None:
-    with mounted(tmp_path / "root", published.ref, tmp_path / "mnt") as mnt:
+    with mounted(
+        tmp_path / "root", published.ref, tmp_path / "mnt", mount_args=published.flags
+    ) as mnt:
         for name, data in FILES.items():
             got = (mnt / name).read_bytes()
             assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), name
@@ -64,7 +66,7 @@ def test_concurrent_readers_of_one_file_cause_one_fetch_per_piece(
     name = "data/big2.bin"
     with FaultProxy(registry.url) as proxy:  # records the Range header of every request
         ref = published.ref.replace(published.ref.split("/")[0], proxy.host, 1)
-        with mounted(tmp_path / "root", ref, tmp_path / "mnt") as mnt:
+        with mounted(tmp_path / "root", ref, tmp_path / "mnt", mount_args=published.flags) as mnt:
             (mnt / "etc" / "hostname").read_bytes()  # TOC/index in place first
             proxy.recorded.clear()
             results: list[bytes] = []
@@ -120,7 +122,10 @@ def test_cold_read_all_fetches_each_byte_once(
 def test_eviction_under_a_tiny_cap_while_reading(tmp_path: Path, gzip_image: Published) -> None:
     root = tmp_path / "root"
     with mounted(
-        root, gzip_image.ref, tmp_path / "mnt", mount_args=["--cache-size", "2MiB"]
+        root,
+        gzip_image.ref,
+        tmp_path / "mnt",
+        mount_args=["--cache-size", "2MiB", *gzip_image.flags],
     ) as mnt:
         for _ in range(2):
             for name, data in BIG.items():
@@ -179,7 +184,7 @@ def test_registry_ignoring_range_still_works(
 ) -> None:
     proxy.add(Rule("GET", r"/blobs/", "ignore_range"))
     ref = gzip_image.ref.replace(gzip_image.ref.split("/")[0], proxy.host, 1)
-    with mounted(tmp_path / "root", ref, tmp_path / "mnt") as mnt:
+    with mounted(tmp_path / "root", ref, tmp_path / "mnt", mount_args=gzip_image.flags) as mnt:
         for name, data in FILES.items():
             assert (mnt / name).read_bytes() == data
 

@@ -180,3 +180,24 @@ def test_certificates_are_verified_by_default(tmp_path: Path) -> None:
     # a loopback registry is plain-HTTP-able, but if it speaks TLS it is still verified
     local = ssl_context("127.0.0.1:5000", TransportOptions())
     assert local.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_a_token_server_on_another_host_is_verified_though_the_registry_is_insecure(
+    tmp_path: Path, tls_token_registry: LocalRegistry
+) -> None:
+    """`--insecure-registry REG` skips verification for REG only: its token realm on another
+    host:port gets credentials, so its certificate is checked (was: the registry's
+    unverified pool fetched the token)."""
+    sample = small_sample_image(tmp_path / "img", tls_token_registry, "sec/tok:v1", creds=ALICE)
+    issuer = tls_token_registry.token_issuer
+    assert issuer is not None
+    realm_host = issuer.realm.split("/")[2]
+    assert realm_host != tls_token_registry.host
+    issuer.clear()
+    insecure = ["--insecure-registry", tls_token_registry.host]
+    refused = imagefs(tmp_path / "root", *insecure, "pull", sample.ref, check=False)
+    assert refused.returncode == 1 and f"token server {realm_host}" in refused.stderr, refused
+    assert issuer.requests() == []  # the handshake failed: nothing reached the token server
+    both = [*insecure, "--insecure-registry", realm_host]
+    imagefs(tmp_path / "root", *both, "pull", sample.ref)
+    assert issuer.requests()

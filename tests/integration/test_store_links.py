@@ -29,6 +29,7 @@ from imagefs.testing.images import (
 )
 from imagefs.testing.mounts import force_unmount, imagefs, mounted
 from imagefs.testing.registry import LocalRegistry
+from tests.integration.lazy_content import Published
 
 pytestmark = pytest.mark.fuse
 
@@ -96,6 +97,7 @@ def repair_removes_the_link(root: Path, link: Path) -> None:
         "blobs/sha256",
         "cache/chunks",  # earlier versions' areas, removed by prune
         "indexes/sha256",
+        "build-cache",  # prune --build-cache and a build's sweep deleted inside it
     ],
 )
 def test_a_symlinked_store_directory_is_refused_and_repaired(
@@ -297,3 +299,62 @@ def test_a_flattened_zstd_layer_is_never_written_through_a_link(
             type("P", (), {"returncode": got.returncode, "stderr": got.stderr.decode()})(),
             "symbolic link",
         )
+
+
+def test_a_fifo_at_a_layer_index_fails_in_one_line_never_hangs(
+    root: Path, victim: Victim, sample_image: SampleImage
+) -> None:
+    """`load_layer` opened `indexes/layer/sha256/<hex>` blocking: a FIFO there hung ls, cat,
+    mount and images forever."""
+    layers = stored_manifest(root)["layers"]
+    assert isinstance(layers, list)
+    index = root / "indexes" / "layer" / "sha256" / layers[0]["digest"].split(":")[1]
+    index.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(index)
+    proc = imagefs(root, "ls", sample_image.ref, "/", check=False, timeout=60)
+    one_line_error(proc, str(index), "not a regular file")
+    imagefs(root, "check", "--repair", timeout=60)
+    assert not os.path.lexists(index)
+    assert "etc" in imagefs(root, "ls", sample_image.ref, "/", timeout=60).stdout
+
+
+def test_a_toc_is_never_kept_through_a_linked_bound_directory(
+    tmp_path: Path, victim: Victim, estargz_image: Published
+) -> None:
+    """`indexes/bound/sha256/<layer> -> victim`: the lazily fetched eStargz TOC used to be
+    written into the victim directory (and `refuse()` deleted from it)."""
+    root = tmp_path / "root"
+    imagefs(root, "pull", estargz_image.ref)
+    bound = root / "indexes" / "bound" / "sha256" / estargz_image.layer_digests[-1][7:]
+    bound.parent.mkdir(parents=True, exist_ok=True)
+    bound.symlink_to(victim.dir)
+    proc = imagefs(root, "ls", estargz_image.ref, "/etc", check=False, timeout=60)
+    one_line_error(proc, str(bound), "symbolic link")
+    victim.assert_intact()
+    repair_removes_the_link(root, bound)
+    assert "motd" in imagefs(root, "ls", estargz_image.ref, "/etc", timeout=60).stdout
+
+
+def test_check_never_reads_a_derived_index_through_a_link_or_a_fifo(
+    tmp_path: Path, victim: Victim, estargz_image: Published
+) -> None:
+    """`check` compared `<kind>-<hex>.idx` with its verified bytes by `read_bytes()` on the
+    path: a FIFO there hung it, a link to /dev/zero exhausted memory."""
+    root = tmp_path / "root"
+    imagefs(root, "ls", estargz_image.ref, "/etc")  # keeps the TOC, raw and derived
+    bound = root / "indexes" / "bound" / "sha256" / estargz_image.layer_digests[-1][7:]
+    (derived,) = bound.glob("*.idx")
+    derived.unlink()
+    os.mkfifo(derived)
+    found = imagefs(root, "check", check=False, timeout=60)
+    assert f"{derived} is not a regular file" in found.stdout, found.stdout
+    imagefs(root, "check", "--repair", timeout=60)
+    assert not os.path.lexists(derived)
+    derived.symlink_to(victim.file)
+    found = imagefs(root, "check", check=False, timeout=60)
+    assert f"symbolic link {derived}" in found.stdout
+    assert "derived index is not what" not in found.stdout  # the victim was never read
+    imagefs(root, "check", "--repair", timeout=60)
+    assert not os.path.lexists(derived)
+    victim.assert_intact()
+    assert imagefs(root, "check").stdout.strip().endswith("all good")

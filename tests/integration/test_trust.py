@@ -1,5 +1,7 @@
 """Trust domains (issue 9 cases 1, 2 and 7): no image's metadata can change what another
-image serves; only what is verified against a layer's own digest is shared.
+image serves; only what is verified against a layer's own digest is shared. A published
+index is not reached from the manifest the user named: it is used only with
+`--trust-published-index`, and refused once the blob shows it lied.
 
 Images are written byte by byte (`RegistryWriter`) to the real docker-registry; the "lying
 registry" of case 2 is a real registry whose blob file was replaced on its disk.
@@ -9,22 +11,28 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from imagefs import api
+from imagefs.fs.lifecycle import log_path_for
 from imagefs.layers import estargz
 from imagefs.layers.index import build_from_blob
 from imagefs.oci.digest import Digest
 from imagefs.oci.reference import Reference
 from imagefs.published import push_indexes
 from imagefs.store.lookup import load_resolved
-from imagefs.testing.hostile import END, Layer, RegistryWriter, default_config, file_entry
+from imagefs.testing.hostile import (
+    END,
+    Layer,
+    RegistryWriter,
+    default_config,
+    estargz_retoc,
+    file_entry,
+)
 from imagefs.testing.mounts import imagefs, mounted
 from imagefs.testing.registry import LocalRegistry
 
@@ -34,6 +42,7 @@ TRUE_A = b"the true a.txt\n" * 200
 TRUE_B = b"BBBBBBBBBBBBBB\n" * 200  # same size: a forged offset reads a whole file
 EVIL = b"attacker text!\n" * 200
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+TRUST = ("--trust-published-index",)
 
 
 def _layer() -> Layer:
@@ -47,8 +56,8 @@ def _evil_config(layer: Layer) -> dict[str, object]:
     return {**default_config([layer]), "config": {"Env": ["EVIL=1"]}}  # another manifest
 
 
-def _cat(root: Path, ref: str, path: str) -> bytes:
-    return imagefs(root, "cat", ref, path).stdout.encode()
+def _cat(root: Path, ref: str, path: str, *flags: str) -> bytes:
+    return imagefs(root, "cat", *flags, ref, path).stdout.encode()
 
 
 async def _publish_forged_index(work: Path, ref: str, layer: Layer) -> None:
@@ -78,11 +87,11 @@ async def test_forged_published_index_of_another_image_is_never_used(
     evil = writer.image(f"{repo_name}/evil", "x", [layer], config=_evil_config(layer))
     await _publish_forged_index(tmp_path, evil, layer)
 
-    root = tmp_path / "victim"
-    with mounted(root, evil, tmp_path / "m-evil") as mnt:  # the attacker's own view
+    root = tmp_path / "victim"  # trusts published indexes: each only for its own image
+    with mounted(root, evil, tmp_path / "m-evil", mount_args=TRUST) as mnt:  # attacker's view
         assert (mnt / "a.txt").read_bytes() == TRUE_B
-    assert _cat(root, good, "a.txt") == TRUE_A
-    with mounted(root, good, tmp_path / "m-good") as mnt:
+    assert _cat(root, good, "a.txt", *TRUST) == TRUE_A
+    with mounted(root, good, tmp_path / "m-good", mount_args=TRUST) as mnt:
         assert (mnt / "a.txt").read_bytes() == TRUE_A
     imagefs(root, "check")  # all bindings hold: the forgery is evil's, bound to evil
     imagefs(root, "pull", "--full", good)
@@ -92,7 +101,7 @@ async def test_forged_published_index_of_another_image_is_never_used(
     # The owner of good/v publishes from this store: what goes out is built from the blob.
     imagefs(root, "index", "--push", good)
     fresh = tmp_path / "fresh"
-    with mounted(fresh, good, tmp_path / "m-fresh") as mnt:
+    with mounted(fresh, good, tmp_path / "m-fresh", mount_args=TRUST) as mnt:
         assert (mnt / "a.txt").read_bytes() == TRUE_A
     log = next((fresh / "logs").glob("mount-*.log")).read_text()
     assert "registry index" in log  # it really was the published index that was used
@@ -156,23 +165,6 @@ async def test_lying_registry_cannot_poison_another_image(
     assert _cat(root, good, "a.txt") == TRUE_A
 
 
-def _retoc(blob: estargz.EStargzBlob, edit: dict[str, dict[str, object]]) -> tuple[Layer, bytes]:
-    """The eStargz blob with its TOC entries edited (by name); a valid blob and diff_id."""
-    footer = estargz.footer_size(blob.blob)
-    toc_json = estargz.toc_json_from_member(blob.blob[blob.toc_offset : len(blob.blob) - footer])
-    doc = json.loads(toc_json)
-    for entry in doc["entries"]:
-        entry.update(edit.get(entry["name"], {}))
-    new_json = json.dumps(doc, separators=(",", ":")).encode()
-    info = tarfile.TarInfo(estargz.TOC_TAR_NAME)
-    info.size = len(new_json)
-    tar = info.tobuf(tarfile.USTAR_FORMAT) + new_json + bytes(-len(new_json) % 512) + END
-    member = gzip.compress(tar, mtime=0)
-    data = blob.blob[: blob.toc_offset] + member + estargz.make_footer(blob.toc_offset)
-    diff_id = "sha256:" + hashlib.sha256(gzip.GzipFile(fileobj=io.BytesIO(data)).read()).hexdigest()
-    return Layer(data, diff_id), new_json
-
-
 async def test_estargz_toc_that_lies_about_its_tar_stream_is_refused(
     tmp_path: Path, registry: LocalRegistry, repo_name: str
 ) -> None:
@@ -186,7 +178,7 @@ async def test_estargz_toc_that_lies_about_its_tar_stream_is_refused(
     )["entries"]
     b = next(e for e in entries if e["name"] == "b.txt")
     lie = {k: b[k] for k in ("offset", "digest", "chunkDigest")}
-    layer, toc_json = _retoc(honest, {"a.txt": lie})
+    layer, toc_json = estargz_retoc(honest, {"a.txt": lie})
     toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     writer = RegistryWriter(registry)
     desc = {
@@ -262,11 +254,45 @@ def test_offline_remount_finds_its_own_published_index(
         ref = f"{proxy.host}/{repo_name}:v"
         imagefs(tmp_path / "publisher", "index", "--push", ref)
         root = tmp_path / "root"
-        with mounted(root, ref, tmp_path / "m1") as mnt:
+        with mounted(root, ref, tmp_path / "m1", mount_args=TRUST) as mnt:
             assert (mnt / "a.txt").read_bytes() == TRUE_A
         proxy.stop()
         # the referrer record of this manifest leads to the kept index: no registry needed
-        with mounted(root, ref, tmp_path / "m2") as mnt:
+        with mounted(root, ref, tmp_path / "m2", mount_args=TRUST) as mnt:
             assert (mnt / "a.txt").read_bytes() == TRUE_A
-    log = "".join(p.read_text() for p in (root / "logs").glob("mount-*.log"))
+    log = log_path_for(root, (tmp_path / "m2").absolute()).read_text()  # the offline one's
     assert "registry index" in log and "fetching the whole blob" not in log
+
+
+async def test_an_index_attached_to_the_image_itself_is_used_only_when_trusted(
+    tmp_path: Path, registry: LocalRegistry, repo_name: str
+) -> None:
+    """Anyone who can push to the repository can attach an index with subject = the image
+    the user names. By default it is never read: the layer is indexed from its verified
+    blob. Trusted, it is served lazily — and refused for good once the blob shows it lied."""
+    layer = _layer()
+    ref = RegistryWriter(registry).image(repo_name, "v", [layer])
+    await _publish_forged_index(tmp_path, ref, layer)
+
+    root = tmp_path / "default"
+    with mounted(root, ref, tmp_path / "m0") as mnt:
+        assert (mnt / "a.txt").read_bytes() == TRUE_A
+    assert _cat(tmp_path / "default-cat", ref, "a.txt") == TRUE_A
+    log = log_path_for(root, (tmp_path / "m0").absolute()).read_text()
+    assert "registry index" not in log and "built from the blob" in log
+
+    trusting = tmp_path / "trusting"
+    with mounted(trusting, ref, tmp_path / "m1", mount_args=TRUST) as mnt:
+        assert (mnt / "a.txt").read_bytes() == TRUE_B  # what opting in risks, documented
+    imagefs(trusting, "pull", "--full", ref)
+    with mounted(trusting, ref, tmp_path / "m2", mount_args=TRUST) as mnt:
+        assert (mnt / "a.txt").read_bytes() == TRUE_A  # the blob's own index, checked against
+    log = log_path_for(trusting, (tmp_path / "m2").absolute()).read_text()
+    assert "published TOC" in log and "disagrees with the tar stream" in log, log
+    refused = list((trusting / "indexes" / "refused").iterdir())
+    assert len(refused) == 1 and "-published-" in refused[0].name
+    # The blob and its index gone, a trusting mount still never uses the refused index.
+    layer_hex = Digest.of(layer.blob).hex
+    (trusting / "blobs" / "sha256" / layer_hex).unlink()
+    (trusting / "indexes" / "layer" / "sha256" / layer_hex).unlink()
+    assert _cat(trusting, ref, "a.txt", *TRUST) == TRUE_A

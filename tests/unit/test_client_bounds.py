@@ -66,6 +66,8 @@ def client_with(
     fake = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=False)
     client._upstream.client = fake
     client._upstream.base_url = "https://reg.example:5000"
+    # the pools made later (a token realm on another host) reach the same fake network
+    client._make_client = lambda host: fake  # type: ignore[method-assign]
     return client
 
 
@@ -272,3 +274,33 @@ async def test_emulated_link_adds_latency_per_request_and_paces_bytes(
             assert len((await http.get("http://reg.example/")).content) == 500
         assert trio.current_time() - start == pytest.approx(3 * 0.05 + 3 * 500 / 1000)
     assert (link.requests, link.sent) == (3, 1500)
+
+
+class BreaksAfter(httpx.AsyncByteStream):
+    """A body whose connection breaks after `data` (a reset mid-body)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data
+        raise httpx.ReadError("connection reset by peer")
+
+
+async def test_get_blob_starts_over_when_the_resume_ignores_range(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The connection breaks after 100 bytes; the resume asks `Range: bytes=100-` and the
+    server answers 200 with the whole blob. Kept, the first 100 bytes made the blob 1,100
+    bytes long: a spurious IntegrityError on an honest registry."""
+    asked: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("Range"))
+        if len(asked) == 1:
+            return httpx.Response(200, stream=BreaksAfter(BLOB[:100]))
+        return httpx.Response(200, stream=Once(BLOB))  # Range ignored
+
+    async with client_with(handler) as client:
+        assert await client.get_blob("r", DIGEST, len(BLOB)) == BLOB
+    assert asked == [None, "bytes=100-"]

@@ -326,3 +326,46 @@ async def test_a_local_gzip_layer_inflates_each_span_once(
     assert again.inflations == 0 and hops == 0, (again.inflations, hops)
     assert again.pieces.misses == 0
     again.close()
+
+
+async def test_a_warm_piece_is_served_only_at_its_declared_size(tmp_path: Path) -> None:
+    """Layer 1's TOC (verified by its own annotation) gives its 100-byte `g.bin` the chunk
+    digest of layer 0's 300,000-byte `f0.bin`. Cold, the chunk fails its digest; warm (the
+    piece cached by layer 0) it used to serve f0.bin's first 100 bytes as g.bin."""
+    from imagefs.errors import IntegrityError
+    from imagefs.testing.hostile import estargz_retoc
+
+    honest, blob0 = _estargz_layer()
+    liar = estargz.write_estargz([estargz.FileSpec("g.bin", data=b"g" * 100)])
+    f0 = hashlib.sha256(FILES["f0.bin"][:100_000]).hexdigest()  # f0.bin's first chunk
+    forged, toc_json = estargz_retoc(liar, {"g.bin": {"chunkDigest": f"sha256:{f0}"}})
+    desc = Descriptor(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        Digest.of(forged.blob),
+        len(forged.blob),
+        annotations={ESTARGZ_TOC_DIGEST: str(Digest.of(toc_json))},
+    )
+    blobs = {honest.digest: blob0, desc.digest: forged.blob}
+    layers = [honest, Layer(desc, Digest.parse(forged.diff_id))]
+
+    async def fetch_range(layer: Layer, start: int, end: int) -> bytes:
+        return blobs[layer.digest][start:end]
+
+    async def fetch_blob(_: Layer) -> None:
+        raise AssertionError("the whole blob is never needed")
+
+    ls = LayerSet(Store(tmp_path), layers, fetch_blob, fetch_range=fetch_range)
+    try:
+        idx1 = await ls.ensure(1)
+        g = idx1.toc.find(b"g.bin")
+        assert g is not None
+        with pytest.raises(IntegrityError):  # cold: the chunk is not what the TOC says
+            await ls.read(1, idx1.toc.offset(g), 100)
+        idx0 = await ls.ensure(0)
+        f = idx0.toc.find(b"f0.bin")
+        assert f is not None
+        assert await ls.read(0, idx0.toc.offset(f), 300_000) == FILES["f0.bin"]
+        with pytest.raises(IntegrityError, match="declares 100"):  # warm: the same answer
+            await ls.read(1, idx1.toc.offset(g), 100)
+    finally:
+        ls.close()

@@ -11,12 +11,14 @@ module).
 from imagefs.layers.seekindex.building import build_index, decompress_to_file
 from imagefs.layers.seekindex.format import (
     DEFAULT_SPACING,
+    MAX_SPAN,
     WINDOW_SIZE,
     Compression,
     ReadCompressed,
     ReadRange,
     SeekIndex,
     SeekPoint,
+    check_span_bounds,
     needs_local_copy,
     verify_raw_span,
     verify_span,
@@ -31,6 +33,7 @@ from imagefs.layers.seekindex.reading import (
 
 __all__ = [
     "DEFAULT_SPACING",
+    "MAX_SPAN",
     "WINDOW_SIZE",
     "Compression",
     "ReadCompressed",
@@ -38,6 +41,7 @@ __all__ = [
     "SeekIndex",
     "SeekPoint",
     "build_index",
+    "check_span_bounds",
     "decompress_to_file",
     "file_range_reader",
     "inflate_span",

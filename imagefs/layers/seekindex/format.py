@@ -276,3 +276,23 @@ def needs_local_copy(index: SeekIndex, *, max_span: int = 4 * DEFAULT_SPACING) -
         index.span_uncompressed_end(i) - p.uncompressed > max_span
         for i, p in enumerate(index.points)
     )
+
+
+MAX_SPAN = 64 << 20
+"""The largest span an index from elsewhere may declare (compressed or not); see
+`check_span_bounds`. imagefs's own indexes put a point every 1 MiB of output."""
+
+
+def check_span_bounds(index: SeekIndex) -> None:
+    """Refuse an index whose spans declare more than MAX_SPAN bytes: for an index from the
+    registry, whose sizes are the publisher's word, so that one read never fetches or
+    inflates gigabytes into memory. (An index built here from a single-frame zstd blob has
+    one span of the whole layer; it is read from the local blob, flattened once on disk.)"""
+    for k in range(len(index.points)):
+        start, end = index.span_range(k)
+        n = index.span_uncompressed_end(k) - index.points[k].uncompressed
+        if n > MAX_SPAN or end - start > MAX_SPAN:
+            raise LayerFormatError(
+                f"seek index: span {k} declares {n} bytes ({end - start} compressed), more "
+                f"than the {MAX_SPAN} imagefs reads at once"
+            )
