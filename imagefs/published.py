@@ -29,6 +29,7 @@ never use it, and `imagefs index --push` publishes only indexes built here from 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from imagefs.oci.manifest import Descriptor
 from imagefs.oci.mediatypes import layer_compression
 from imagefs.registry import wire
 from imagefs.registry.client import RegistryClient
+from imagefs.store import fsutil
 from imagefs.store.indexstore import PUBLISHED, Bound, IndexStore, derive
 
 log = logging.getLogger("imagefs.indexes")
@@ -176,6 +178,7 @@ def build_local(store_root: Path, blob: Path, layer: Layer) -> LayerIndex:
     idx = indexes.load_layer(layer.digest)
     if idx is None:
         compression = layer_compression(layer.descriptor.media_type)
-        idx = build_from_blob(blob, layer.digest, compression, root=store_root)
+        fd = fsutil.safe_open(blob.parent, blob.name, os.O_RDONLY, root=store_root)
+        idx = build_from_blob(fd, layer.digest, compression)  # no link followed to the blob
         indexes.save_layer(idx)
     return idx

@@ -34,7 +34,6 @@ from imagefs.layers.tarscan import TarScanner
 from imagefs.layers.toc import Toc, TocBuilder
 from imagefs.oci.digest import Digest
 from imagefs.oci.mediatypes import Compression
-from imagefs.store import fsutil
 
 MAGIC = b"IFSLIDX2"
 _SEEK, _CHUNKS = 1, 2
@@ -107,20 +106,25 @@ def inflate_limit(compressed_size: int) -> int:
 
 
 def build_from_blob(
-    blob: Path,
+    blob: Path | int,
     digest: Digest,
     compression: Compression,
     *,
     spool_dir: Path | None = None,
     estargz: bool = False,
-    root: Path | None = None,
 ) -> LayerIndex:
     """Scan a verified, local layer blob into a LayerIndex (CPU-bound: run in a thread).
 
-    `root`: the store the blob is in; its directories are reached from there, no link
-    followed (`fsutil.safe_open`)."""
-    with os.fdopen(fsutil.safe_open(blob.parent, blob.name, os.O_RDONLY, root=root), "rb") as f:
+    `blob`: a path, or a file descriptor the caller opened (and this closes). A blob in the
+    store is opened by its shell (`store.fsutil.safe_open`: no link followed); this module
+    stays pure of the store's rules."""
+    with _open_blob(blob) as f:
         return _build(f, digest, compression, spool_dir, estargz)
+
+
+def _open_blob(blob: Path | int) -> BinaryIO:
+    fd = blob if isinstance(blob, int) else os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+    return os.fdopen(fd, "rb")
 
 
 def _build(

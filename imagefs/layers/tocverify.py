@@ -20,7 +20,6 @@ import zstandard
 
 from imagefs.layers.index import LayerIndex
 from imagefs.layers.tarscan import EntryType
-from imagefs.store import fsutil
 
 _READ = 1 << 20
 
@@ -96,8 +95,8 @@ def _zeros_digest(size: int) -> str:
     return h.hexdigest()
 
 
-def _stream(blob: Path, compression: str, root: Path | None) -> Iterator[bytes]:
-    fd = fsutil.safe_open(blob.parent, blob.name, os.O_RDONLY, root=root)  # no link followed
+def _stream(blob: Path | int, compression: str) -> Iterator[bytes]:
+    fd = blob if isinstance(blob, int) else os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if compression == "gzip":
             import gzip
@@ -116,11 +115,10 @@ def _stream(blob: Path, compression: str, root: Path | None) -> Iterator[bytes]:
                 yield data
 
 
-def disagreement(
-    built: LayerIndex, toc_idx: LayerIndex, blob: Path, root: Path | None = None
-) -> str | None:
+def disagreement(built: LayerIndex, toc_idx: LayerIndex, blob: Path | int) -> str | None:
     """None when the TOC-derived index agrees with the tar-stream index, else what differs.
-    `root`: the store holding `blob` (reached from there, no link followed)."""
+    `blob`: a path, or a file descriptor the caller opened (a store's shell opens its blobs
+    through `store.fsutil`: no link followed) and this closes."""
     assert built.seek is not None
     table = toc_idx.chunks
     if table is None:
@@ -147,7 +145,7 @@ def disagreement(
     pos = 0
     active: list[tuple[int, int, str, Any]] = []
     nxt = 0
-    for data in _stream(blob, built.seek.compression, root):
+    for data in _stream(blob, built.seek.compression):
         end = pos + len(data)
         while nxt < len(ranges) and ranges[nxt][0] < end:
             start, size, want = ranges[nxt]

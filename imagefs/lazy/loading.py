@@ -20,8 +20,8 @@ ever found under the verifier the mounting manifest names.
 
 from __future__ import annotations
 
-import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, overload
@@ -35,6 +35,7 @@ from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.registry import wire
+from imagefs.store import fsutil
 from imagefs.store.indexstore import ESTARGZ, PUBLISHED, ZSTD_CHUNKED, Bound, derive
 
 if TYPE_CHECKING:
@@ -251,17 +252,12 @@ async def _index_whole_blob(ls: LayerSet, i: int) -> LayerIndex:
     blob = ls.store.blobs.path(layer.digest)
     ls.stats[i].source = "built from the blob"
     is_estargz = ESTARGZ_TOC_DIGEST in layer.descriptor.annotations
-    idx = await trio.to_thread.run_sync(
-        functools.partial(
-            build_from_blob,
-            blob,
-            layer.digest,
-            compression,
-            estargz=is_estargz,
-            root=ls.store.root,
-        ),
-        limiter=ls.cpu,
-    )
+
+    def build() -> LayerIndex:
+        fd = fsutil.safe_open(blob.parent, blob.name, os.O_RDONLY, root=ls.store.root)
+        return build_from_blob(fd, layer.digest, compression, estargz=is_estargz)
+
+    idx = await trio.to_thread.run_sync(build, limiter=ls.cpu)
     await trio.to_thread.run_sync(ls.indexes.save_layer, idx)
     await trio.to_thread.run_sync(check_tocs, ls, idx, limiter=ls.cpu)
     return idx
@@ -282,7 +278,8 @@ def check_tocs(ls: LayerSet, built: LayerIndex) -> None:
         if bound.kind == PUBLISHED:
             problem = tocverify.published_disagreement(built, toc_idx)
         else:
-            problem = tocverify.disagreement(built, toc_idx, blob, ls.store.root)
+            fd = fsutil.safe_open(blob.parent, blob.name, os.O_RDONLY, root=ls.store.root)
+            problem = tocverify.disagreement(built, toc_idx, fd)  # no link followed
         if problem is not None:
             log.error(
                 "layer %s: its %s TOC %s disagrees with the tar stream (%s); refused",
