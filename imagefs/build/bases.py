@@ -33,8 +33,10 @@ class BaseImages:
         *,
         pull: bool,
         global_argv: Sequence[str] | None = None,
+        trust_published_index: bool = False,
     ) -> None:
         self.session = session
+        self.trust_published_index = trust_published_index
         self.work = work
         self.pull = pull
         self.global_argv = global_argv
@@ -72,8 +74,7 @@ class BaseImages:
         record = await self.resolve(ref, platform)
         mnt = self.work / f"image-{len(self.mounts)}"
         mnt.mkdir()
-        argv = self._global_argv()
-        argv += ["mount", "-f", "-o", "allow_other,suid,dev", ref, str(mnt)]
+        argv = self.mount_argv(ref, mnt)
         log = lifecycle.log_path_for(self.session.root, mnt)
         self.mounts[ref] = (mnt, record)
         await trio.to_thread.run_sync(lifecycle.spawn_daemon, argv, log, mnt)
@@ -85,6 +86,13 @@ class BaseImages:
                 lifecycle.unmount(mnt, self.session.store)
             if os.path.ismount(mnt):
                 runtime.unmount(mnt)
+
+    def mount_argv(self, ref: str, mnt: Path) -> list[str]:
+        """The command line of a base image's mount daemon."""
+        argv = [*self._global_argv(), "mount", "-f", "-o", "allow_other,suid,dev"]
+        if self.trust_published_index:
+            argv.append("--trust-published-index")
+        return [*argv, ref, str(mnt)]
 
     def _global_argv(self) -> list[str]:
         """The mount daemons' global options: the command line's own when the CLI gave

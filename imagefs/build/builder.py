@@ -70,6 +70,8 @@ class BuildOptions:
     global_argv: Sequence[str] | None = None
     """Global options for the base images' mount daemons (the CLI passes its own command
     line's); None: derived from the session."""
+    trust_published_index: bool = False
+    """The base images' mounts use an index published next to the image (`mount`'s flag)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,13 @@ class Builder:
             Layout(session.root.absolute()).build_work / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
         self.stages: dict[int, StageState] = {}
-        self.bases = BaseImages(session, self.work, pull=opts.pull, global_argv=opts.global_argv)
+        self.bases = BaseImages(
+            session,
+            self.work,
+            pull=opts.pull,
+            global_argv=opts.global_argv,
+            trust_published_index=opts.trust_published_index,
+        )
         self.throwaway: list[Path] = []
         self.layers_built = 0
         self.steps_cached = 0

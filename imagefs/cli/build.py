@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagefs.cli.options import PROG, Verb, flag, global_argv, repeatable
+from imagefs.cli.options import PROG, Verb, flag, global_argv, repeatable, trust_published_index
 from imagefs.errors import UsageError
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def _build_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--platform", help="os/arch[/variant] of base images to pull")
     flag(p, "-q", "--quiet", help="print only the image ID")
+    trust_published_index(p)  # for the base images' lazy mounts
 
 
 def _pairs(items: list[str], what: str, env_default: bool) -> dict[str, str]:
@@ -92,6 +93,7 @@ def build_options(a: argparse.Namespace, root: Path) -> BuildOptions:
         compression=a.compression,
         platform=a.platform,
         global_argv=global_argv(a, root),
+        trust_published_index=a.trust_published_index,
     )
 
 

@@ -221,7 +221,7 @@ def flag(p: argparse.ArgumentParser, *names: str, help: str, dest: str | None = 
 
 
 def trust_published_index(p: argparse.ArgumentParser) -> None:
-    """mount, ls, cat: opt in to layer indexes found through the image's referrers."""
+    """mount, ls, cat, build: opt in to layer indexes found through the image's referrers."""
     flag(
         p,
         "--trust-published-index",

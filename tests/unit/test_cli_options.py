@@ -145,3 +145,25 @@ def test_a_build_mounts_its_bases_with_the_command_line_s_global_options(tmp_pat
     assert daemon.root == tmp_path / "root"
     assert daemon.registry_mirror == ["http://mirror.example"]
     assert daemon.registry_timeout == 7 and daemon.debug
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_build_trust_published_index_reaches_the_base_mounts(tmp_path: Path, trust: bool) -> None:
+    """`build --trust-published-index`: the base images' lazy mounts use a published index
+    as `mount --trust-published-index` does; without it they do not."""
+    from imagefs import api
+    from imagefs.build.bases import BaseImages
+    from imagefs.cli.build import build_options
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    argv = ["build", *(["--trust-published-index"] if trust else []), str(tmp_path)]
+    opts = build_options(build_parser().parse_args(argv), tmp_path / "root")
+    bases = BaseImages(
+        api.Session(tmp_path / "root"),
+        tmp_path,
+        pull=False,
+        global_argv=opts.global_argv,
+        trust_published_index=opts.trust_published_index,
+    )
+    daemon = build_parser().parse_args(bases.mount_argv("alpine", Path("/mnt/x")))
+    assert daemon.trust_published_index is trust

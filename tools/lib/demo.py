@@ -123,7 +123,7 @@ def main() -> None:
         )
         built = f"{registry.host}/demo/built:v1"
         registry.mark()
-        run("build", "-t", built, str(ctx), root=root)
+        run("build", "--trust-published-index", "-t", built, str(ctx), root=root)
         fetched_report(root, pushed.ref, registry)
         run("push", built, root=root)
 

@@ -46,7 +46,10 @@ def _context(home: Path) -> Path:
 
 def imagefs_build(fs: Imagefs, root: Path, ctx: Path, base: str, net: Net, tag: str) -> float:
     start = time.perf_counter()
-    fs.run(root, "build", "-q", "-t", tag, "--build-arg", f"BASE={base}", str(ctx), net=net)
+    fs.run(
+        root, "build", "-q", "--trust-published-index", "-t", tag, "--build-arg", f"BASE={base}",
+        str(ctx), net=net,
+    )  # fmt: skip
     return time.perf_counter() - start
 
 
