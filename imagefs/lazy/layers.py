@@ -156,9 +156,9 @@ class LayerSet:
                 event.set()
 
     async def ensure_if_cheap(self, i: int) -> None:
-        """Load layer i's index ahead of need, but only from where it costs no layer blob
-        (the index store, a kept or ranged TOC, a published index): a whole-blob fetch
-        (or indexing a whole local blob) waits until a request really needs the layer."""
+        """Load layer i's index ahead of need, but only if this machine keeps it (the index
+        store, a kept TOC): nothing is fetched from the registry and no blob indexed until a
+        request really needs the layer."""
         if self._ready[i] is not None or i in self._inflight:
             return
         event = self._inflight[i] = trio.Event()

@@ -75,10 +75,11 @@ class LazyTree:
         directory merges down the stack: a lookup of `etc` needs every layer), and it asks
         for them one at a time. Loading them concurrently turns a start-up of one index
         load after another into about one: the request's own load of a lower layer then
-        waits for the load already in flight. Only cheap loads (`ensure_if_cheap`: no layer
-        blob fetched or indexed whole), so a path decided by the upper layers still costs
-        nothing below. A load that fails here is only logged at debug level: the request
-        that needs the layer loads it again and reports the error."""
+        waits for the load already in flight. Only indexes kept on this machine
+        (`ensure_if_cheap`: nothing fetched, no blob indexed), so a path decided by the upper
+        layers still costs nothing below and a remount loads its kept indexes side by side.
+        A load that fails here is only logged at debug level: the request that needs the
+        layer loads it again and reports the error."""
         nursery = self.layers.nursery
         if nursery is None:
             return
