@@ -85,8 +85,6 @@ async def _run(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import trio
-
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     # `profile record REF -o P -- COMMAND ARGS...`: everything after `--` is the workload.
@@ -109,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with unwrap_groups():
             if a.command == "mount" and not a.foreground:
-                return mount.mount_detached(a)
+                return mount.mount_detached(a)  # no trio: the daemon it starts runs one
+            import trio  # here, not at the top: a detached mount's launcher never needs it
+
             return trio.run(_run, a)
     except ImageFSError as exc:
         if a.debug:

@@ -86,6 +86,22 @@ def test_importing_the_cli_loads_no_heavy_module() -> None:
     assert not heavy & loaded
 
 
+def test_a_detached_mount_s_launcher_never_imports_trio_or_httpx(tmp_path: Path) -> None:
+    """The launcher of `imagefs mount` only checks and starts the daemon (which imports
+    what it needs): every import it skips is start-up time saved (here it stops at the
+    missing mountpoint, after running the detached path)."""
+    code = (
+        "import json, sys; from imagefs.cli import main\n"
+        f"rc = main(['--root', {str(tmp_path / 'root')!r}, 'mount', 'example.com/a:b', "
+        f"{str(tmp_path / 'missing')!r}])\n"
+        "print(json.dumps([rc, sorted(m for m in sys.modules)]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rc, modules = json.loads(out.stdout)
+    assert rc != 0 and "does not exist" in out.stderr, out.stderr
+    assert not {"trio", "httpx", "pyfuse3"} & set(modules)
+
+
 def test_flags_go_before_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps(
