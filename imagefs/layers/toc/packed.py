@@ -1,0 +1,107 @@
+"""The packed encoding a layer TOC is made of, shared by the builder and the reader.
+
+Each entry field lives in an `array`; the rare variable fields (link targets, xattrs, device
+numbers) are small tagged records `tag varint(len) payload` in one extras blob; string sets
+(whiteouts, opaque directories) are one blob plus an offset array (`Strings`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from collections.abc import Iterable, Iterator
+
+from imagefs.layers.tarscan import EntryType
+
+IMPLICIT = 0x80  # flag bit in the type byte
+TYPE_MASK = 0x7F
+ENTRY_TYPES = {int(t): t for t in EntryType}  # a dict look-up is cheaper than EntryType(code)
+
+# Tags of the records in the extras blob.
+X_LINK = 1  # symlink target, or the lower-layer path a hard link refers to
+X_XATTR = 2  # varint(len(name)) name value
+X_DEV = 3  # varint(major) varint(minor)
+X_LINKREF = 4  # varint(entry index) of the in-layer target of a hard link
+
+for _code, _size in (("B", 1), ("H", 2), ("I", 4), ("Q", 8), ("q", 8)):
+    if array(_code).itemsize != _size:  # pragma: no cover - exotic platforms only
+        raise ImportError(f"array typecode {_code!r} is not {_size} bytes here")
+
+
+def varint(value: int, out: bytearray) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def write_record(tag: int, payload: bytes, out: bytearray) -> None:
+    out.append(tag)
+    varint(len(payload), out)
+    out += payload
+
+
+def parent_of(path: bytes) -> bytes:
+    cut = path.rfind(b"/")
+    return path[:cut] if cut >= 0 else b""
+
+
+class Strings:
+    """An immutable sorted set of byte strings: one blob plus an offset array."""
+
+    __slots__ = ("blob", "offs")
+
+    def __init__(self, blob: bytes, offs: array[int]) -> None:
+        self.blob = blob
+        self.offs = offs
+
+    @classmethod
+    def build(cls, items: Iterable[bytes]) -> Strings:
+        blob = bytearray()
+        offs = array("I", [0])
+        for item in sorted(set(items)):
+            blob += item
+            offs.append(len(blob))
+        return cls(bytes(blob), offs)
+
+    def __len__(self) -> int:
+        return len(self.offs) - 1
+
+    def _at(self, i: int) -> bytes:
+        return self.blob[self.offs[i] : self.offs[i + 1]]
+
+    def __contains__(self, item: bytes) -> bool:
+        n = len(self.offs) - 1
+        if not n:
+            return False
+        i = bisect.bisect_left(range(n), item, key=self._at)
+        return i < n and self._at(i) == item
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (self._at(i) for i in range(len(self)))
+
+    def names_in(self, dir_path: bytes) -> Iterator[bytes]:
+        """Last components of the items directly below `dir_path` (a prefix range scan)."""
+        n = len(self.offs) - 1
+        prefix = dir_path + b"/" if dir_path else b""
+        i = bisect.bisect_left(range(n), prefix, key=self._at)
+        while i < n:
+            item = self._at(i)
+            if not item.startswith(prefix):
+                return
+            rest = item[len(prefix) :]
+            if b"/" not in rest:
+                yield rest
+            i += 1
