@@ -33,7 +33,7 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
 from imagefs.store import Layout, Store, fsutil, layout_links, locks
 from imagefs.store.blobs import sha256_file
-from imagefs.store.indexstore import KINDS, MAX_RECORD, Bound, IndexStore, derive
+from imagefs.store.indexstore import KINDS, MAX_RECORD, Bound, LayerIndexStore, derive
 
 
 @dataclass
@@ -202,7 +202,7 @@ def _check_pieces(root: Path, report: CheckReport, bad: Bad) -> None:
 
 
 def _check_indexes(root: Path, report: CheckReport, bad: Bad, repair: bool) -> None:
-    store = IndexStore(root)
+    store = LayerIndexStore(root)
     paths = Layout(root)
     old, chunks = paths.old_areas()
     if _is_dir(root, old):
@@ -263,7 +263,7 @@ def _is_dir(root: Path, path: Path) -> bool:
     return fsutil.is_real_dir(path, root=root)
 
 
-def _bound_problem(store: IndexStore, layer_hex: str, name: str) -> str | None:
+def _bound_problem(store: LayerIndexStore, layer_hex: str, name: str) -> str | None:
     kind, _, hexd = name.partition("-")
     try:
         bound = Bound(Digest.parse(f"sha256:{layer_hex}"), kind, Digest.parse(f"sha256:{hexd}"))

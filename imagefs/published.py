@@ -45,7 +45,7 @@ from imagefs.oci.mediatypes import layer_compression
 from imagefs.registry import wire
 from imagefs.registry.client import RegistryClient
 from imagefs.store import fsutil
-from imagefs.store.indexstore import PUBLISHED, Bound, IndexStore, derive
+from imagefs.store.indexstore import PUBLISHED, Bound, LayerIndexStore, derive
 
 log = logging.getLogger("imagefs.indexes")
 
@@ -105,7 +105,7 @@ class RemoteIndexes:
 
     Only what M's own referrers lead to is used. The first lookup asks the registry once per
     mount and remembers, under M, which index blob each layer's referrer named
-    (`IndexStore.remember_referrers`); the verified blob is kept bound to (layer, its
+    (`LayerIndexStore.remember_referrers`); the verified blob is kept bound to (layer, its
     digest). An offline remount of M finds them again through that record; another
     image sharing the layer never does.
     """
@@ -115,7 +115,7 @@ class RemoteIndexes:
         client: RegistryClient | None,
         repository: str,
         manifest_digest: Digest,
-        store: IndexStore,
+        store: LayerIndexStore,
     ) -> None:
         self.client = client
         self.repository = repository
@@ -174,7 +174,7 @@ class RemoteIndexes:
 def build_local(store_root: Path, blob: Path, layer: Layer) -> LayerIndex:
     """The layer-bound index of a local, verified blob: kept, or built and kept; run in a
     thread. Never a TOC-derived or published index: those are not bound to the layer."""
-    indexes = IndexStore(store_root)
+    indexes = LayerIndexStore(store_root)
     idx = indexes.load_layer(layer.digest)
     if idx is None:
         compression = layer_compression(layer.descriptor.media_type)

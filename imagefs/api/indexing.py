@@ -44,7 +44,7 @@ async def index(
     import time
 
     from imagefs.published import build_local, needs_index, push_indexes
-    from imagefs.store.indexstore import IndexStore
+    from imagefs.store.indexstore import LayerIndexStore
 
     store = session.store
     record = await find_or_pull(session, reference, platform)
@@ -54,7 +54,7 @@ async def index(
     source = record.source
     done: list[LayerIndexed] = []
     skipped: list[Layer] = []
-    indexes = IndexStore(store.root)
+    indexes = LayerIndexStore(store.root)
     built = []
     for layer in image.layers:
         if not needs_index(layer):

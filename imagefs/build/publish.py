@@ -8,7 +8,7 @@ from imagefs.layers.index import LayerIndex
 from imagefs.oci.reference import Reference
 from imagefs.published import PushedIndexes, needs_index, push_indexes
 from imagefs.session import Session
-from imagefs.store.indexstore import IndexStore
+from imagefs.store.indexstore import LayerIndexStore
 from imagefs.store.lookup import find_record, load_resolved
 
 
@@ -19,7 +19,7 @@ async def publish_built_indexes(session: Session, reference: str) -> PushedIndex
     if BUILT_ANNOTATION not in record.extra:
         return None
     image = await session.disk(load_resolved, store, record.manifest.digest, record.index_digest)
-    indexes = IndexStore(store.root)
+    indexes = LayerIndexStore(store.root)
     found: list[LayerIndex] = []
     for layer in image.layers:
         if needs_index(layer):

@@ -15,11 +15,11 @@ from pathlib import Path
 from imagefs.layers.index import LayerIndex
 from imagefs.lazy.cache import PieceCache, is_piece_name
 from imagefs.oci.image import Layer
-from imagefs.store.indexstore import IndexStore
+from imagefs.store.indexstore import LayerIndexStore
 
 
 def _any_index(root: Path, layer: Layer) -> LayerIndex | None:
-    store = IndexStore(root)
+    store = LayerIndexStore(root)
     idx = store.load_layer(layer.digest)
     if idx is not None:
         return idx

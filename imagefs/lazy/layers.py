@@ -51,7 +51,7 @@ from imagefs.lazy.prefetch import READ_AHEAD, ReadAhead
 from imagefs.oci.image import Layer
 from imagefs.registry import wire
 from imagefs.store import Store, fsutil
-from imagefs.store.indexstore import IndexStore
+from imagefs.store.indexstore import LayerIndexStore
 
 log = logging.getLogger("imagefs.lazy")
 
@@ -90,7 +90,7 @@ class LayerSet:
     on_fetch: Callable[[int, int, int, float], None] | None = None  # layer, start, n, seconds
 
     def __post_init__(self) -> None:
-        self.indexes = IndexStore(self.store.root)
+        self.indexes = LayerIndexStore(self.store.root)
         if self.cache is None:
             self.cache = PieceCache(self.store.root)
         self.pieces: PieceCache = self.cache

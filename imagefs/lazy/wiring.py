@@ -17,7 +17,7 @@ from imagefs.oci.reference import Reference
 from imagefs.published import RemoteIndexes
 from imagefs.session import Session, fetch_blob, keep_whole_blob
 from imagefs.store import ImageRecord, Store, fsutil
-from imagefs.store.indexstore import IndexStore
+from imagefs.store.indexstore import LayerIndexStore
 
 
 def lazy_layer_set(
@@ -104,7 +104,7 @@ def lazy_layer_set(
             session.client(source) if source is not None else None,
             source.repository if source is not None else "",
             record.manifest.digest,
-            IndexStore(store.root),
+            LayerIndexStore(store.root),
         )
     positions: dict[Digest, int] = {}
     for i, layer in enumerate(layers):

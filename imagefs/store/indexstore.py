@@ -131,7 +131,7 @@ def _unpack_raw(data: bytes) -> tuple[dict[str, Any], bytes]:
     return params, data[pos + n :]
 
 
-class IndexStore:
+class LayerIndexStore:
     """Synchronous; callers on trio run it in worker threads."""
 
     def __init__(self, root: Path) -> None:
@@ -273,4 +273,4 @@ class IndexStore:
         self._write(self.referrers_path(manifest), data)
 
 
-__all__ = ["ESTARGZ", "KINDS", "PUBLISHED", "ZSTD_CHUNKED", "Bound", "IndexStore", "derive"]
+__all__ = ["ESTARGZ", "KINDS", "PUBLISHED", "ZSTD_CHUNKED", "Bound", "LayerIndexStore", "derive"]

@@ -16,7 +16,7 @@ from imagefs.layers import estargz
 from imagefs.oci.digest import Digest
 from imagefs.store import indexstore
 from imagefs.store.fsutil import LinkInStore
-from imagefs.store.indexstore import ESTARGZ, Bound, IndexStore, derive
+from imagefs.store.indexstore import ESTARGZ, Bound, LayerIndexStore, derive
 
 
 def _bound_toc() -> tuple[Bound, dict[str, int], bytes]:
@@ -46,7 +46,7 @@ def test_a_linked_bound_directory_is_never_written_read_or_deleted_through(
 ) -> None:
     bound, params, toc = _bound_toc()
     root = tmp_path / "root"
-    store = IndexStore(root)
+    store = LayerIndexStore(root)
     names = [bound.name, f"{bound.name}.idx"]
     victim = _victim(tmp_path, names)
     link = store.bound_dir(bound.layer)
@@ -70,7 +70,7 @@ def test_a_linked_bound_directory_is_never_written_read_or_deleted_through(
 def test_a_linked_index_area_is_refused(tmp_path: Path, area: str) -> None:
     bound, _, _ = _bound_toc()
     root = tmp_path / "root"
-    store = IndexStore(root)
+    store = LayerIndexStore(root)
     hexd = bound.layer.hex
     names = [hexd, f"{hexd}-{bound.name}"]
     victim = _victim(tmp_path, names)
@@ -95,7 +95,7 @@ def test_a_linked_index_area_is_refused(tmp_path: Path, area: str) -> None:
 def test_records_are_read_with_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(indexstore, "MAX_RECORD", 1 << 20)
     bound, _, _ = _bound_toc()
-    store = IndexStore(tmp_path)
+    store = LayerIndexStore(tmp_path)
     store.layer_path(bound.layer).parent.mkdir(parents=True)
     with open(store.layer_path(bound.layer), "wb") as f:
         f.truncate(2 << 20)  # sparse: a grown or planted record

@@ -27,7 +27,7 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
-from imagefs.store.indexstore import ESTARGZ, PUBLISHED, Bound, IndexStore
+from imagefs.store.indexstore import ESTARGZ, PUBLISHED, Bound, LayerIndexStore
 
 MiB = 1 << 20
 
@@ -157,7 +157,7 @@ def test_index_store_finds_a_bound_entry_only_under_its_own_verifier(tmp_path: P
         blob.blob[blob.toc_offset : len(blob.blob) - estargz.footer_size(blob.blob)]
     )
     layer = Digest.of(blob.blob)
-    store = IndexStore(tmp_path)
+    store = LayerIndexStore(tmp_path)
     bound = Bound(layer, ESTARGZ, Digest.parse(blob.toc_digest))
     from imagefs.store.indexstore import derive
 
