@@ -2,7 +2,7 @@
 
 - every blob in `blobs/` against its sha256 (a blob is named by its digest);
 - every piece in `cache/pieces` against its xxh3 checksum and its sha256 (its name);
-- every index binding (`store.indexstore`): a layer-bound index parses and names the blob
+- every index binding (`store.layerindexes`): a layer-bound index parses and names the blob
   it was built from; a manifest-bound entry's raw bytes hash to the verifier in its name
   and derive to its `.idx`; anything else under `indexes/` (and the layer-keyed
   `indexes/sha256`, `cache/chunks` of earlier versions) cannot be bound and is removed;
@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagefs.errors import ImageFSError, LayerFormatError
-from imagefs.layers.index import LayerIndex
+from imagefs.layers.layerindex import LayerIndex
 from imagefs.lazy.cache import PieceCache, is_piece_name, read_piece
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
 from imagefs.store import Layout, Store, fsutil, layout_links, locks
 from imagefs.store.blobs import sha256_file
-from imagefs.store.indexstore import KINDS, MAX_RECORD, Bound, LayerIndexStore, derive
+from imagefs.store.layerindexes import KINDS, MAX_RECORD, Bound, LayerIndexStore, derive
 
 
 @dataclass

@@ -22,7 +22,7 @@ digest it names (its seek index records the blob digest it was built from), and 
 it leads a read to is checked against the span's sha256 (compressed, then uncompressed)
 before use. What the index asserts about where each file starts is only as trustworthy as
 the manifest whose referrers led to it, so it is kept bound to that manifest (see
-`store.indexstore`) and used by no other image; `imagefs pull --full` and `imagefs index`
+`store.layerindexes`) and used by no other image; `imagefs pull --full` and `imagefs index`
 never use it, and `imagefs index --push` publishes only indexes built here from the blob.
 """
 
@@ -37,7 +37,7 @@ import trio
 
 from imagefs.artifacts import Payload, find_artifacts, push_artifact
 from imagefs.errors import ImageFSError
-from imagefs.layers.index import LayerIndex, build_from_blob
+from imagefs.layers.layerindex import LayerIndex, build_from_blob
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer, ResolvedImage
 from imagefs.oci.manifest import Descriptor
@@ -45,7 +45,7 @@ from imagefs.oci.mediatypes import layer_compression
 from imagefs.registry import wire
 from imagefs.registry.client import RegistryClient
 from imagefs.store import fsutil
-from imagefs.store.indexstore import PUBLISHED, Bound, LayerIndexStore, derive
+from imagefs.store.layerindexes import PUBLISHED, Bound, LayerIndexStore, derive
 
 log = logging.getLogger("imagefs.indexes")
 

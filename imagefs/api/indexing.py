@@ -44,7 +44,7 @@ async def index(
     import time
 
     from imagefs.published import build_local, needs_index, push_indexes
-    from imagefs.store.indexstore import LayerIndexStore
+    from imagefs.store.layerindexes import LayerIndexStore
 
     store = session.store
     record = await find_or_pull(session, reference, platform)

@@ -4,11 +4,11 @@ the pushed image mounts lazily at once from any store (byte ranges, no whole-lay
 from __future__ import annotations
 
 from imagefs.build.builder import BUILT_ANNOTATION
-from imagefs.layers.index import LayerIndex
+from imagefs.layers.layerindex import LayerIndex
 from imagefs.oci.reference import Reference
 from imagefs.published import PushedIndexes, needs_index, push_indexes
 from imagefs.session import Session
-from imagefs.store.indexstore import LayerIndexStore
+from imagefs.store.layerindexes import LayerIndexStore
 from imagefs.store.lookup import find_record, load_resolved
 
 

@@ -221,7 +221,7 @@ def recover(gap: Gap, codec: str, compressed: bytes, entries: Sequence[TOCEntry]
 
 
 def to_params(names: Names) -> dict[str, list[str]]:
-    """JSON-safe form kept with the TOC's raw bytes (`indexstore` params)."""
+    """JSON-safe form kept with the TOC's raw bytes (`layerindexes` params)."""
     return {str(k): [v[0].hex(), v[1].hex()] for k, v in sorted(names.items())}
 
 

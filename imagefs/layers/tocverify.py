@@ -18,7 +18,7 @@ from typing import Any
 
 import zstandard
 
-from imagefs.layers.index import LayerIndex
+from imagefs.layers.layerindex import LayerIndex
 from imagefs.layers.tarscan import EntryType
 
 _READ = 1 << 20

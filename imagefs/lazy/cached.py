@@ -12,10 +12,10 @@ import contextlib
 import os
 from pathlib import Path
 
-from imagefs.layers.index import LayerIndex
+from imagefs.layers.layerindex import LayerIndex
 from imagefs.lazy.cache import PieceCache, is_piece_name
 from imagefs.oci.image import Layer
-from imagefs.store.indexstore import LayerIndexStore
+from imagefs.store.layerindexes import LayerIndexStore
 
 
 def _any_index(root: Path, layer: Layer) -> LayerIndex | None:

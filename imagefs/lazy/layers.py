@@ -40,7 +40,7 @@ import zstandard
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.layers import chunks as chunk_tables
-from imagefs.layers.index import LayerIndex
+from imagefs.layers.layerindex import LayerIndex
 from imagefs.layers.seekindex import SeekIndex, inflate_span, verify_raw_span, verify_span
 from imagefs.lazy import loading, telemetry
 from imagefs.lazy import prefetch as prefetching
@@ -51,7 +51,7 @@ from imagefs.lazy.prefetch import READ_AHEAD, ReadAhead
 from imagefs.oci.image import Layer
 from imagefs.registry import wire
 from imagefs.store import Store, fsutil
-from imagefs.store.indexstore import LayerIndexStore
+from imagefs.store.layerindexes import LayerIndexStore
 
 log = logging.getLogger("imagefs.lazy")
 

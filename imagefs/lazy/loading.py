@@ -1,4 +1,4 @@
-"""Where a mounted layer's index comes from, in trust order (see `store.indexstore`).
+"""Where a mounted layer's index comes from, in trust order (see `store.layerindexes`).
 
 For layer i of manifest M:
 
@@ -30,13 +30,13 @@ import trio
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.layers import estargz, lostnames, tocverify, zstdchunked
-from imagefs.layers.index import LayerIndex, build_from_blob
+from imagefs.layers.layerindex import LayerIndex, build_from_blob
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.registry import wire
 from imagefs.store import fsutil
-from imagefs.store.indexstore import ESTARGZ, PUBLISHED, ZSTD_CHUNKED, Bound, derive
+from imagefs.store.layerindexes import ESTARGZ, PUBLISHED, ZSTD_CHUNKED, Bound, derive
 
 if TYPE_CHECKING:
     from imagefs.lazy.layers import LayerSet

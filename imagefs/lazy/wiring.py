@@ -17,7 +17,7 @@ from imagefs.oci.reference import Reference
 from imagefs.published import RemoteIndexes
 from imagefs.session import Session, fetch_blob, keep_whole_blob
 from imagefs.store import ImageRecord, Store, fsutil
-from imagefs.store.indexstore import LayerIndexStore
+from imagefs.store.layerindexes import LayerIndexStore
 
 
 def lazy_layer_set(

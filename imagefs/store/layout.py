@@ -7,7 +7,7 @@ ROOT/ingest/<hex>.partial|.lock                     downloads in progress (resum
 ROOT/leases/<pid>-<n>-<random>                      blobs a running command is about to use
 ROOT/mounts/<id>.json, <id>.sock                    live mounts and their control sockets
 ROOT/logs/mount-<id>.log                            a mount daemon's log
-ROOT/indexes/layer|bound|referrers/sha256/…, refused/   layer indexes (see store.indexstore)
+ROOT/indexes/layer|bound|referrers/sha256/…, refused/   layer indexes (see store.layerindexes)
 ROOT/cache/pieces/sha256/<hex>                      verified uncompressed pieces (lazy.cache)
 ROOT/cache/flat/<layer hex>                         flattened layers (lazy.layers)
 ROOT/build-cache/<key>/, build-tmp/<pid>-<id>/      imagefs build's cache and work areas

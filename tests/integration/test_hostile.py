@@ -25,7 +25,7 @@ import pytest
 
 from imagefs import api
 from imagefs.errors import ImageFSError
-from imagefs.layers.index import inflate_limit
+from imagefs.layers.layerindex import inflate_limit
 from imagefs.testing.hostile import (
     END,
     TAR_LAYER,

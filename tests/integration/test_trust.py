@@ -20,7 +20,7 @@ import pytest
 from imagefs import api
 from imagefs.fs.lifecycle import log_path_for
 from imagefs.layers import estargz
-from imagefs.layers.index import build_from_blob
+from imagefs.layers.layerindex import build_from_blob
 from imagefs.oci.digest import Digest
 from imagefs.oci.reference import Reference
 from imagefs.published import push_indexes

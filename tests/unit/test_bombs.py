@@ -9,7 +9,7 @@ import pytest
 import zstandard
 
 from imagefs.errors import LayerFormatError
-from imagefs.layers import index as layer_index
+from imagefs.layers import layerindex as layer_index
 from imagefs.layers.seekindex import build_index
 from imagefs.oci.digest import Digest
 from imagefs.testing.hostile import END, gzip_bomb, header

@@ -18,7 +18,7 @@ import trio
 import zstandard
 
 from imagefs.errors import LayerFormatError
-from imagefs.layers.index import build_from_blob
+from imagefs.layers.layerindex import build_from_blob
 from imagefs.lazy.layers import ZSTD_FLAT_THRESHOLD, LayerSet
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer

@@ -16,7 +16,7 @@ import pytest
 from imagefs.errors import LayerFormatError
 from imagefs.layers import chunks, lostnames
 from imagefs.layers import estargz as es
-from imagefs.layers.index import build_from_blob
+from imagefs.layers.layerindex import build_from_blob
 from imagefs.oci.digest import Digest
 
 ODD = os.fsdecode(b"caf\xe9")  # surrogate-escaped: the true name is b"caf\xe9"

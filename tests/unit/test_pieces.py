@@ -27,7 +27,7 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
-from imagefs.store.indexstore import ESTARGZ, PUBLISHED, Bound, LayerIndexStore
+from imagefs.store.layerindexes import ESTARGZ, PUBLISHED, Bound, LayerIndexStore
 
 MiB = 1 << 20
 
@@ -159,7 +159,7 @@ def test_index_store_finds_a_bound_entry_only_under_its_own_verifier(tmp_path: P
     layer = Digest.of(blob.blob)
     store = LayerIndexStore(tmp_path)
     bound = Bound(layer, ESTARGZ, Digest.parse(blob.toc_digest))
-    from imagefs.store.indexstore import derive
+    from imagefs.store.layerindexes import derive
 
     idx = derive(bound, {"toc_offset": blob.toc_offset}, toc)
     store.save_bound(bound, {"toc_offset": blob.toc_offset}, toc, idx)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from imagefs.layers import chunks, estargz, tocverify
-from imagefs.layers.index import LayerIndex, build_from_blob
+from imagefs.layers.layerindex import LayerIndex, build_from_blob
 from imagefs.oci.digest import Digest
 from imagefs.testing.hostile import estargz_retoc
 

@@ -33,7 +33,7 @@ import pyfuse3
 import trio
 
 from imagefs.fs.operations import ImageOperations
-from imagefs.layers.index import build_from_blob
+from imagefs.layers.layerindex import build_from_blob
 from imagefs.layers.toc import Toc
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci import mediatypes

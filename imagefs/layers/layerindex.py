@@ -2,7 +2,7 @@
 
 Built once per layer digest, in a single sequential pass over the compressed blob (the
 decompressor hands the tar stream to the scanner while the seek points are recorded). Where
-indexes are kept, and who may use which, is `store.indexstore`'s business.
+indexes are kept, and who may use which, is `store.layerindexes`'s business.
 
 For eStargz and zstd:chunked layers the index holds a `ChunkTable` instead of seek points:
 those formats bring their own table of contents (verified against the manifest's layer

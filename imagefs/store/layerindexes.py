@@ -42,7 +42,7 @@ from typing import Any
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.layers import chunks as chunk_tables
 from imagefs.layers import estargz, lostnames, seekindex, zstdchunked
-from imagefs.layers.index import LayerIndex
+from imagefs.layers.layerindex import LayerIndex
 from imagefs.oci.digest import Digest
 from imagefs.store import fsutil
 from imagefs.store.layout import Layout

@@ -14,9 +14,9 @@ import pytest
 from imagefs.errors import StoreError
 from imagefs.layers import estargz
 from imagefs.oci.digest import Digest
-from imagefs.store import indexstore
+from imagefs.store import layerindexes
 from imagefs.store.fsutil import LinkInStore
-from imagefs.store.indexstore import ESTARGZ, Bound, LayerIndexStore, derive
+from imagefs.store.layerindexes import ESTARGZ, Bound, LayerIndexStore, derive
 
 
 def _bound_toc() -> tuple[Bound, dict[str, int], bytes]:
@@ -93,7 +93,7 @@ def test_a_linked_index_area_is_refused(tmp_path: Path, area: str) -> None:
 
 
 def test_records_are_read_with_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(indexstore, "MAX_RECORD", 1 << 20)
+    monkeypatch.setattr(layerindexes, "MAX_RECORD", 1 << 20)
     bound, _, _ = _bound_toc()
     store = LayerIndexStore(tmp_path)
     store.layer_path(bound.layer).parent.mkdir(parents=True)
@@ -103,6 +103,6 @@ def test_records_are_read_with_a_bound(tmp_path: Path, monkeypatch: pytest.Monke
         store.load_layer(bound.layer)
     store.referrers_path(bound.layer).parent.mkdir(parents=True)
     with open(store.referrers_path(bound.layer), "wb") as f:
-        f.truncate(indexstore.MAX_REFERRERS + 1)
+        f.truncate(layerindexes.MAX_REFERRERS + 1)
     with pytest.raises(StoreError, match="larger than"):
         store.referrers(bound.layer)
