@@ -24,6 +24,7 @@ import trio
 from imagefs.errors import ImageFSError
 from imagefs.lazy import telemetry
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
+from imagefs.lazy.making import MAX_FETCH, Job
 from imagefs.registry import wire
 
 if TYPE_CHECKING:
@@ -190,8 +191,30 @@ async def prefetch_landmarks(ls: LayerSet) -> None:
                 for k in range(len(table))
                 if table.starts[k] < table.prefetch_until and not table.zeros[k]
             ]
-            async with ls.background:
-                await ls.maker.make(i, jobs, payloads=False)
+            # One fetch window per task, each under the background limiter: a single make of
+            # every landmark chunk would start all its windows at once and take every network
+            # slot from on-demand reads. Tasks queue on the limiter in order.
+            async with trio.open_nursery() as nursery:
+                for batch in _windows(jobs, MAX_FETCH):
+                    nursery.start_soon(_make_in_background, ls, i, batch)
+                    await trio.lowlevel.checkpoint()
             log.info("layer %d: prefetched %d chunks before the landmark", i, len(jobs))
         except ImageFSError as exc:
             log.warning("landmark prefetch of layer %d: %s", i, exc)
+
+
+def _windows(jobs: Sequence[Job], size: int) -> list[list[Job]]:
+    """Consecutive runs of `jobs` (in blob order) spanning at most `size` compressed bytes
+    each (a single larger job is a window of its own)."""
+    out: list[list[Job]] = []
+    for job in jobs:
+        if out and job.end - out[-1][0].start <= size:
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+async def _make_in_background(ls: LayerSet, i: int, jobs: list[Job]) -> None:
+    async with ls.background:
+        await ls.maker.make(i, jobs, payloads=False)
