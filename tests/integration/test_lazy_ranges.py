@@ -98,7 +98,7 @@ def test_cold_read_all_fetches_each_byte_once(
     counted from the Range headers), and in all at most 5% more than the blob itself."""
     with FaultProxy(registry.url) as proxy:
         ref = published.ref.replace(published.ref.split("/")[0], proxy.host, 1)
-        with mounted(tmp_path / "root", ref, tmp_path / "mnt") as mnt:
+        with mounted(tmp_path / "root", ref, tmp_path / "mnt", mount_args=published.flags) as mnt:
             tar = subprocess.run(
                 ["tar", "cf", "-", "."], cwd=mnt, stdout=subprocess.PIPE, check=True
             )
