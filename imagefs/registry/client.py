@@ -29,13 +29,8 @@ from imagefs.errors import (
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
 from imagefs.registry import bodies, challenge, wire
-from imagefs.registry.connection import (
-    RETRY_STATUSES,
-    Connection,
-    jitter,
-    root_cause,
-    timed_out,
-)
+from imagefs.registry.connection import Connection, timed_out
+from imagefs.registry.roundtrip import RETRY_STATUSES, jitter, root_cause
 
 log = logging.getLogger("imagefs.registry")
 

@@ -2,8 +2,9 @@
 
 A `Connection` holds one keep-alive connection pool (an `httpx.AsyncClient`) per endpoint:
 the registry itself, and its mirrors for reads. It probes the scheme, does the auth dance
-(anonymous, Basic, Bearer token flow with tokens reused until expiry), retries transient
-failures with backoff, and follows redirects. Credentials go to the registry's own origin and
+(anonymous, Basic, Bearer token flow with tokens reused until expiry) around the layered
+policy of roundtrip.py (retries of transient failures with backoff, redirects), composed in
+`_sender`. Credentials go to the registry's own origin and
 the token realm its own challenge names, never to a redirect target or an upload location
 elsewhere. No body is read here without a bound (`bodies`). `RegistryClient` (client.py)
 builds manifests, blobs, ranges and uploads on it.
@@ -12,16 +13,14 @@ builds manifests, blobs, ranges and uploads on it.
 from __future__ import annotations
 
 import base64
-import email.utils
 import logging
 import math
-import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import trio
@@ -34,6 +33,15 @@ from imagefs.errors import (
 )
 from imagefs.registry import bodies, challenge, credentials
 from imagefs.registry.netem import EmulatedTransport
+from imagefs.registry.roundtrip import MAX_REDIRECTS as MAX_REDIRECTS  # tests name it here
+from imagefs.registry.roundtrip import (
+    FollowRedirects,
+    Retry,
+    Send,
+    client_send,
+    exception_chain,
+    root_cause,
+)
 from imagefs.registry.transport import (
     TransportOptions,
     effective_timeouts,
@@ -48,8 +56,6 @@ from imagefs.registry.wire import cause as fetch_cause
 
 log = logging.getLogger("imagefs.registry")
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
-MAX_REDIRECTS = 5
 USER_AGENT = "imagefs/0.1"
 
 CredentialLookup = Callable[[str], credentials.Credentials | None]
@@ -245,6 +251,18 @@ class Connection:
         assert limit is not None
         raise timed_out(ep.host, method, path_or_url, limit)
 
+    def _sender(self, ep: _Endpoint, retry_body: bool) -> Send:
+        """The policy layers under the auth loop, composed in this one place (roundtrip.py):
+        redirects on the endpoint's pool, each final answer counted, retries around that."""
+        redirects = FollowRedirects(client_send(ep.client), ep.host)
+
+        async def counted(request: httpx.Request) -> httpx.Response:
+            resp = await redirects(request)
+            self.requests_sent += 1
+            return resp
+
+        return Retry(counted, ep.host, self.options.retry, enabled=retry_body)
+
     async def _request_retrying(
         self,
         method: str,
@@ -256,11 +274,12 @@ class Connection:
         ep: _Endpoint,
         retry_body: bool,
     ) -> httpx.Response:
+        """The auth loop: send with what we know of the endpoint's auth; on a 401, learn
+        from its challenge and send once more."""
         base = await self._base_url(ep)
         url = path_or_url if "://" in path_or_url else base + path_or_url
-        policy = self.options.retry
+        send = self._sender(ep, retry_body)
         auth_retried = False
-        attempt = 0
         # Credentials are for the registry as it is addressed (scheme, host, port), and for
         # nothing else a Location header may name: an upload URL on another host gets none.
         home = same_origin(url, base)
@@ -269,76 +288,27 @@ class Connection:
             auth = await self._auth_header(ep, scopes) if home else None
             if auth:
                 req_headers["Authorization"] = auth
-            try:
-                resp = await self._send_following_redirects(
-                    ep, method, url, req_headers, content, stream
+            request = ep.client.build_request(method, url, headers=req_headers, content=content)
+            resp = await send(request)
+            if resp.status_code != 401:
+                return resp
+            www = resp.headers.get("WWW-Authenticate", "")
+            resp = await bodies.loaded(resp, None, "401")
+            if not same_origin(str(resp.url), base):
+                # A redirect target asking for credentials is a stranger asking for ours
+                # (the class of CVE-2020-15157): they never leave the registry they are
+                # for, not even to fetch a token from a realm the stranger names.
+                raise Unauthorized(
+                    f"{ep.host}: {method} {urlsplit(url).path}: redirected to "
+                    f"{origin_text(str(resp.url))}, which asks for credentials; "
+                    f"credentials for {ep.host} are never sent to another host",
+                    host=ep.host,
+                    status=401,
                 )
-            except httpx.TransportError as exc:
-                attempt += 1
-                if attempt >= policy.attempts or not retry_body:
-                    raise RegistryUnreachable(
-                        f"{ep.host}: {method} {urlsplit(url).path}: {root_cause(exc)}"
-                        f" (after {attempt} attempt{'s' if attempt > 1 else ''})",
-                        host=ep.host,
-                    ) from None
-                await trio.sleep(jitter(policy.delay(attempt - 1)))
+            if not auth_retried and await self._learn_auth(ep, www, scopes):
+                auth_retried = True
                 continue
-            self.requests_sent += 1
-            if resp.status_code == 401:
-                www = resp.headers.get("WWW-Authenticate", "")
-                resp = await bodies.loaded(resp, None, "401")
-                if not same_origin(str(resp.url), base):
-                    # A redirect target asking for credentials is a stranger asking for ours
-                    # (the class of CVE-2020-15157): they never leave the registry they are
-                    # for, not even to fetch a token from a realm the stranger names.
-                    raise Unauthorized(
-                        f"{ep.host}: {method} {urlsplit(url).path}: redirected to "
-                        f"{origin_text(str(resp.url))}, which asks for credentials; "
-                        f"credentials for {ep.host} are never sent to another host",
-                        host=ep.host,
-                        status=401,
-                    )
-                if not auth_retried and await self._learn_auth(ep, www, scopes):
-                    auth_retried = True
-                    continue
-                raise await self._unauthorized(ep, resp, scopes)
-            if resp.status_code in RETRY_STATUSES and retry_body:
-                attempt += 1
-                if attempt < policy.attempts:
-                    delay = _retry_after(resp) or policy.delay(attempt - 1)
-                    await resp.aclose()
-                    log.info("%s: HTTP %d, retrying in %.2fs", ep.host, resp.status_code, delay)
-                    await trio.sleep(min(delay, policy.max_delay))
-                    continue
-            return resp
-
-    async def _send_following_redirects(
-        self,
-        ep: _Endpoint,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        content: bytes | AsyncIterator[bytes] | None,
-        stream: bool,
-    ) -> httpx.Response:
-        """The final answer, streamed (unread): the caller reads it with a bound."""
-        origin = url
-        for _ in range(MAX_REDIRECTS + 1):
-            request = ep.client.build_request(method, url, headers=headers, content=content)
-            resp = await ep.client.send(request, stream=True)
-            if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                await resp.aclose()  # a redirect's body is never read
-                url = urljoin(url, resp.headers["Location"])
-                if not same_origin(url, origin):
-                    # Object storage behind a redirect must never see our registry token:
-                    # another scheme, host or port is another origin (and stays one, even
-                    # if a later hop comes back).
-                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-                if resp.status_code == 303:
-                    method, content = "GET", None
-                continue
-            return resp
-        raise RegistryError(f"{ep.host}: too many redirects for {method} {url}", host=ep.host)
+            raise await self._unauthorized(ep, resp, scopes)
 
     # -- auth -------------------------------------------------------------------------------
 
@@ -499,19 +469,6 @@ def _basic(creds: credentials.Credentials) -> str:
     return "Basic " + base64.b64encode(raw).decode()
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def timed_out(host: str, method: str, what: str, limit: float) -> RegistryUnreachable:
     path = urlsplit(what).path if "://" in what else what
     return RegistryUnreachable(
@@ -519,51 +476,18 @@ def timed_out(host: str, method: str, what: str, limit: float) -> RegistryUnreac
     )
 
 
-def jitter(delay: float) -> float:
-    return delay * (0.5 + random.random() / 2)
-
-
-def root_cause(exc: BaseException) -> str:
-    """The innermost cause, in one line: "[Errno 111] Connect call failed", not a wrapper."""
-    for _ in range(20):
-        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-            continue
-        nxt = exc.__cause__ or exc.__context__
-        if nxt is None:
-            break
-        exc = nxt
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
-    return text.splitlines()[0][:200]
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    out = [exc]
-    while len(out) < 20:
-        cur = out[-1]
-        if isinstance(cur, BaseExceptionGroup) and cur.exceptions:
-            out.append(cur.exceptions[0])
-        elif (nxt := cur.__cause__ or cur.__context__) is not None:
-            out.append(nxt)
-        else:
-            break
-    return out
-
-
 def _is_certificate_error(exc: BaseException) -> bool:
-    return any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(exc)) or (
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in exception_chain(exc)) or (
         "CERTIFICATE_VERIFY_FAILED" in str(exc)
     )
 
 
 def _is_tls_mismatch(exc: BaseException) -> bool:
-    text = " ".join(str(e) for e in _chain(exc))
+    text = " ".join(str(e) for e in exception_chain(exc))
     return any(s in text for s in ("WRONG_VERSION_NUMBER", "wrong version number", "record layer"))
 
 
 def _is_refused(exc: BaseException) -> bool:
-    return any(isinstance(e, (ConnectionRefusedError, OSError)) for e in _chain(exc)) and not (
-        _is_tls_mismatch(exc)
-    )
+    return any(
+        isinstance(e, (ConnectionRefusedError, OSError)) for e in exception_chain(exc)
+    ) and not (_is_tls_mismatch(exc))
