@@ -35,6 +35,7 @@ from imagefs.registry import bodies, challenge, credentials
 from imagefs.registry.netem import EmulatedTransport
 from imagefs.registry.roundtrip import MAX_REDIRECTS as MAX_REDIRECTS  # tests name it here
 from imagefs.registry.roundtrip import (
+    Authenticate,
     FollowRedirects,
     Retry,
     Send,
@@ -46,9 +47,7 @@ from imagefs.registry.transport import (
     TransportOptions,
     effective_timeouts,
     mirrors_for,
-    origin_text,
     plain_http_allowed,
-    same_origin,
     ssl_context,
 )
 from imagefs.registry.wire import Wire
@@ -251,9 +250,9 @@ class Connection:
         assert limit is not None
         raise timed_out(ep.host, method, path_or_url, limit)
 
-    def _sender(self, ep: _Endpoint, retry_body: bool) -> Send:
-        """The policy layers under the auth loop, composed in this one place (roundtrip.py):
-        redirects on the endpoint's pool, each final answer counted, retries around that."""
+    def _sender(self, ep: _Endpoint, base: str, scopes: Sequence[str], retry_body: bool) -> Send:
+        """The policy layers (roundtrip.py), composed in this one place: redirects on the
+        endpoint's pool, each final answer counted, retries around that, auth outermost."""
         redirects = FollowRedirects(client_send(ep.client), ep.host)
 
         async def counted(request: httpx.Request) -> httpx.Response:
@@ -261,7 +260,8 @@ class Connection:
             self.requests_sent += 1
             return resp
 
-        return Retry(counted, ep.host, self.options.retry, enabled=retry_body)
+        retry = Retry(counted, ep.host, self.options.retry, enabled=retry_body)
+        return Authenticate(retry, ep.host, base, _EndpointAuthority(self, ep, scopes))
 
     async def _request_retrying(
         self,
@@ -274,41 +274,10 @@ class Connection:
         ep: _Endpoint,
         retry_body: bool,
     ) -> httpx.Response:
-        """The auth loop: send with what we know of the endpoint's auth; on a 401, learn
-        from its challenge and send once more."""
         base = await self._base_url(ep)
         url = path_or_url if "://" in path_or_url else base + path_or_url
-        send = self._sender(ep, retry_body)
-        auth_retried = False
-        # Credentials are for the registry as it is addressed (scheme, host, port), and for
-        # nothing else a Location header may name: an upload URL on another host gets none.
-        home = same_origin(url, base)
-        while True:
-            req_headers = dict(headers or {})
-            auth = await self._auth_header(ep, scopes) if home else None
-            if auth:
-                req_headers["Authorization"] = auth
-            request = ep.client.build_request(method, url, headers=req_headers, content=content)
-            resp = await send(request)
-            if resp.status_code != 401:
-                return resp
-            www = resp.headers.get("WWW-Authenticate", "")
-            resp = await bodies.loaded(resp, None, "401")
-            if not same_origin(str(resp.url), base):
-                # A redirect target asking for credentials is a stranger asking for ours
-                # (the class of CVE-2020-15157): they never leave the registry they are
-                # for, not even to fetch a token from a realm the stranger names.
-                raise Unauthorized(
-                    f"{ep.host}: {method} {urlsplit(url).path}: redirected to "
-                    f"{origin_text(str(resp.url))}, which asks for credentials; "
-                    f"credentials for {ep.host} are never sent to another host",
-                    host=ep.host,
-                    status=401,
-                )
-            if not auth_retried and await self._learn_auth(ep, www, scopes):
-                auth_retried = True
-                continue
-            raise await self._unauthorized(ep, resp, scopes)
+        request = ep.client.build_request(method, url, headers=headers, content=content)
+        return await self._sender(ep, base, scopes, retry_body)(request)
 
     # -- auth -------------------------------------------------------------------------------
 
@@ -459,6 +428,25 @@ class Connection:
             await resp.aclose()
         resp = await self._request(method, path, scopes=scopes, headers=headers, stream=stream)
         return resp, self._upstream
+
+
+@dataclass
+class _EndpointAuthority:
+    """roundtrip.Authority for one endpoint and one request's scopes: its learnt scheme,
+    tokens and credentials, as `Connection` keeps them."""
+
+    conn: Connection
+    ep: _Endpoint
+    scopes: Sequence[str]
+
+    async def header(self) -> str | None:
+        return await self.conn._auth_header(self.ep, self.scopes)
+
+    async def learn(self, www_authenticate: str) -> bool:
+        return await self.conn._learn_auth(self.ep, www_authenticate, self.scopes)
+
+    async def refused(self, resp: httpx.Response) -> Exception:
+        return await self.conn._unauthorized(self.ep, resp, self.scopes)
 
 
 # -- helpers ----------------------------------------------------------------------------------

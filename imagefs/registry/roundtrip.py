@@ -8,9 +8,11 @@ every attempt, each counted for what it carried; wrapping below the client, as a
 `httpx.AsyncBaseTransport`, would hide retries and redirect hops from that count.
 
 From the inside out, as `Connection._sender` composes them (in that one place):
-`FollowRedirects` (redirects; Authorization never goes to another origin), then `Retry`
-(transient failures, with backoff and `Retry-After`). Auth is the loop around them
-(connection.py): it needs the endpoint's learnt scheme, tokens and credentials.
+`FollowRedirects` (redirects; Authorization never goes to another origin), `Retry`
+(transient failures, with backoff and `Retry-After`), `Authenticate` (credentials for the
+registry's own origin; a 401's challenge learnt and the request sent once more). What the
+credentials and tokens are is an `Authority`'s business: the endpoint's learnt scheme,
+tokens and credential lookup live in connection.py.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import trio
 
-from imagefs.errors import RegistryError, RegistryUnreachable
-from imagefs.registry.transport import RetryPolicy, same_origin
+from imagefs.errors import RegistryError, RegistryUnreachable, Unauthorized
+from imagefs.registry import bodies
+from imagefs.registry.transport import RetryPolicy, origin_text, same_origin
 
 log = logging.getLogger("imagefs.registry")
 
@@ -133,6 +137,62 @@ class Retry:
                     await self.sleep(min(delay, self.policy.max_delay))
                     continue
             return resp
+
+
+class Authority(Protocol):
+    """What `Authenticate` asks of one registry endpoint, for one request's scopes."""
+
+    async def header(self) -> str | None:
+        """The Authorization value to send now (fetching a token if need be); None: none."""
+        ...
+
+    async def learn(self, www_authenticate: str) -> bool:
+        """A 401 named how to authenticate; True when sending again may help."""
+        ...
+
+    async def refused(self, resp: httpx.Response) -> Exception:
+        """The error for a 401 that learning did not cure (`resp` is loaded)."""
+        ...
+
+
+@dataclass
+class Authenticate:
+    """Sends the registry's credentials to the registry's own origin (`home`: scheme, host
+    and port as it is addressed) and to nothing else a URL may name (an upload location on
+    another host gets none). A 401 is learnt from once and the request sent again; a second
+    401 is the `Authority`'s error. A 401 from a redirect target is a stranger asking for our
+    credentials (the class of CVE-2020-15157): `Unauthorized`, and nothing is learnt from it,
+    not even a token realm the stranger names."""
+
+    inner: Send
+    host: str  # the registry, for messages
+    home: str  # the registry's base URL
+    authority: Authority
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        home = same_origin(str(request.url), self.home)
+        learnt = False
+        while True:
+            auth = await self.authority.header() if home else None
+            if auth:
+                request.headers["Authorization"] = auth
+            resp = await self.inner(request)
+            if resp.status_code != 401:
+                return resp
+            www = resp.headers.get("WWW-Authenticate", "")
+            resp = await bodies.loaded(resp, None, "401")
+            if not same_origin(str(resp.url), self.home):
+                raise Unauthorized(
+                    f"{self.host}: {request.method} {urlsplit(str(request.url)).path}: "
+                    f"redirected to {origin_text(str(resp.url))}, which asks for credentials; "
+                    f"credentials for {self.host} are never sent to another host",
+                    host=self.host,
+                    status=401,
+                )
+            if not learnt and await self.authority.learn(www):
+                learnt = True
+                continue
+            raise await self.authority.refused(resp)
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -1,20 +1,22 @@
 """The registry client's policy layers (roundtrip.py), each alone on `httpx.MockTransport`.
 
 No sockets and no clock: the fake server is a function that sees every request the layer
-sends, and `Retry` sleeps through a recorder instead of trio. The real registry's side of the
-same policy is tests/integration (test_transport, test_auth, test_faults).
+sends, `Retry` sleeps through a recorder instead of trio, and `Authenticate` asks a small
+Basic-only authority (the Bearer token flow is `Connection`'s: test_client_bounds). The real
+registry's side of the same policy is tests/integration (test_transport, test_auth, ...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
 
-from imagefs.errors import RegistryError, RegistryUnreachable
+from imagefs.errors import RegistryError, RegistryUnreachable, Unauthorized
 from imagefs.registry.roundtrip import (
     MAX_REDIRECTS,
+    Authenticate,
     FollowRedirects,
     Retry,
     Send,
@@ -40,7 +42,12 @@ class Sleeps:
 
 def server(answers: Iterator[httpx.Response | Exception], seen: list[httpx.Request]) -> Handler:
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
+        # as it was sent: a layer may send the same request object again, changed
+        body = httpx.ByteStream(request.read())
+        seen.append(
+            httpx.Request(request.method, request.url, headers=request.headers, stream=body)
+        )
+        seen[-1].read()
         answer = next(answers)
         if isinstance(answer, Exception):
             raise answer
@@ -249,3 +256,104 @@ async def test_a_retry_starts_again_at_the_registry_with_its_token() -> None:
         ("storage.example", None),
     ]
     assert len(sleeps.waited) == 1
+
+
+# -- Authenticate -----------------------------------------------------------------------------
+
+
+class BasicAuthority:
+    """One registry's credentials, as `Connection` keeps them: nothing sent until a 401
+    names Basic, then the user's password; `refused` is the error a second 401 becomes."""
+
+    def __init__(self, known: bool = True) -> None:
+        self.scheme: str | None = None
+        self.known = known
+        self.challenges: list[str] = []
+
+    async def header(self) -> str | None:
+        return "Basic YWxpY2U6d29uZGVybGFuZA==" if self.scheme == "basic" else None
+
+    async def learn(self, www_authenticate: str) -> bool:
+        self.challenges.append(www_authenticate)
+        if www_authenticate.lower().startswith("basic"):
+            self.scheme = "basic"
+        return self.known and self.scheme is not None
+
+    async def refused(self, resp: httpx.Response) -> Exception:
+        return Unauthorized(f"refused: HTTP {resp.status_code}")
+
+
+class Unread(httpx.AsyncByteStream):
+    """A body as a network transport yields it (`content=` would count as read already)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"errors": []}'
+
+
+def challenge(www: str = 'Basic realm="r"') -> httpx.Response:
+    return httpx.Response(401, headers={"WWW-Authenticate": www}, stream=Unread())
+
+
+async def test_a_challenge_is_learnt_and_the_request_sent_again() -> None:
+    seen: list[httpx.Request] = []
+    client, send = sender(server(iter([challenge(), httpx.Response(200, text="m")]), seen))
+    authority = BasicAuthority()
+    auth = Authenticate(send, "registry.example", REGISTRY, authority)
+    async with client:
+        resp = await auth(client.build_request("GET", f"{REGISTRY}/v2/r/manifests/t"))
+        assert await resp.aread() == b"m"
+    assert [r.headers.get("Authorization") for r in seen] == [None, await authority.header()]
+    assert authority.challenges == ['Basic realm="r"']
+
+
+async def test_a_second_401_is_the_authoritys_error() -> None:
+    seen: list[httpx.Request] = []
+    client, send = sender(server((challenge() for _ in range(5)), seen))
+    auth = Authenticate(send, "registry.example", REGISTRY, BasicAuthority())
+    async with client:
+        with pytest.raises(Unauthorized, match=r"^refused: HTTP 401$"):
+            await auth(client.build_request("GET", f"{REGISTRY}/v2/r/manifests/t"))
+    assert len(seen) == 2  # learnt once, never looped
+
+
+async def test_no_credentials_means_no_second_try() -> None:
+    seen: list[httpx.Request] = []
+    client, send = sender(server((challenge() for _ in range(5)), seen))
+    auth = Authenticate(send, "registry.example", REGISTRY, BasicAuthority(known=False))
+    async with client:
+        with pytest.raises(Unauthorized, match=r"^refused"):
+            await auth(client.build_request("GET", f"{REGISTRY}/v2/r/manifests/t"))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    "elsewhere", ["https://uploads.example/v2/r/blobs/uploads/1", "http://registry.example/x"]
+)
+async def test_credentials_only_to_the_registrys_own_origin(elsewhere: str) -> None:
+    seen: list[httpx.Request] = []
+    client, send = sender(server(iter([httpx.Response(202)]), seen))
+    authority = BasicAuthority()
+    authority.scheme = "basic"  # learnt earlier, from the registry itself
+    auth = Authenticate(send, "registry.example", REGISTRY, authority)
+    async with client:
+        await auth(client.build_request("PUT", elsewhere, content=b"x"))
+    assert "Authorization" not in seen[0].headers
+
+
+async def test_a_redirect_target_asking_for_credentials_gets_an_error_not_ours() -> None:
+    seen: list[httpx.Request] = []
+    stranger = challenge('Bearer realm="https://evil.example/token"')
+    answers = iter([redirect("https://evil.example/blob"), stranger])
+    client, send = sender(server(answers, seen))
+    authority = BasicAuthority()
+    auth = Authenticate(
+        FollowRedirects(send, "registry.example"), "registry.example", REGISTRY, authority
+    )
+    async with client:
+        with pytest.raises(Unauthorized) as info:
+            await auth(client.build_request("GET", f"{REGISTRY}/v2/r/blobs/x"))
+    assert str(info.value) == (
+        "registry.example: GET /v2/r/blobs/x: redirected to https://evil.example, which asks "
+        "for credentials; credentials for registry.example are never sent to another host"
+    )
+    assert authority.challenges == [] and len(seen) == 2  # nothing learnt from a stranger
