@@ -236,3 +236,19 @@ def repeatable(
 ) -> None:
     """An option that may be given many times: its values in order (none: an empty list)."""
     p.add_argument(*names, action="append", default=[], metavar=metavar, help=help, dest=dest)
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser under `parser`, nested ones included, by its `prog` (for the
+    tests that check every command's options and help)."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found[sub.prog] = sub
+                    walk(sub)
+
+    walk(parser)
+    return found

@@ -8,23 +8,9 @@ import argparse
 import pytest
 
 from imagefs.cli import build_parser
+from imagefs.cli.options import subcommand_parsers
 
-
-def _commands() -> dict[str, argparse.ArgumentParser]:
-    found: dict[str, argparse.ArgumentParser] = {}
-
-    def walk(parser: argparse.ArgumentParser) -> None:
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    found[sub.prog] = sub
-                    walk(sub)
-
-    walk(build_parser())
-    return found
-
-
-COMMANDS = _commands()
+COMMANDS = subcommand_parsers(build_parser())
 LEAVES = sorted(  # `profile` and `trace` only choose an action, which has its own help
     prog
     for prog, p in COMMANDS.items()

@@ -4,7 +4,6 @@ file merged with flags."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 from imagefs.cli import build_parser
 from imagefs.cli.mount import _daemon_argv
-from imagefs.cli.options import GLOBALS
+from imagefs.cli.options import GLOBALS, subcommand_parsers
 from imagefs.errors import UsageError
 from imagefs.settings import cache_size, transport_options
 
@@ -56,16 +55,7 @@ def test_every_global_option_reaches_the_mount_daemon(flag: str, where: str) -> 
 
 
 def test_every_command_takes_exactly_the_global_options() -> None:
-    found: dict[str, argparse.ArgumentParser] = {}
-
-    def walk(parser: argparse.ArgumentParser) -> None:
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    found[sub.prog] = sub
-                    walk(sub)
-
-    walk(build_parser())
+    found = subcommand_parsers(build_parser())
     assert len(found) == 24
     for prog, parser in found.items():
         groups = [g for g in parser._action_groups if g.title == "global options"]
