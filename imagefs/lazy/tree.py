@@ -30,7 +30,10 @@ class LazyTree:
         self.overlay = overlay
         self.layers = layers
         self.log = log  # the caller's: overlay warnings read as the mount's or the browse's
-        self._loading_below: set[int] = set()
+        # Layers below this index have had their early load started once: each layer gets
+        # at most one (a kept index loads; one not kept will not be kept a moment later), so
+        # a stack of n layers costs O(n) here, not O(n^2) (hostile manifests list thousands).
+        self._below_started = 0
 
     async def ask(self, fn: Callable[..., T], *args: Any) -> T:
         """Call a pure overlay method, loading the layers it asks for.
@@ -81,20 +84,18 @@ class LazyTree:
         A load that fails here is only logged at debug level: the request that needs the
         layer loads it again and reports the error."""
         nursery = self.layers.nursery
-        if nursery is None:
+        if nursery is None or index <= self._below_started:
             return
-        for j in range(index - 1, -1, -1):
-            if j not in self._loading_below and not self.layers.loaded(j):
-                self._loading_below.add(j)
+        for j in range(index - 1, self._below_started - 1, -1):
+            if not self.layers.loaded(j):
                 nursery.start_soon(self._load_quietly, j)
+        self._below_started = index
 
     async def _load_quietly(self, index: int) -> None:
         try:
             await self.layers.ensure_if_cheap(index)
         except ImageFSError as exc:
             self.log.debug("early load of layer %d: %s", index, exc)
-        finally:
-            self._loading_below.discard(index)
 
     def log_warnings(self) -> None:
         """The overlay notes entries it had to skip (a hard link whose target is missing in
