@@ -1,12 +1,18 @@
 """Bringing pieces in before a read needs them.
 
-- `ReadAhead`: a reader that goes on where its last read ended gets the next `READ_AHEAD`
-  bytes of the layer fetched in the background, in windows of at least half `READ_AHEAD`
-  (few, large windows; `making.plan` splits each into several requests in flight). Within
-  one file it stops at the file's end; a reader that moves on to the data stored next in the
-  layer (the next file in TOC / tar order, after at most `STREAM_GAP` bytes of headers, as
-  `tar cf - .` or `cp -r` of a directory written in that order do) is *streaming*, and its
-  read-ahead runs on across file ends until it reads elsewhere.
+- `ReadAhead`: a reader that goes on where its last read ended gets the bytes after it
+  fetched in the background, in windows of at least half the current window size (few,
+  large windows; `making.plan` splits each into several requests in flight). Within one file
+  it runs to the file's end (at most `READ_AHEAD` ahead): a file read from its start on is
+  usually read whole. A reader that moves on to the data stored next in the layer (the next
+  file in TOC / tar order, after at most `STREAM_GAP` bytes of headers, as `tar cf - .` or
+  `cp -r` of a directory written in that order do) is *streaming*, and its read-ahead runs on
+  across file ends — in a window that grows with the run, as the kernel's read-ahead does:
+  twice the bytes read in sequence so far, from `FIRST_WINDOW` up to `READ_AHEAD`. So a
+  program reading three small neighbouring files (`python3` importing a package) asks for a
+  few hundred KiB more than it reads, not 16 MiB, while `tar` of a whole layer reaches full
+  windows after its first 8 MiB. A jump halves the run instead of forgetting it: `tar`,
+  whose directory order departs from the stored order now and then, keeps large windows.
 - `fetch_everything`, `prefetch_ranges`, `prefetch_landmarks`: background fetches through
   the set's background limiter (2 of the 8 network slots), so on-demand reads find room.
 """
@@ -36,6 +42,10 @@ log = logging.getLogger("imagefs.lazy")
 # the next window starts while 8 MiB of this one are still ahead of the reader (4 MiB left
 # the reader waiting on each window's decoding; docs/bench.md).
 READ_AHEAD = 16 << 20
+# The first window of a streaming run (see the module docstring; measured in
+# docs/slacker.md: a fixed 16 MiB window made `python3 -c 'import json, ...'` fetch 2.7x
+# what it read).
+FIRST_WINDOW = 512 << 10
 # Between the end of one file's data and the start of the next one's in a layer's stream:
 # a tar header (512 bytes), PAX records, padding. More than this and the reader jumped.
 STREAM_GAP = 64 << 10
@@ -91,6 +101,7 @@ class ReadAhead:
         self._until: dict[int, int] = {}
         self._file_end: dict[int, int | None] = {}
         self._streaming: set[int] = set()
+        self._run: dict[int, int] = {}  # bytes read in sequence (halved at each jump)
         self._covered: dict[int, Covered] = {}
 
     def note(self, i: int, offset: int, length: int, file_end: int | None) -> None:
@@ -104,13 +115,18 @@ class ReadAhead:
         if last is None or not 0 <= offset - last <= STREAM_GAP:
             self._streaming.discard(i)  # a jump: random access until it goes on again
             self._until.pop(i, None)
+            self._run[i] = self._run.get(i, 0) // 2
             return
+        run = self._run[i] = self._run.get(i, 0) + length
         if offset != last or (last_file_end is not None and last >= last_file_end):
             self._streaming.add(i)  # moved on to the next file stored in the layer
-        limit = None if i in self._streaming else file_end
-        target = end + READ_AHEAD if limit is None else min(end + READ_AHEAD, limit)
+        if i in self._streaming:
+            limit, window = None, min(READ_AHEAD, max(FIRST_WINDOW, 2 * run))
+        else:  # within one file: to its end
+            limit, window = file_end, READ_AHEAD
+        target = end + window if limit is None else min(end + window, limit)
         start = max(self._until.get(i, 0), end)
-        if target <= start or (target - start < READ_AHEAD // 2 and target != limit):
+        if target <= start or (target - start < window // 2 and target != limit):
             return
         self._until[i] = target
         # A reader that jumps back and forth (`tar` where directory order is not stored

@@ -23,7 +23,7 @@ from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST, TAIL_FETCH
 from imagefs.lazy.making import MAX_FETCH, MIN_FETCH, Job, PieceMaker, plan
-from imagefs.lazy.prefetch import Covered
+from imagefs.lazy.prefetch import FIRST_WINDOW, READ_AHEAD, Covered
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
@@ -224,7 +224,8 @@ async def test_read_ahead_runs_across_files_read_in_stored_order(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """`tar cf - .` reads file after file in the order they are stored: once the reader has
-    moved on to the second file, the following files come in ahead of it, each byte once."""
+    moved on to the next files, the following files come in ahead of it (a window twice the
+    run read so far: after 900 KB, the last 1.2 MB), each byte once."""
     layer, blob = _estargz_layer()
     calls: list[tuple[int, int]] = []
 
@@ -252,13 +253,13 @@ async def test_read_ahead_runs_across_files_read_in_stored_order(
 
     async with trio.open_nursery() as nursery:
         ls.nursery = nursery
-        await read_file("f0.bin")
-        await read_file("f1.bin")
+        for name in list(FILES)[:3]:
+            await read_file(name)
     # (the nursery waited for the read-ahead those reads started)
     before = len(calls)
     async with trio.open_nursery() as nursery:
         ls.nursery = nursery
-        for name in list(FILES)[2:]:
+        for name in list(FILES)[3:]:
             await read_file(name)
     assert len(calls) == before, calls[before:]  # all there before the reader came
     assert before - after_toc >= 2
@@ -268,6 +269,54 @@ async def test_read_ahead_runs_across_files_read_in_stored_order(
     for start, end in calls:
         pieces.update(range(start, end))
     assert pieces and max(pieces.values()) == 1
+    ls.close()
+
+
+async def test_a_short_run_of_small_files_reads_ahead_a_little(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A program reading two small neighbouring files (`python3` importing a package) is
+    streaming, but its read-ahead window starts at `FIRST_WINDOW`, not `READ_AHEAD`: the layer
+    is not fetched whole for 40 KB read (it was, with a fixed 16 MiB window)."""
+    rng = random.Random(5)
+    files = {f"pkg/m{k:03d}.py": rng.randbytes(20_000) for k in range(200)}  # 4 MB
+    built = estargz.write_estargz([estargz.FileSpec(n, data=d) for n, d in files.items()])
+    blob = built.blob
+    desc = Descriptor(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        Digest.of(blob),
+        len(blob),
+        annotations={ESTARGZ_TOC_DIGEST: built.toc_digest},
+    )
+    fetched: list[tuple[int, int]] = []
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        fetched.append((start, end))
+        return blob[start:end]
+
+    async def fetch_blob(_: Layer) -> None:
+        raise AssertionError("the whole blob is never needed")
+
+    ls = LayerSet(
+        Store(tmp_path),
+        [Layer(desc, Digest.parse(built.diff_id))],
+        fetch_blob,
+        fetch_range=fetch_range,
+    )
+    idx = await ls.ensure(0)
+    after_toc = len(fetched)
+    async with trio.open_nursery() as nursery:
+        ls.nursery = nursery
+        for name in ("pkg/m000.py", "pkg/m001.py"):
+            entry = idx.toc.find(name.encode())
+            assert entry is not None
+            start, size = idx.toc.offset(entry), idx.toc.size(entry)
+            got = await ls.read(0, start, size, read_ahead_until=start + size)
+            assert got == files[name]
+    ahead = sum(end - start for start, end in fetched[after_toc:])
+    # a few hundred KiB ahead of 40 KB read, not the 4 MB layer (a fixed 16 MiB window)
+    assert 40_000 < ahead < 1 << 20 < 3 << 20 < len(blob), ahead
+    assert FIRST_WINDOW < 1 << 20 < READ_AHEAD
     ls.close()
 
 
