@@ -280,14 +280,7 @@ async def test_a_short_run_of_small_files_reads_ahead_a_little(
     is not fetched whole for 40 KB read (it was, with a fixed 16 MiB window)."""
     rng = random.Random(5)
     files = {f"pkg/m{k:03d}.py": rng.randbytes(20_000) for k in range(200)}  # 4 MB
-    built = estargz.write_estargz([estargz.FileSpec(n, data=d) for n, d in files.items()])
-    blob = built.blob
-    desc = Descriptor(
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        Digest.of(blob),
-        len(blob),
-        annotations={ESTARGZ_TOC_DIGEST: built.toc_digest},
-    )
+    layer, blob = _estargz_layer(files, chunk_size=4 << 20)
     fetched: list[tuple[int, int]] = []
 
     async def fetch_range(_: Layer, start: int, end: int) -> bytes:
@@ -297,12 +290,7 @@ async def test_a_short_run_of_small_files_reads_ahead_a_little(
     async def fetch_blob(_: Layer) -> None:
         raise AssertionError("the whole blob is never needed")
 
-    ls = LayerSet(
-        Store(tmp_path),
-        [Layer(desc, Digest.parse(built.diff_id))],
-        fetch_blob,
-        fetch_range=fetch_range,
-    )
+    ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
     idx = await ls.ensure(0)
     after_toc = len(fetched)
     async with trio.open_nursery() as nursery:

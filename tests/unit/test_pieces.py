@@ -184,9 +184,11 @@ def test_index_store_finds_a_bound_entry_only_under_its_own_verifier(tmp_path: P
 FILES = {f"f{k}.bin": random.Random(k).randbytes(300_000) for k in range(6)}
 
 
-def _estargz_layer() -> tuple[Layer, bytes]:
-    specs = [estargz.FileSpec(n, data=d) for n, d in FILES.items()]
-    blob = estargz.write_estargz(specs, chunk_size=100_000)
+def _estargz_layer(
+    files: dict[str, bytes] = FILES, chunk_size: int = 100_000
+) -> tuple[Layer, bytes]:
+    specs = [estargz.FileSpec(n, data=d) for n, d in files.items()]
+    blob = estargz.write_estargz(specs, chunk_size=chunk_size)
     desc = Descriptor(
         "application/vnd.oci.image.layer.v1.tar+gzip",
         Digest.of(blob.blob),
