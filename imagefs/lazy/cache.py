@@ -1,11 +1,15 @@
 """The piece cache: verified *uncompressed* pieces, addressed by their own sha256.
 
-    ROOT/cache/pieces/sha256/<hex>     a *pack*: header (magic `IFSK`, entry count, xxh3_64
-                                       of the table), a table of (sha256, offset, length,
-                                       xxh3_64 of the payload) per piece, the payloads;
-                                       each piece's name is a hard link to its pack
-    (earlier versions wrote one piece per file: `IFSP`, 4 reserved bytes, xxh3_64, payload;
-    still read)
+    ROOT/cache/pieces/sha256/<hex>     a *pack*: header (magic `IFSB`, entry count, block
+                                       size, block count, xxh3_64 of those fields, the
+                                       table and the sums), a table
+                                       of (sha256, offset, length, index of its first block
+                                       sum) per piece, the block sums (xxh3_64 of each
+                                       BLOCK-sized block of each payload, in table order),
+                                       the payloads; each piece's name is a hard link to it
+    (earlier versions wrote `IFSK` packs, an xxh3_64 of each whole payload in the table, and
+    before them one piece per file, `IFSP`, 4 reserved bytes, xxh3_64, payload: both still
+    read, a whole payload being their one block)
 
 `hex` is the sha256 of the payload: an eStargz/zstd:chunked chunk's `chunkDigest`, or the
 uncompressed span digest of an imagefs seek index. A piece is written only after
@@ -29,16 +33,27 @@ a table failing its xxh3, is a damaged piece. Writes are temp-then-link/rename
 (`O_EXCL|O_NOFOLLOW` temp inside the directory opened once with `O_NOFOLLOW`, linked,
 renamed and unlinked relative to it: never through a symlink), presence is a directory
 entry, eviction is `unlink`, which never breaks a read in progress here or in another
-process (an open file stays readable). The xxh3 self-check of a piece (torn write, rot)
-runs once when this process first opens it and in `imagefs check`; after that its fd stays
-in a small LRU and reads are `pread`s.
+process (an open file stays readable).
 
-Size cap (`--cache-size`, counted in bytes on disk, a pack once however many names it
-has): least recently used packs go first (a hit touches the mtime, coarsely; the names of a
-pack share it) until the cache is under 90% of its cap, all names of a pack together (only
-that frees its bytes). Whole blobs in `blobs/` are not part of the cache and never evicted.
-`prune` does not map pieces back to layers (content addressing has no cheap way to); the
-cap's LRU eviction bounds them.
+Self-checks by block (issue 10: warm random reads). Opening a piece reads and checks only
+its pack's header, table and block sums (a few hundred bytes); a `pread` checks each block
+it touches the first time, reading whole blocks for that, and serves the slice; an open
+piece remembers its checked blocks in a bytearray, so later reads of them are plain
+`pread`s. A block failing its sum is a damaged piece, dropped exactly as a damaged table is
+(removed, counted in `corrupt`, the read goes to the maker): nothing unchecked is served.
+Before, a first read of a piece this process had not opened yet (nearly every read of a
+fresh daemon over a warm store) read and hashed the whole ~1 MiB span for a 10 KB file.
+When a piece's fd falls out of the LRU its checked blocks are forgotten and checked again on
+reopen: one block costs a 64 KiB pread + xxh3 (~10 µs), and no per-name memo grows with the
+cache (the old one held up to 128k names). `imagefs check` reads every block of every piece.
+
+BLOCK = 64 KiB, measured in process from the page cache (CPU µs, docs/bench.md): a first
+read of a 10 KB slice of a 1 MiB piece (open + pread) costs 26 µs with 16 KiB blocks, 31
+with 64 KiB, 60 with 256 KiB (150-165 checking the whole piece at open); a first
+sequential read of the piece in 128 KiB reads (a warm `tar`) costs 321, 244 and 242 µs
+(265 before): small blocks pay Python's per-block work eight times a kernel read. 64 KiB
+is within 5 µs of the best for small files and the best for large ones; its sums are 128
+bytes a 1 MiB span.
 """
 
 from __future__ import annotations
@@ -54,7 +69,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import xxhash
 
@@ -66,15 +83,22 @@ log = logging.getLogger("imagefs.cache")
 
 MAGIC = b"IFSP"  # one piece per file (earlier versions; read, not written)
 HEADER = struct.Struct("<4s4xQ")
-PACK_MAGIC = b"IFSK"
+PACK_MAGIC = b"IFSK"  # packs with one xxh3 a payload (earlier versions; read, not written)
 PACK_HEADER = struct.Struct("<4sIQ")  # magic, entries, xxh3_64 of the table
 PACK_ENTRY = struct.Struct("<32sQQQ")  # sha256, payload offset, length, xxh3_64 of payload
+BLOCKS_MAGIC = b"IFSB"
+# magic, entries, block size, block sums, xxh3_64 of what comes before it in the header,
+# the table and the sums: one check over all that an open reads
+BLOCKS_HEADER = struct.Struct("<4sIIQQ")
+# sha256, payload offset, length, index of the payload's first block sum; PACK_ENTRY's shape
+BLOCKS_ENTRY = PACK_ENTRY
+BLOCK = 64 << 10  # bytes per checked block of a payload (why 64 KiB: the docstring)
+_MIN_BLOCK, _MAX_BLOCK = 4 << 10, 64 << 20  # block sizes a pack may declare
 MAX_PACK_ENTRIES = 1 << 16
 _NAME = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CACHE_SIZE = 10 << 30
 _TOUCH_EVERY = 60.0  # seconds between mtime updates of a hot piece
 MAX_OPEN = 1024  # fds kept open for warm reads (the soft RLIMIT_NOFILE is raised to fit)
-_MAX_CHECKED = 1 << 17  # names whose xxh3 this process checked (~120 B each: <= 16 MB RSS)
 
 
 def parse_size(text: str) -> int:
@@ -100,40 +124,84 @@ def is_piece_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
-def locate_piece(fd: int, hexd: str, file_size: int) -> tuple[int, int, int] | None:
-    """Where piece `hexd` lies in the file open at `fd`: (offset, length, xxh3_64 of the
-    payload), or None when the file is torn or rotten or does not hold that piece."""
-    head = os.pread(fd, PACK_HEADER.size, 0)
+class Where(NamedTuple):
+    """Where a piece lies in its file and what its blocks must hash to."""
+
+    offset: int  # of the payload in the file
+    length: int  # of the payload
+    block: int  # bytes per checked block (the last one may be shorter)
+    sums: tuple[int, ...]  # xxh3_64 of each block, ceil(length / block) of them
+
+
+def _blocks(length: int, block: int) -> int:
+    return -(-length // block)
+
+
+def locate_piece(fd: int, hexd: str, file_size: int) -> Where | None:
+    """Where piece `hexd` lies in the file open at `fd`, or None when the file's header or
+    table is torn or rotten or does not list that piece. Reads no payload byte."""
+    head = os.pread(fd, BLOCKS_HEADER.size, 0)
     if len(head) >= HEADER.size and head[:4] == MAGIC:
-        return HEADER.size, file_size - HEADER.size, HEADER.unpack_from(head)[1]
-    if len(head) < PACK_HEADER.size:
+        length = file_size - HEADER.size  # one whole payload: its one block
+        return Where(HEADER.size, length, max(length, 1), (HEADER.unpack_from(head)[1],))
+    if head[:4] == PACK_MAGIC and len(head) >= PACK_HEADER.size:
+        _, count, check = PACK_HEADER.unpack_from(head)
+        nsums = block = 0
+        table = _table(fd, count, 0, PACK_HEADER.size, b"", check)
+    elif head[:4] == BLOCKS_MAGIC and len(head) == BLOCKS_HEADER.size:
+        _, count, block, nsums, check = BLOCKS_HEADER.unpack(head)
+        # no more sums than the file's bytes can have blocks: the pread below is bounded
+        if not _MIN_BLOCK <= block <= _MAX_BLOCK or nsums > file_size // block + count:
+            return None
+        table = _table(fd, count, nsums, BLOCKS_HEADER.size, head[:-8], check)
+    else:
         return None
-    magic, count, check = PACK_HEADER.unpack(head)
-    if magic != PACK_MAGIC or not 0 < count <= MAX_PACK_ENTRIES:
-        return None
-    table = os.pread(fd, count * PACK_ENTRY.size, PACK_HEADER.size)
-    if len(table) != count * PACK_ENTRY.size or xxhash.xxh3_64_intdigest(table) != check:
+    if table is None:
         return None
     want = bytes.fromhex(hexd)
     at = table.find(want)
     while at >= 0 and at % PACK_ENTRY.size:  # 32 bytes inside another field: look on
         at = table.find(want, at + 1)
-    if at < 0:
+    if at < 0 or at >= len(table) - nsums * 8:  # not in the table (perhaps in the sums)
         return None
-    _, offset, length, xxh = PACK_ENTRY.unpack_from(table, at)
-    return (offset, length, xxh) if offset + length <= file_size else None
+    _, offset, length, last = PACK_ENTRY.unpack_from(table, at)
+    if offset + length > file_size:
+        return None
+    if head[:4] == PACK_MAGIC:  # `last` is the whole payload's xxh3: one block
+        return Where(offset, length, max(length, 1), (last,))
+    n = _blocks(length, block)
+    if last + n > nsums:
+        return None
+    at = len(table) - nsums * 8 + last * 8
+    return Where(offset, length, block, struct.unpack_from(f"<{n}Q", table, at))
+
+
+def _table(fd: int, count: int, nsums: int, at: int, covered: bytes, check: int) -> bytes | None:
+    """The table and block sums at `at`, if whole and matching the header's xxh3 (of the
+    header's `covered` fields, then the table and sums)."""
+    if not 0 < count <= MAX_PACK_ENTRIES:
+        return None
+    want = count * PACK_ENTRY.size + nsums * 8
+    table = os.pread(fd, want, at)
+    if len(table) != want:
+        return None
+    digest = xxhash.xxh3_64(covered)
+    digest.update(table)
+    return table if digest.intdigest() == check else None
 
 
 def read_piece(fd: int, hexd: str) -> bytes | None:
-    """The payload of piece `hexd` from its file (self-checked), or None if damaged."""
-    size = os.fstat(fd).st_size
-    where = locate_piece(fd, hexd, size)
+    """The payload of piece `hexd` from its file, every block checked; None if damaged."""
+    where = locate_piece(fd, hexd, os.fstat(fd).st_size)
     if where is None:
         return None
-    offset, length, check = where
-    payload = os.pread(fd, length, offset)
-    if len(payload) != length or xxhash.xxh3_64_intdigest(payload) != check:
+    payload = os.pread(fd, where.length, where.offset)
+    if len(payload) != where.length:
         return None
+    view, block = memoryview(payload), where.block
+    for k, check in enumerate(where.sums):
+        if xxhash.xxh3_64_intdigest(view[k * block : (k + 1) * block]) != check:
+            return None
     return payload
 
 
@@ -155,6 +223,16 @@ def verify_piece(hexd: str, payload: bytes) -> None:
         raise IntegrityError(f"piece sha256:{hexd[:12]} fails its digest")
 
 
+@dataclass(slots=True)
+class _Open:
+    """A piece open in this process: its fd, where it lies, which blocks were checked."""
+
+    fd: int
+    where: Where
+    checked: bytearray  # 1 for each block whose sum this process has checked
+    unchecked: int  # blocks still to check (0: every read is a plain pread)
+
+
 class PieceCache:
     """Synchronous and thread-safe. `pread` of an already open piece never blocks for long
     (page cache), so the event loop may call it directly; everything else runs in threads."""
@@ -164,11 +242,7 @@ class PieceCache:
         self.dir = Layout(root).pieces
         self.cap = cap
         self._lock = threading.Lock()
-        # hex -> (fd, offset of the payload in its file, payload length)
-        self._fds: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
-        # Checked once per process: a piece whose fd fell out of the LRU is reopened without
-        # reading it all again (a rot after that is for the next process or `check`).
-        self._checked: set[str] = set()
+        self._fds: OrderedDict[str, _Open] = OrderedDict()
         _raise_fd_limit(MAX_OPEN + 256)
         self._dirfd: int | None = None
         self._total: int | None = None
@@ -177,6 +251,8 @@ class PieceCache:
         self.misses = 0
         self.corrupt = 0
         self.writes = 0
+        self.blocks_checked = 0  # blocks whose sum a read checked
+        self.bytes_checked = 0  # and their bytes: a small first read hashes one block
 
     # -- the directory, never through a symlink ---------------------------------------------
 
@@ -198,17 +274,14 @@ class PieceCache:
     def is_open(self, hexd: str) -> bool:
         return hexd in self._fds
 
-    def checked(self, hexd: str) -> bool:
-        """Whether this process checked the piece already (reopening it reads nothing)."""
-        return hexd in self._checked
-
     def size(self, hexd: str) -> int | None:
         got = self._fds.get(hexd)
-        return None if got is None else got[2]
+        return None if got is None else got.where.length
 
     def open(self, hexd: str, *, count_miss: bool = True) -> bool:
-        """Make a piece readable by `pread`: open it and check it once. False if absent or
-        damaged (a damaged piece is removed, so the next read fetches it again).
+        """Make a piece readable by `pread`: open it and check its pack's table (its blocks
+        are checked as reads touch them). False if absent or its table is damaged (a damaged
+        piece is removed, so the next read fetches it again).
         `count_miss=False`: a look before the maker's own (which counts the miss)."""
         if hexd in self._fds:
             return True
@@ -224,28 +297,34 @@ class PieceCache:
                 self.misses += 1
             return False
         try:
-            size = os.fstat(fd).st_size
-            where = locate_piece(fd, hexd, size)
-            good = where is not None
-            if where is not None and hexd not in self._checked:
-                payload = os.pread(fd, where[1], where[0])
-                good = xxhash.xxh3_64_intdigest(payload) == where[2]
+            where = locate_piece(fd, hexd, os.fstat(fd).st_size)
         except OSError:
             os.close(fd)
             self.misses += 1
             return False
-        if where is None or not good:
-            os.close(fd)
-            self.corrupt += 1
-            self.misses += 1
-            log.warning("cache piece %s is damaged (torn write or rot); dropping it", hexd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(hexd, dir_fd=self._dir())
+        if where is None:
+            self._damaged(hexd, fd)
             return False
-        if len(self._checked) < _MAX_CHECKED:
-            self._checked.add(hexd)
-        self._keep(hexd, fd, where[0], where[1])
+        n = len(where.sums)
+        self._keep(hexd, _Open(fd, where, bytearray(n), n))
         return True
+
+    def _damaged(self, hexd: str, fd: int) -> None:
+        """Drop a piece (open at `fd`, which is closed) whose table or a block failed its
+        xxh3: the next read makes it again. Its name is unlinked only while it still names
+        the damaged file: a piece found damaged long after it was opened may have been
+        replaced meanwhile (by another process's put), and the new one is left alone."""
+        self.corrupt += 1
+        self.misses += 1
+        log.warning("cache piece %s is damaged (torn write or rot); dropping it", hexd)
+        try:
+            ino = os.fstat(fd).st_ino
+            if os.stat(hexd, dir_fd=self._dir(), follow_symlinks=False).st_ino == ino:
+                os.unlink(hexd, dir_fd=self._dir())
+        except OSError:
+            pass  # gone already
+        finally:
+            os.close(fd)
 
     def exists(self, hexd: str) -> bool:
         """Whether a piece is there (no check of its content): for speculative fetches."""
@@ -257,22 +336,23 @@ class PieceCache:
             return False
         return True
 
-    def _keep(self, hexd: str, fd: int, base: int, size: int) -> None:
+    def _keep(self, hexd: str, piece: _Open) -> None:
         closing = []
         with self._lock:
             old = self._fds.pop(hexd, None)
             if old is not None:
-                closing.append(old[0])
-            self._fds[hexd] = (fd, base, size)
-            while len(self._fds) > MAX_OPEN:
-                closing.append(self._fds.popitem(last=False)[1][0])
+                closing.append(old.fd)
+            self._fds[hexd] = piece
+            while len(self._fds) > MAX_OPEN:  # its checked blocks go too (see the docstring)
+                closing.append(self._fds.popitem(last=False)[1].fd)
         for old_fd in closing:
             os.close(old_fd)
 
     def pread(
         self, hexd: str, offset: int, length: int, *, expect: int | None = None
     ) -> bytes | None:
-        """Payload bytes [offset, offset+length) of an open piece; None if not open.
+        """Payload bytes [offset, offset+length) of an open piece; None if not open, or if
+        a block it touches fails its sum (the piece is then dropped: the maker remakes it).
 
         `expect`: the piece's size as the index that names it declares. A piece is only
         ever its digest's bytes, so another size means the index lies about the chunk (a
@@ -282,7 +362,7 @@ class PieceCache:
             if got is None:
                 return None
             self._fds.move_to_end(hexd)
-            fd, base, size = got
+            size = got.where.length
             if expect is not None and size != expect:
                 raise IntegrityError(
                     f"piece sha256:{hexd[:12]} holds {size} bytes; its index declares {expect}"
@@ -290,10 +370,44 @@ class PieceCache:
             # Under the lock, so no other thread closes the fd (and another open reuses its
             # number) meanwhile: a pread of an open piece from the page cache takes
             # microseconds, less than the dup + close this used to pay on every read.
-            data = os.pread(fd, max(0, min(length, size - offset)), base + offset)
+            n = max(0, min(length, size - offset))
+            if got.unchecked and n:
+                data = self._checked_pread(got, offset, n)
+                if data is None:
+                    del self._fds[hexd]
+            else:
+                data = os.pread(got.fd, n, got.where.offset + offset)
+        if data is None:
+            self._damaged(hexd, got.fd)
+            return None
         self.hits += 1
         self._touch(hexd)
         return data
+
+    def _checked_pread(self, got: _Open, offset: int, n: int) -> bytes | None:
+        """[offset, offset+n) of a piece, reading whole blocks to check the ones not checked
+        yet; None if one fails. Called under the lock."""
+        where, checked = got.where, got.checked
+        first, last = offset // where.block, (offset + n - 1) // where.block
+        if all(checked[first : last + 1]):
+            return os.pread(got.fd, n, where.offset + offset)
+        lo = first * where.block
+        hi = min((last + 1) * where.block, where.length)
+        data = os.pread(got.fd, hi - lo, where.offset + lo)
+        if len(data) != hi - lo:
+            return None  # the file is shorter than its table says: torn
+        view = memoryview(data)
+        for k in range(first, last + 1):
+            if checked[k]:
+                continue
+            part = view[(k - first) * where.block : (k + 1 - first) * where.block]
+            if xxhash.xxh3_64_intdigest(part) != where.sums[k]:
+                return None
+            checked[k] = 1
+            got.unchecked -= 1
+            self.blocks_checked += 1
+            self.bytes_checked += len(part)
+        return data if (lo, hi) == (offset, offset + n) else data[offset - lo : offset - lo + n]
 
     def read(self, hexd: str) -> bytes | None:
         """The whole payload (checked), or None."""
@@ -338,14 +452,24 @@ class PieceCache:
         except StoreError as exc:  # a link where the cache directory should be
             log.warning("cannot cache pieces %s...: %s", items[0][0][:12], exc)
             return
-        offset = PACK_HEADER.size + len(items) * PACK_ENTRY.size
+        sums: list[int] = []
         table = bytearray()
         for hexd, payload in items:
-            table += PACK_ENTRY.pack(
-                bytes.fromhex(hexd), offset, len(payload), xxhash.xxh3_64_intdigest(payload)
+            table += BLOCKS_ENTRY.pack(bytes.fromhex(hexd), 0, len(payload), len(sums))
+            view = memoryview(payload)
+            sums.extend(
+                xxhash.xxh3_64_intdigest(view[at : at + BLOCK])
+                for at in range(0, len(payload), BLOCK)
             )
+        offset = BLOCKS_HEADER.size + len(table) + 8 * len(sums)
+        for k, (_, payload) in enumerate(items):  # the payloads' offsets, now they are known
+            struct.pack_into("<Q", table, k * BLOCKS_ENTRY.size + 32, offset)
             offset += len(payload)
-        head = PACK_HEADER.pack(PACK_MAGIC, len(items), xxhash.xxh3_64_intdigest(table))
+        table += struct.pack(f"<{len(sums)}Q", *sums)
+        head = BLOCKS_HEADER.pack(BLOCKS_MAGIC, len(items), BLOCK, len(sums), 0)[:-8]
+        digest = xxhash.xxh3_64(head)
+        digest.update(table)
+        head += struct.pack("<Q", digest.intdigest())
         tmp = f"{fsutil.TEMP_PREFIX}{items[0][0][:16]}.{os.getpid()}.{threading.get_ident()}"
         kept: list[str] = []
         try:
@@ -374,9 +498,6 @@ class PieceCache:
         if not kept:
             return
         self.writes += len(kept)
-        for hexd in kept:
-            if len(self._checked) < _MAX_CHECKED:
-                self._checked.add(hexd)  # written from bytes just checked
         with self._lock:
             if self._total is not None:
                 self._total += offset
@@ -438,7 +559,7 @@ class PieceCache:
 
     def close(self) -> None:
         with self._lock:
-            fds = [fd for fd, _, _ in self._fds.values()]
+            fds = [piece.fd for piece in self._fds.values()]
             self._fds.clear()
             if self._dirfd is not None:
                 fds.append(self._dirfd)

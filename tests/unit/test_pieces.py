@@ -77,13 +77,13 @@ def test_piece_cache_checks_once_and_survives_eviction_and_rot(tmp_path: Path) -
     cache.put(names[2], payloads[2])  # over the cap: LRU eviction to 90%
     assert cache.total_bytes() <= 3 * MiB
     assert cache.pread(names[0], 0, 4) == payloads[0][:4]
-    # rot: a new process (a new cache object) notices it once, drops it
+    # rot: a new process (a new cache object) notices it on a read of it, drops it
     path = cache.dir / names[2]
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 1
     path.write_bytes(bytes(raw))
     other = PieceCache(tmp_path, cap=3 * MiB)
-    assert not other.open(names[2]) and other.corrupt == 1 and not path.exists()
+    assert other.read(names[2]) is None and other.corrupt == 1 and not path.exists()
     # a planted symlink is never followed, and a put replaces the link, not its target
     target = tmp_path / "outside"
     target.write_bytes(b"secret")
@@ -115,7 +115,7 @@ def test_pieces_of_one_request_share_a_pack_and_each_answers_only_for_itself(
     os.pwrite(fd, b"\x00" if os.pread(fd, 1, where[0]) != b"\x00" else b"\x01", where[0])
     os.close(fd)
     other = PieceCache(tmp_path)
-    assert not other.open(names[7]) and other.corrupt == 1 and not path.exists()
+    assert other.read(names[7]) is None and other.corrupt == 1 and not path.exists()
     assert other.read(names[8]) == payloads[8]
     # a pack under a name its table does not list answers nothing (content addressing)
     stranger = hashlib.sha256(b"not in the pack").hexdigest()
@@ -268,9 +268,8 @@ def test_a_zstd_span_never_inflates_past_its_recorded_length() -> None:
     assert peak < 8 * MiB, peak
 
 
-async def test_a_local_gzip_layer_inflates_each_span_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def local_gzip_layer(tmp_path: Path) -> tuple[Store, Layer, dict[str, bytes]]:
+    """A gzip layer of eight 400 KB files, stored locally (several ~1 MiB spans)."""
     import gzip
     import io
     import tarfile
@@ -286,7 +285,11 @@ async def test_a_local_gzip_layer_inflates_each_span_once(
     store = Store(tmp_path)
     digest = store.blobs.put(blob)
     desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, len(blob))
-    layer = Layer(desc, Digest.of(buf.getvalue()))
+    return store, Layer(desc, Digest.of(buf.getvalue())), files
+
+
+def local_layer_set(store: Store, layer: Layer) -> LayerSet:
+    """A LayerSet over a local layer: it never fetches."""
 
     async def no_blob(_: Layer) -> None:
         raise AssertionError("a local layer is never fetched")
@@ -294,7 +297,14 @@ async def test_a_local_gzip_layer_inflates_each_span_once(
     async def no_range(_: Layer, start: int, end: int) -> bytes:
         raise AssertionError("a local layer is never fetched")
 
-    ls = LayerSet(store, [layer], no_blob, fetch_range=no_range)
+    return LayerSet(store, [layer], no_blob, fetch_range=no_range)
+
+
+async def test_a_local_gzip_layer_inflates_each_span_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, layer, files = local_gzip_layer(tmp_path)
+    ls = local_layer_set(store, layer)
     idx = await ls.ensure(0)
     assert idx.seek is not None and len(idx.seek.points) > 2  # several ~1 MiB spans
     entry = idx.toc.find(b"f5.txt")
@@ -312,7 +322,7 @@ async def test_a_local_gzip_layer_inflates_each_span_once(
     # A new mount (a new LayerSet and PieceCache over the same store): the pieces are on
     # disk, not open in this process. Its first read opens and checks them on the event
     # loop: no inflate and no worker-thread hop (the hop is what a warm read paid for).
-    again = LayerSet(store, [layer], no_blob, fetch_range=no_range)
+    again = local_layer_set(store, layer)
     await again.ensure(0)
     hops = 0
     run_sync = trio.to_thread.run_sync
