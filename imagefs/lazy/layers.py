@@ -263,7 +263,8 @@ class LayerSet:
         def decode(data: bytes) -> bytes:
             return table.decode(k, data)  # capped at the declared size, digest checked
 
-        return Job(table.piece(k), table.starts[k], table.ends[k], decode)
+        # `batch`: a request's chunks are decoded in one tight loop (`decode_many`)
+        return Job(table.piece(k), table.starts[k], table.ends[k], decode, table, k)
 
     def _span_job(self, i: int, seek: SeekIndex, k: int) -> Job:
         local = self.is_local(i)

@@ -20,13 +20,13 @@ module sees a layer only as a number passed back to `fetch`, `is_local` and `pre
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import trio
 
-from imagefs.errors import IntegrityError, LayerFormatError, unwrap_groups
+from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError, unwrap_groups
 from imagefs.lazy.cache import PieceCache
 
 log = logging.getLogger("imagefs.lazy")
@@ -56,14 +56,27 @@ async def to_thread(fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None
     return await trio.to_thread.run_sync(fn, limiter=limiter)
 
 
+class Batch(Protocol):
+    """Decodes many pieces in one call (`chunks.ChunkTable`): per index its verified bytes
+    or the error refusing it, from compressed blob bytes starting at blob offset `base`."""
+
+    def decode_many(
+        self, ks: Iterable[int], blob: bytes | memoryview, base: int
+    ) -> list[bytes | ImageFSError]: ...
+
+
 @dataclass(frozen=True)
 class Job:
-    """How to make one piece: compressed bytes [start, end) -> verified payload."""
+    """How to make one piece: compressed bytes [start, end) -> verified payload, by
+    `decode`, or (many small pieces of one request in one tight loop) by piece `k` of
+    `batch`."""
 
     name: str  # sha256 hex of the payload
     start: int
     end: int
     decode: Callable[[bytes], bytes]
+    batch: Batch | None = None
+    k: int = 0
 
 
 class Flight:
@@ -192,18 +205,21 @@ class PieceMaker:
         groups = plan(list(unique.values()), list(extra.values()), self.min_fetch, self.max_fetch)
         flights = {j.name: Flight() for group in groups for j in group}
         self.flights.update(flights)
+        failed: list[str] = []  # why wanted pieces were refused (the other groups go on)
         try:
             with unwrap_groups():
                 async with trio.open_nursery() as nursery:
                     wanted = set(unique) if payloads else set()
                     for group in groups:
-                        nursery.start_soon(self._make_group, i, group, flights, wanted)
+                        nursery.start_soon(self._make_group, i, group, flights, wanted, failed)
         finally:
             for name, flight in flights.items():
                 self.flights.pop(name, None)
                 flight.event.set()
             for landed_during in self._looks.values():
                 landed_during.update(flights)
+        if failed:
+            raise IntegrityError(failed[0])
         for name in unique:
             payload = flights[name].payload
             if payload is not None:
@@ -211,47 +227,77 @@ class PieceMaker:
         return got
 
     async def _make_group(
-        self, i: int, group: list[Job], flights: dict[str, Flight], wanted: set[str]
+        self,
+        i: int,
+        group: list[Job],
+        flights: dict[str, Flight],
+        wanted: set[str],
+        failed: list[str],
     ) -> None:
         """Fetch one compressed range, then decode, verify and keep all its pieces in one
-        worker-thread hop. A neighbour that fails is only logged: nobody asked for it."""
+        worker-thread hop. A piece that fails is neither kept nor served; the others of
+        the request are (their readers are served, nothing is fetched again). A wanted
+        piece that fails is noted in `failed` (its reader gets EIO); a neighbour is only
+        logged: nobody asked for it."""
         start, end = group[0].start, max(j.end for j in group)
         local = self.is_local(i)
         data = None if local else await self.fetch(i, start, end)
         cache = self.cache
 
-        def decode_and_keep() -> list[tuple[str, bytes]]:
+        def decode_and_keep() -> tuple[list[tuple[str, bytes]], list[tuple[Job, Exception]]]:
             blob = self.pread(i, start, end) if data is None else data
-            out: list[tuple[str, bytes]] = []
+            view = memoryview(blob)
+            results = _decode_group(group, view, start)
             keep: list[tuple[str, bytes]] = []
-            for j in group:
-                try:
-                    payload = j.decode(blob[j.start - start : j.end - start])
-                except (IntegrityError, LayerFormatError) as exc:
-                    if j.name in wanted:
-                        raise
-                    # a waiter on it finds no payload and fetches (and reports) itself
-                    log.warning("piece at %d-%d not kept: %s", j.start, j.end, exc)
-                    continue
-                keep.append((j.name, payload))
-                out.append((j.name, payload if j.name in wanted else b""))
+            bad: list[tuple[Job, Exception]] = []
+            for j, got in zip(group, results, strict=True):
+                if isinstance(got, Exception):
+                    bad.append((j, got))
+                else:
+                    keep.append((j.name, got))
             cache.put_many(keep)  # one pack per request: a file write and a link per piece
-            return out
+            return [(n, p if n in wanted else b"") for n, p in keep], bad
 
-        try:
-            made = await self.hop(decode_and_keep, limiter=self.cpu)
-        except (IntegrityError, LayerFormatError) as exc:
-            log.error(
-                "layer %d (%s): bytes %d-%d %s failed verification (%s); not served, not kept",
-                i,
-                self.describe(i),
-                start,
-                end,
-                "of the local blob" if local else "from the registry",
-                exc,
-            )
-            raise IntegrityError(str(exc)) from None
+        made, bad = await self.hop(decode_and_keep, limiter=self.cpu)
         self.inflations += len(made)
         for name, payload in made:
             if name in wanted:
                 flights[name].payload = payload
+        for j, exc in bad:
+            if j.name not in wanted:
+                # a waiter on it finds no payload and fetches (and reports) itself
+                log.warning("piece at %d-%d not kept: %s", j.start, j.end, exc)
+                continue
+            log.error(
+                "layer %d (%s): bytes %d-%d %s failed verification (%s); not served, not kept",
+                i,
+                self.describe(i),
+                j.start,
+                j.end,
+                "of the local blob" if local else "from the registry",
+                exc,
+            )
+            failed.append(str(exc))
+
+
+def _decode_group(group: Sequence[Job], view: memoryview, base: int) -> list[bytes | Exception]:
+    """Each job's verified payload or its error, in order: runs of jobs of one `Batch` in
+    one `decode_many` call, the others by their own `decode`."""
+    out: list[bytes | Exception] = []
+    n = 0
+    while n < len(group):
+        j = group[n]
+        batch = j.batch
+        if batch is None:
+            try:
+                out.append(j.decode(bytes(view[j.start - base : j.end - base])))
+            except (IntegrityError, LayerFormatError) as exc:
+                out.append(exc)
+            n += 1
+            continue
+        run = n
+        while run < len(group) and group[run].batch is batch:
+            run += 1
+        out.extend(batch.decode_many([x.k for x in group[n:run]], view, base))
+        n = run
+    return out
