@@ -278,11 +278,11 @@ def build_chunked(
     if lost:
         raise lostnames.LostNames(entries, lost)
     builder = TocBuilder(estargz=estargz_layer)
-    by_name: dict[str, list[tuple[str, int, int, int, int, int, str, bool]]] = {}
-    for p in pieces:
-        by_name.setdefault(p[0], []).append(p)
+    # Straight into compact arrays (no tuple per chunk, no dict by name: a big TOC's peak).
+    voffsets, sizes, starts, ends, inners = (array("Q") for _ in range(5))
+    digests, zero_flags = bytearray(), bytearray()
     voff = 0
-    rows: list[tuple[int, int, int, int, int, bytes, bool]] = []
+    next_piece = 0  # pieces are in file order: each file's run follows the last one's
     warnings: list[str] = []
     for k, e in enumerate(entries):
         kind = _TYPES.get(e.type)
@@ -292,26 +292,23 @@ def build_chunked(
         offset = 0
         if kind is EntryType.REG and e.size:
             offset = voff
-            got = by_name.get(e.name, [])
             covered = 0
-            for _, file_off, size, start, end, inner, digest, zeros in got:
+            while next_piece < len(pieces) and pieces[next_piece][0] == e.name:
+                _, file_off, size, start, end, inner, digest, zeros = pieces[next_piece]
+                next_piece += 1
                 if file_off != covered:
                     raise LayerFormatError(f"{e.name}: chunks do not cover the file in order")
                 algo, _, hexd = digest.partition(":")
                 if not zeros and (algo != "sha256" or len(hexd) != 64):
                     raise LayerFormatError(f"{e.name}: chunk without a sha256 digest")
                 _check_bounds(e.name, size, start, end, inner, zeros)
-                rows.append(
-                    (
-                        voff + file_off,
-                        size,
-                        start,
-                        end,
-                        inner,
-                        bytes.fromhex(hexd) if not zeros else ZERO_DIGEST,
-                        zeros,
-                    )
-                )
+                voffsets.append(voff + file_off)
+                sizes.append(size)
+                starts.append(start)
+                ends.append(end)
+                inners.append(inner)
+                digests += bytes.fromhex(hexd) if not zeros else ZERO_DIGEST
+                zero_flags.append(1 if zeros else 0)
                 covered += size
             if covered != e.size:
                 raise LayerFormatError(f"{e.name}: chunks hold {covered} of {e.size} bytes")
@@ -335,14 +332,7 @@ def build_chunked(
     toc = builder.build()
     warnings.extend(builder.warnings)
     table = ChunkTable(
-        codec,
-        array("Q", [r[0] for r in rows]),
-        array("Q", [r[1] for r in rows]),
-        array("Q", [r[2] for r in rows]),
-        array("Q", [r[3] for r in rows]),
-        array("Q", [r[4] for r in rows]),
-        b"".join(r[5] for r in rows),
-        bytes(1 if r[6] else 0 for r in rows),
+        codec, voffsets, sizes, starts, ends, inners, bytes(digests), bytes(zero_flags)
     )
     return toc, table, warnings
 

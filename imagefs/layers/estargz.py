@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import struct
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagefs.errors import IntegrityError, LayerFormatError
+from imagefs.layers import tocjson
 
 TOC_TAR_NAME = "stargz.index.json"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
@@ -43,7 +45,7 @@ _LANDMARK_CONTENT = b"\x0f"
 _MAX_TOC_SIZE = 256 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a 48k-entry TOC is ~100k of these
 class TOCEntry:
     """One TOC entry, in the CRFS form shared by eStargz and zstd:chunked.
 
@@ -189,23 +191,18 @@ def parse_toc(toc_json: bytes, *, expected_digest: str | None = None) -> TOC:
     """Parse ``stargz.index.json``; verify it first when ``expected_digest`` is given."""
     if expected_digest is not None:
         verify_toc_digest(toc_json, expected_digest)
-    doc = _load_json(toc_json, "eStargz")
+    return toc_from_json(toc_json, "eStargz")
+
+
+def toc_from_json(raw: bytes, what: str) -> TOC:
+    """A CRFS TOC (eStargz or zstd:chunked) from its JSON, an entry at a time (`tocjson`)."""
+    doc, entries = tocjson.load_streaming(raw, what, "entries", parse_entry)
     return TOC(
         version=_int(doc.get("version", 0), "version"),
-        entries=tuple(parse_entry(e) for e in _list(doc.get("entries", []), "entries")),
-        raw=toc_json,
+        entries=tuple(entries if entries is not None else _list(doc.get("entries", []), "entries")),
+        raw=raw,
         tar_split_digest=_str(doc.get("tarSplitDigest", ""), "tarSplitDigest"),
     )
-
-
-def _load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LayerFormatError(f"{what}: TOC is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise LayerFormatError(f"{what}: TOC is not a JSON object")
-    return doc
 
 
 def parse_entry(obj: object) -> TOCEntry:
@@ -222,14 +219,18 @@ def parse_entry(obj: object) -> TOCEntry:
         except binascii.Error:
             raise LayerFormatError(f"TOC entry xattr {k!r} is not base64") from None
     name = _str(obj.get("name"), "name")
-    typ = _str(obj.get("type"), "type")
+    typ = sys.intern(_str(obj.get("type"), "type"))  # a handful of values, ~100k entries
     if not name or not typ:
         raise LayerFormatError("TOC entry lacks a name or a type")
+    digest = _str(obj.get("digest", ""), "digest")
+    chunk_digest = _str(obj.get("chunkDigest", ""), "chunkDigest")
+    if chunk_digest == digest:
+        chunk_digest = digest  # one string, not two equal ones (an unchunked file)
     return TOCEntry(
         name=name,
         type=typ,
         size=_int(obj.get("size", 0), "size"),
-        modtime=_str(obj.get("modtime", ""), "modtime"),
+        modtime=sys.intern(_str(obj.get("modtime", ""), "modtime")),  # often all alike
         link_name=_str(obj.get("linkName", ""), "linkName"),
         mode=_int(obj.get("mode", 0), "mode"),
         uid=_int(obj.get("uid", 0), "uid"),
@@ -239,12 +240,12 @@ def parse_entry(obj: object) -> TOCEntry:
         dev_major=_int(obj.get("devMajor", 0), "devMajor"),
         dev_minor=_int(obj.get("devMinor", 0), "devMinor"),
         xattrs=xattrs,
-        digest=_str(obj.get("digest", ""), "digest"),
+        digest=digest,
         offset=_int(obj.get("offset", 0), "offset"),
         end_offset=_int(obj.get("endOffset", 0), "endOffset"),
         chunk_offset=_int(obj.get("chunkOffset", 0), "chunkOffset"),
         chunk_size=_int(obj.get("chunkSize", 0), "chunkSize"),
-        chunk_digest=_str(obj.get("chunkDigest", ""), "chunkDigest"),
+        chunk_digest=chunk_digest,
         chunk_type=_str(obj.get("chunkType", ""), "chunkType"),
         inner_offset=_int(obj.get("innerOffset", 0), "innerOffset"),
     )

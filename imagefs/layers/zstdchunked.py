@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from imagefs.errors import IntegrityError, LayerFormatError
+from imagefs.layers import tocjson
 from imagefs.layers.estargz import TOC, TOCEntry, parse_entry
 from imagefs.layers.seekindex import zstd_capped
 
@@ -174,13 +175,8 @@ def decode_manifest(
 
 def parse_toc_json(raw: bytes) -> TOC:
     """The uncompressed TOC JSON into a `TOC` (same entry form as eStargz)."""
-    import json
-
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LayerFormatError(f"zstd:chunked: TOC is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries", []), list):
+    doc, entries = tocjson.load_streaming(raw, "zstd:chunked", "entries", parse_entry)
+    if entries is None and "entries" in doc:
         raise LayerFormatError("zstd:chunked: TOC is not a JSON object with entries")
     version = doc.get("version", 0)
     if not isinstance(version, int):
@@ -188,7 +184,7 @@ def parse_toc_json(raw: bytes) -> TOC:
     tsd = doc.get("tarSplitDigest", "")
     return TOC(
         version=version,
-        entries=tuple(parse_entry(e) for e in doc.get("entries", [])),
+        entries=tuple(entries or ()),
         raw=raw,
         tar_split_digest=tsd if isinstance(tsd, str) else "",
     )
