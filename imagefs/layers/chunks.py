@@ -14,6 +14,7 @@ digests. Pure: values in, values out.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -221,16 +222,20 @@ def _zstd_context() -> zstandard.ZstdDecompressor:
 
 def _zstd_frame(dctx: zstandard.ZstdDecompressor, data: memoryview, cap: int) -> bytes | None:
     """One zstd frame's output, never more than `cap` + 1 bytes held; None if it declares
-    or makes more than `cap`. A frame that declares its size is inflated in one call (that
-    size allocated, checked against `cap` first); others go through the capped stream."""
+    or makes more than `cap`. One call into zstd: a frame that declares its size gets that
+    buffer (checked against `cap` first), one that does not (containers/storage writes
+    none) a `cap`-byte one; only a frame that does not fit goes through the capped stream,
+    to tell "too big" from "corrupt"."""
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
-        declared = -1  # a skippable frame first, or not zstd: the stream reader says
+        declared = -2  # a skippable frame first, or not zstd: the stream reader says
     if declared > cap:
         return None
-    if declared >= 0:
-        return dctx.decompress(data)  # checks the output against the declared size
+    if declared != -2:
+        with contextlib.suppress(zstandard.ZstdError):
+            # a declared size is checked by zstd against the output; else at most `cap`
+            return dctx.decompress(data, max_output_size=max(cap, 1))
     raw = zstd_capped(data, cap, across_frames=False)  # type: ignore[arg-type]
     return None if len(raw) > cap else raw
 
