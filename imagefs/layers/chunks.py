@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import struct
 import threading
@@ -240,6 +241,7 @@ def _zstd_frame(dctx: zstandard.ZstdDecompressor, data: memoryview, cap: int) ->
     return None if len(raw) > cap else raw
 
 
+@functools.lru_cache(maxsize=1024)  # a TOC's entries mostly share a few timestamps
 def _mtime(modtime: str) -> tuple[int, int]:
     if not modtime:
         return 0, 0
