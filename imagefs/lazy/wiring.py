@@ -11,6 +11,7 @@ import trio
 from imagefs.errors import ImageFSError, IntegrityError
 from imagefs.lazy.cache import DEFAULT_CACHE_SIZE, PieceCache
 from imagefs.lazy.layers import LayerSet
+from imagefs.lazy.memory import keep_big_buffers_unmapped
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.reference import Reference
@@ -41,6 +42,7 @@ def lazy_layer_set(
     served over genuine layer bytes. Without it a plain layer is indexed from its verified
     blob, and eStargz/zstd:chunked layers use the TOC their own manifest annotates.
     """
+    keep_big_buffers_unmapped()  # the process reads layers: keep freed buffers out of RSS
     store = session.store
     source = record.source
 

@@ -69,7 +69,7 @@ def test_estargz_and_zstd_tocs_parse_as_before() -> None:
             "size": 3,
             "offset": 10,
             "chunkDigest": "sha256:" + "0" * 64,
-        },  # noqa: E501
+        },
         {"name": "d/f", "type": "chunk", "offset": 40, "chunkOffset": 2, "chunkSize": 1},
         {"name": "x", "type": "reg", "xattrs": {"user.a": "YWI="}},
     ]
