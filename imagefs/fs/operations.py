@@ -51,6 +51,13 @@ class _Open:
     size: int
 
 
+# What a read served from pieces already in the cache tells telemetry (never changed).
+_CACHED = telemetry.ReadInfo(source="cache")
+
+# One readdirplus entry: name, inode, attributes.
+_Listed = tuple[bytes, int, pyfuse3.EntryAttributes]
+
+
 def _edge(name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(fn)
     async def handler(self: ImageOperations, *args: Any) -> Any:
@@ -109,7 +116,18 @@ class ImageOperations(pyfuse3.Operations):
         self.overlay = overlay
         self.layers = layers
         self.total_size = total_size
-        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        # Open directory handles: the directory's listing (shared, never changed).
+        self._dirs: dict[int, list[_Listed]] = {}
+        # Built once and kept: the image never changes, so an inode's attributes and a
+        # directory's listing are answered again as they were first built (the kernel asks
+        # for them again whenever its own caches let go). Attributes are a list by inode
+        # number (numbers are dense), ~200 bytes an inode that was ever visited; a listing
+        # lives as long as the overlay keeps the directory's children (dropped on forget).
+        self._attrs: list[pyfuse3.EntryAttributes | None] = []
+        self._listings: dict[int, list[_Listed]] = {}
+        self._negative = pyfuse3.EntryAttributes()
+        self._negative.st_ino = 0  # a cached "no such entry"
+        self._negative.entry_timeout = CACHE_TIMEOUT
         # Directory inode -> its parent's, learnt as the kernel walks down (it reaches every
         # directory through a lookup or a readdirplus of its parent): what `..` lists.
         self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}
@@ -133,24 +151,38 @@ class ImageOperations(pyfuse3.Operations):
             log.exception("%s%r failed", getattr(fn, "__name__", fn), args)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    def _entry(self, a: Attrs) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = a.ino
-        e.generation = 0
-        e.entry_timeout = CACHE_TIMEOUT
-        e.attr_timeout = CACHE_TIMEOUT
-        e.st_mode = a.mode
-        e.st_nlink = a.nlink
-        e.st_uid = a.uid
-        e.st_gid = a.gid
-        e.st_rdev = a.rdev
-        e.st_size = a.size
-        e.st_blksize = 4096
-        e.st_blocks = a.blocks
-        e.st_atime_ns = a.atime_ns
-        e.st_mtime_ns = a.mtime_ns
-        e.st_ctime_ns = a.ctime_ns
+    def _attributes(self, ino: int) -> pyfuse3.EntryAttributes:
+        """The inode's attributes as the kernel gets them, built on first need and kept.
+        Pure (raises NeedLayer like the overlay): call it through `_ask`."""
+        attrs = self._attrs
+        if ino < len(attrs):
+            e = attrs[ino]
+            if e is not None:
+                return e
+        e = _entry(self.overlay.getattr(ino))
+        if ino >= len(attrs):
+            attrs.extend([None] * (ino + 1 - len(attrs)))
+        attrs[ino] = e
         return e
+
+    def _listing(self, ino: int) -> list[_Listed]:
+        """A directory's readdirplus answer, built once: `.`, `..`, then every entry with
+        its attributes. Pure (raises NeedLayer): call it through `_ask`."""
+        listing = self._listings.get(ino)
+        if listing is not None:
+            return listing
+        attributes = self._attributes
+        parent = self._parents.get(ino, ROOT_INODE)
+        # `.` and `..` first, as every filesystem lists them (`ls -a`); FUSE leaves that to
+        # us. The root's `..` is the root itself.
+        listing = [(b".", ino, attributes(ino)), (b"..", parent, attributes(parent))]
+        listing += [(name, child, attributes(child)) for name, child in self.overlay.readdir(ino)]
+        parents = self._parents
+        for _, child, e in listing[2:]:  # only now: a NeedLayer above leaves nothing half done
+            if stat.S_ISDIR(e.st_mode):
+                parents[child] = ino
+        self._listings[ino] = listing
+        return listing
 
     # -- names ------------------------------------------------------------------------------
 
@@ -160,23 +192,21 @@ class ImageOperations(pyfuse3.Operations):
         ino = await self._ask(self.overlay.lookup, parent_inode, bytes(name))
         self._event("lookup", parent_inode, bytes(name))
         if ino is None:
-            negative = pyfuse3.EntryAttributes()
-            negative.st_ino = 0  # a cached "no such entry"
-            negative.entry_timeout = CACHE_TIMEOUT
-            return negative
-        attrs = await self._ask(self.overlay.getattr, ino)
-        if stat.S_ISDIR(attrs.mode):
+            return self._negative
+        e = await self._ask(self._attributes, ino)
+        if stat.S_ISDIR(e.st_mode):
             self._parents[ino] = parent_inode
-        return self._entry(attrs)
+        return e
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
-            self.overlay.forget(ino, nlookup)
+            if self.overlay.forget(ino, nlookup) and ino != ROOT_INODE:
+                self._listings.pop(ino, None)  # as the overlay drops its children
 
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._ask(self.overlay.getattr, inode))
+        return await self._ask(self._attributes, inode)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         target = await self._ask(self.overlay.readlink, inode)
@@ -186,40 +216,24 @@ class ImageOperations(pyfuse3.Operations):
     # -- directories ------------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        listing = await self._ask(self.overlay.readdir, inode)
+        listing = await self._ask(self._listing, inode)
         self._event("readdir", inode)
         fh = self._next_fh
         self._next_fh += 1
-        # `.` and `..` first, as every filesystem lists them (`ls -a`); FUSE leaves that to us.
-        # The root's `..` is the root itself.
-        dots = [(b".", inode), (b"..", self._parents.get(inode, ROOT_INODE))]
-        self._dirs[fh] = dots + listing  # a snapshot: offsets stay valid for this handle
+        self._dirs[fh] = listing  # never changed: offsets stay valid for this handle
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self._dirs.get(fh)
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        overlay = self.overlay
-        getattr_, remember, entry = overlay.getattr, overlay.remember, self._entry
-        reply, parents, this = pyfuse3.readdir_reply, self._parents, listing[0][1]
+        reply, remember = pyfuse3.readdir_reply, self.overlay.remember
         for pos in range(start_id, len(listing)):
-            name, ino = listing[pos]
-            try:
-                # Warm (the layers of a listed directory's entries are loaded): a plain
-                # call, not a coroutine per entry; `_ask` loads a layer or translates.
-                a = getattr_(ino)
-            except Exception:
-                a = await self._ask(getattr_, ino)
-            if not reply(token, name, entry(a), pos + 1):
+            name, ino, attrs = listing[pos]
+            if not reply(token, name, attrs, pos + 1):
                 break
-            if name in (b".", b".."):
-                continue  # the kernel takes no lookup reference for these (fuse_direntplus_link)
-            remember(ino)  # readdirplus counts as a lookup
-            if stat.S_ISDIR(a.mode):
-                parents[ino] = this
-        if overlay.warnings:
-            self.tree.log_warnings()
+            if pos >= 2:  # not `.` and `..`: the kernel takes no lookup reference for those
+                remember(ino)  # readdirplus counts as a lookup (fuse_direntplus_link)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -248,6 +262,23 @@ class ImageOperations(pyfuse3.Operations):
         if off >= f.size:
             return b""
         n = min(size, f.size - off)
+        try:
+            # Warm (the bytes in the cache's pieces or a local file): preads, nothing else.
+            data = self.layers.read_warm(
+                f.layer, f.start + off, n, read_ahead_until=f.start + f.size
+            )
+        except Exception as exc:
+            raise self._read_failed(f, off, exc) from None
+        if data is None:
+            return await self._read_making(f, off, n)
+        tele = self.telemetry
+        if tele is not None:
+            path = self.overlay.path(f.ino) if tele.tracing else b""
+            tele.read(f.ino, path, f.layer, off, len(data), _CACHED, stream_offset=f.start + off)
+        return data
+
+    async def _read_making(self, f: _Open, off: int, n: int) -> bytes:
+        """A read that needs more than preads: an index to load, pieces to make."""
         tele = self.telemetry
         info = telemetry.ReadInfo()
         token = telemetry.current.set(info)
@@ -260,14 +291,18 @@ class ImageOperations(pyfuse3.Operations):
                 path = self.overlay.path(f.ino) if tele.tracing else b""
                 tele.read(f.ino, path, f.layer, off, len(data), info, stream_offset=f.start + off)
             return data
-        except ImageFSError as exc:
-            log.error("read %r at %d: %s", self.overlay.path(f.ino), off, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("read %r at %d", self.overlay.path(f.ino), off)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise self._read_failed(f, off, exc) from None
         finally:
             telemetry.current.reset(token)
+
+    def _read_failed(self, f: _Open, off: int, exc: Exception) -> pyfuse3.FUSEError:
+        """A failed read costs EIO and a log line (a traceback when unexpected)."""
+        if isinstance(exc, ImageFSError):
+            log.error("read %r at %d: %s", self.overlay.path(f.ino), off, exc)
+        else:
+            log.error("read %r at %d", self.overlay.path(f.ino), off, exc_info=exc)
+        return pyfuse3.FUSEError(errno.EIO)
 
     def _event(self, op: str, ino: int, name: bytes | None = None) -> None:
         tele = self.telemetry
@@ -321,7 +356,7 @@ class ImageOperations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
-        await self._ask(self.overlay.getattr, inode)
+        await self._ask(self._attributes, inode)
         return True
 
     # -- everything that writes: read-only filesystem ----------------------------------------
@@ -361,6 +396,26 @@ class ImageOperations(pyfuse3.Operations):
 
     async def removexattr(self, *args: Any) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _entry(a: Attrs) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.ino
+    e.generation = 0
+    e.entry_timeout = CACHE_TIMEOUT
+    e.attr_timeout = CACHE_TIMEOUT
+    e.st_mode = a.mode
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_rdev = a.rdev
+    e.st_size = a.size
+    e.st_blksize = 4096
+    e.st_blocks = a.blocks
+    e.st_atime_ns = a.atime_ns
+    e.st_mtime_ns = a.mtime_ns
+    e.st_ctime_ns = a.ctime_ns
+    return e
 
 
 def _fuse_error(exc: ImageFSError) -> pyfuse3.FUSEError:

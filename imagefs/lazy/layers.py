@@ -63,10 +63,6 @@ _HELD_LAYERS = 16  # layers whose TOC tail fetch's chunk bytes are held (`LayerS
 __all__ = ["ESTARGZ_TOC_DIGEST", "READ_AHEAD", "LayerSet", "LayerStats"]
 
 
-class _Gone(Exception):
-    """A piece was evicted between making sure of it and reading it."""
-
-
 @dataclass
 class LayerStats:
     fetched_bytes: int = 0
@@ -282,44 +278,52 @@ class LayerSet:
     async def _assemble(
         self,
         i: int,
-        parts: Sequence[tuple[str | None, int, int, int, int]],
+        parts: Sequence[_Part],
         jobs: Callable[[], list[Job]],
         neighbours: Callable[[], list[Job]],
     ) -> bytes:
-        """Bytes from pieces: `parts` are (piece name or None for zeros, offset in the
-        piece, length, piece index in `jobs()`, the piece's declared size); warm parts are
-        preads on the event loop, of pieces exactly their declared size."""
-        cache = self.pieces
+        """Bytes from pieces (see `_preads`), the pieces missing made first."""
         fresh: dict[str, bytes] = {}
         for _attempt in range(3):
-            try:
-                out = []
-                for name, off, n, _, size in parts:
-                    if name is None:
-                        out.append(bytes(n))
-                    elif name in fresh:
-                        out.append(fresh[name][off : off + n])
-                    else:
-                        got = cache.pread(name, off, n, expect=size)
-                        if got is None and cache.open(name, count_miss=False):
-                            # On disk but not open in this process (a new mount, or its
-                            # fd fell out of the LRU): open it here. Its one xxh3 check
-                            # reads at most one piece (~1 MiB, ~0.2 ms of CPU from the page
-                            # cache), less than a worker-thread hop costs on a busy machine
-                            # (milliseconds of scheduling); an absent piece is one failed
-                            # openat before the maker goes to a thread.
-                            got = cache.pread(name, off, n, expect=size)
-                        if got is None or len(got) != n:
-                            raise _Gone
-                        out.append(got)
+            data = self._preads(parts, fresh)
+            if data is not None:
                 if not fresh:
                     telemetry.note_source("cache")
-                return b"".join(out)
-            except _Gone:
-                all_jobs = jobs()
-                need = [all_jobs[p[3]] for p in parts if p[0] is not None]
-                fresh = await self.maker.make(i, need, neighbours)
+                return data
+            all_jobs = jobs()
+            need = [all_jobs[p[3]] for p in parts if p[0] is not None]
+            fresh = await self.maker.make(i, need, neighbours)
         raise ImageFSError("cache pieces keep vanishing under this read (cache cap too small?)")
+
+    def _preads(
+        self, parts: Sequence[_Part], fresh: dict[str, bytes] | None = None
+    ) -> bytes | None:
+        """Bytes from pieces: `parts` are (piece name or None for zeros, offset in the
+        piece, length, piece index in the caller's jobs, the piece's declared size); a piece
+        is taken from `fresh` (just made) or read with a pread of its open file, on the event
+        loop, only at its declared size. None when a piece is missing (or was evicted
+        meanwhile): the caller makes it."""
+        cache = self.pieces
+        out = []
+        for name, off, n, _, size in parts:
+            if name is None:
+                out.append(bytes(n))
+            elif fresh and name in fresh:
+                out.append(fresh[name][off : off + n])
+            else:
+                got = cache.pread(name, off, n, expect=size)
+                if got is None and cache.open(name, count_miss=False):
+                    # On disk but not open in this process (a new mount, or its fd fell
+                    # out of the LRU): open it here. Its one xxh3 check reads at most one
+                    # piece (~1 MiB, ~0.2 ms of CPU from the page cache), less than a
+                    # worker-thread hop costs on a busy machine (milliseconds of
+                    # scheduling); an absent piece is one failed openat before the maker
+                    # goes to a thread.
+                    got = cache.pread(name, off, n, expect=size)
+                if got is None or len(got) != n:
+                    return None
+                out.append(got)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -335,6 +339,38 @@ class LayerSet:
         with wire.cause("read"):  # what a read waits for (an index load says its own cause)
             return await self._read(i, offset, length, read_ahead_until)
 
+    def read_warm(
+        self, i: int, offset: int, length: int, *, read_ahead_until: int | None = None
+    ) -> bytes | None:
+        """What `read` answers, if it can be had right now: the layer's index is loaded and
+        the bytes are in pieces of the cache (opened and checked here on first use, as
+        `read` would) or in a plain local file. None otherwise, and `read` does the rest.
+
+        The FUSE adapter's warm path: preads and nothing else, no coroutine, no context
+        variable, no thread hop (a warm read used to pay for all of them)."""
+        idx = self._ready[i]
+        if idx is None:
+            return None
+        local = self.is_local(i)
+        if idx.chunks is not None:
+            parts = _chunk_parts(idx.chunks, offset, length)[1]
+        else:
+            seek = idx.seek
+            assert seek is not None
+            end = min(offset + length, seek.uncompressed_size)
+            if end <= offset:
+                return b""
+            if local:
+                if seek.compression == "none" or i in self._flat:
+                    return self._pread(i, offset, end)  # page cache: no thread hop
+                if _flattens(seek):
+                    return None  # `read` decompresses it to a file first
+            parts = _span_parts(seek, offset, end)[1]
+        data = self._preads(parts)
+        if data is not None and not local:
+            self.read_ahead.note(i, offset, length, read_ahead_until)
+        return data
+
     async def _read(self, i: int, offset: int, length: int, read_ahead_until: int | None) -> bytes:
         idx = await self.ensure(i)
         if idx.chunks is not None:
@@ -349,11 +385,7 @@ class LayerSet:
                 if seek.compression == "none" or i in self._flat:
                     telemetry.note_source("cache")
                     return self._pread(i, offset, end)  # page cache: no thread hop
-                if (
-                    seek.compression == "zstd"
-                    and len(seek.points) == 1
-                    and seek.uncompressed_size > ZSTD_FLAT_THRESHOLD
-                ):
+                if _flattens(seek):
                     await self._flatten(i)
                     return self._pread(i, offset, end)
             data = await self._read_spans(i, seek, offset, end)
@@ -364,13 +396,7 @@ class LayerSet:
     async def _read_chunks(
         self, i: int, table: chunk_tables.ChunkTable, offset: int, length: int
     ) -> bytes:
-        ks = list(table.covering(offset, length))
-        parts: list[tuple[str | None, int, int, int, int]] = []
-        for n, k in enumerate(ks):
-            voff, size = table.voffsets[k], table.sizes[k]
-            lo = max(offset, voff) - voff
-            hi = min(offset + length, voff + size) - voff
-            parts.append((None if table.zeros[k] else table.piece(k), lo, hi - lo, n, size))
+        ks, parts = _chunk_parts(table, offset, length)
 
         def jobs() -> list[Job]:
             return [self.chunk_job(table, k) for k in ks]
@@ -386,14 +412,7 @@ class LayerSet:
         return await self._assemble(i, parts, jobs, neighbours)
 
     async def _read_spans(self, i: int, seek: SeekIndex, offset: int, end: int) -> bytes:
-        ks = list(range(seek.point_for(offset), seek.point_for(end - 1) + 1))
-        parts: list[tuple[str | None, int, int, int, int]] = []
-        for n, k in enumerate(ks):
-            s = seek.points[k].uncompressed
-            size = seek.span_uncompressed_end(k) - s
-            lo = max(offset, s) - s
-            hi = min(end, seek.span_uncompressed_end(k)) - s
-            parts.append((seek.raw_digests[k].hex(), lo, hi - lo, n, size))
+        ks, parts = _span_parts(seek, offset, end)
 
         def jobs() -> list[Job]:
             return [self._span_job(i, seek, k) for k in ks]
@@ -497,6 +516,44 @@ class LayerSet:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.pieces.close()
+
+
+# Where a read's bytes lie: (piece name or None for zeros, offset in the piece, length, the
+# piece's place in the read's list of pieces, the piece's declared size).
+_Part = tuple[str | None, int, int, int, int]
+
+
+def _chunk_parts(
+    table: chunk_tables.ChunkTable, offset: int, length: int
+) -> tuple[list[int], list[_Part]]:
+    ks = list(table.covering(offset, length))
+    parts: list[_Part] = []
+    for n, k in enumerate(ks):
+        voff, size = table.voffsets[k], table.sizes[k]
+        lo = max(offset, voff) - voff
+        hi = min(offset + length, voff + size) - voff
+        parts.append((None if table.zeros[k] else table.piece(k), lo, hi - lo, n, size))
+    return ks, parts
+
+
+def _span_parts(seek: SeekIndex, offset: int, end: int) -> tuple[list[int], list[_Part]]:
+    ks = list(range(seek.point_for(offset), seek.point_for(end - 1) + 1))
+    parts: list[_Part] = []
+    for n, k in enumerate(ks):
+        s = seek.points[k].uncompressed
+        span_end = seek.span_uncompressed_end(k)
+        lo = max(offset, s) - s
+        parts.append((seek.raw_digests[k].hex(), lo, min(end, span_end) - s - lo, n, span_end - s))
+    return ks, parts
+
+
+def _flattens(seek: SeekIndex) -> bool:
+    """A single-frame zstd layer, too big to inflate per read: decompressed once to a file."""
+    return (
+        seek.compression == "zstd"
+        and len(seek.points) == 1
+        and seek.uncompressed_size > ZSTD_FLAT_THRESHOLD
+    )
 
 
 def _inflate_capped(src: BinaryIO, dst: BinaryIO, size: int, name: str) -> None:

@@ -392,18 +392,20 @@ class Overlay:
         self._node(ino)
         self._lookups[ino] += 1
 
-    def forget(self, ino: int, nlookup: int) -> None:
-        """The kernel dropped `nlookup` references. The number stays valid; caches go."""
+    def forget(self, ino: int, nlookup: int) -> bool:
+        """The kernel dropped `nlookup` references. The number stays valid; caches go.
+        True when the kernel holds no reference left (a shell drops its own caches too)."""
         node = self._nodes[ino] if 0 < ino < len(self._nodes) else None
         if node is None:
-            return
+            return False
         left = self._lookups[ino] - nlookup
         if left > 0:
             self._lookups[ino] = left
-            return
+            return False
         self._lookups[ino] = 0
         if isinstance(node, _Dir) and ino != ROOT_INODE:
             node.children = None
+        return True
 
     def _children(self, d: _Dir) -> list[tuple[bytes, int]]:
         """List a directory: the same decisions as `_resolve` for every name, but made in one

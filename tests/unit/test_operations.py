@@ -66,6 +66,9 @@ class FakeLayers:
     def loaded(self, i: int) -> bool:
         return True
 
+    def read_warm(self, i: int, offset: int, length: int, **_: Any) -> bytes | None:
+        return None  # nothing is warm here: every read goes through `read`
+
     async def read(self, i: int, offset: int, length: int, **_: Any) -> bytes:
         """Layer i's stream is the byte `offset % 251` at every offset."""
         return bytes(b % 251 for b in range(offset, offset + length))
@@ -308,6 +311,6 @@ async def test_the_first_request_loads_the_layers_below_concurrently(
         layers.nursery = nursery
         entry = await ops.lookup(ROOT_INODE, b"etc")
         fh = await ops.opendir(entry.st_ino, cast(pyfuse3.RequestContext, None))
-    assert [name for name, _ in ops._dirs[fh][2:]] == [b"f0", b"f1", b"f2", b"f3"]
+    assert [name for name, _, _ in ops._dirs[fh][2:]] == [b"f0", b"f1", b"f2", b"f3"]
     assert layers.peak >= 3, layers.peak  # the three lower layers at once
     assert layers.ready == {0, 1, 2, 3}

@@ -73,6 +73,9 @@ class MemoryLayers:
     def loaded(self, i: int) -> bool:
         return True
 
+    def read_warm(self, i: int, offset: int, length: int, **_: Any) -> bytes | None:
+        return self._zeros[:length]  # every read is warm
+
     async def read(self, i: int, offset: int, length: int, **_: Any) -> bytes:
         return self._zeros[:length]
 
