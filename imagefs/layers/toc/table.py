@@ -67,6 +67,7 @@ class Toc:
         "_path_table",
         "_paths",
         "_sizes",
+        "_sorted",
         "_types",
         "_uids",
         "_whiteouts",
@@ -107,6 +108,7 @@ class Toc:
         self._order = order
         self._path_table: array[int] | None = None  # built once `find` is used enough
         self._finds = 0
+        self._sorted: list[bytes] | None = None  # visible paths in order, built on listing
         self._links = links
         self._whiteouts = whiteouts
         self._opaque = opaque
@@ -141,6 +143,10 @@ class Toc:
             self._finds += 1
             if self._finds < max(64, len(self._order) // 16):
                 order = self._order
+                listed = self._sorted
+                if listed is not None:  # a bisection in C
+                    lo = bisect.bisect_left(listed, path)
+                    return order[lo] if lo < len(listed) and listed[lo] == path else None
                 lo = bisect.bisect_left(order, path, key=self.path)
                 return order[lo] if lo < len(order) and self.path(order[lo]) == path else None
             table = self._path_table = self._build_path_table()
@@ -174,27 +180,31 @@ class Toc:
 
         All descendants of a directory form one run of the sorted order; a grandchild run is
         jumped over by searching for the first path after `prefix + name + "/"` (`"0"` is the
-        byte after `"/"`).
+        byte after `"/"`). The searches run over the visible paths as a list of bytes, built
+        once on the first listing (~6 ms and ~90 bytes an entry for 40k entries): a bisection
+        in C, where a Python key function sliced ~16 paths per search (a `find -ls` spent
+        most of its listing time there).
         """
+        paths = self._sorted
+        if paths is None:
+            blob, offs = self._paths, self._path_offs
+            paths = self._sorted = [blob[offs[i] : offs[i + 1]] for i in self._order]
         order = self._order
-        n = len(order)
+        n = len(paths)
         prefix = dir_path + b"/" if dir_path else b""
         plen = len(prefix)
-        pos = bisect.bisect_left(order, prefix, key=self.path)
-        path = self.path
+        pos = bisect.bisect_left(paths, prefix)
         while pos < n:
-            i = order[pos]
-            p = path(i)
+            p = paths[pos]
             if not p.startswith(prefix):
                 return
-            rest = p[plen:]
-            slash = rest.find(b"/")
+            slash = p.find(b"/", plen)
             if slash < 0:
-                if rest:  # the root entry itself has an empty rest
-                    yield rest, i
+                if len(p) > plen:  # the root entry itself has an empty rest
+                    yield p[plen:], order[pos]
                 pos += 1
             else:  # a grandchild: the child itself came first, so jump over its subtree
-                pos = bisect.bisect_left(order, prefix + rest[:slash] + b"0", pos, key=path)
+                pos = bisect.bisect_left(paths, p[:slash] + b"0", pos)
 
     def is_opaque(self, dir_path: bytes) -> bool:
         """Whether this layer hides every lower child of `dir_path` (`.wh..wh..opq`)."""
