@@ -193,7 +193,9 @@ async def tar_all(tocs: list[Toc]) -> int:
         await ops.readdir(fh, 0, cast(pyfuse3.ReaddirToken, None))
         await ops.releasedir(fh)
         requests += 3 + len(_listing)
-        for _, attrs in list(_listing):
+        for name, attrs in list(_listing):
+            if name in (b".", b".."):  # listed first since readdir shows them; not children
+                continue
             if stat.S_ISDIR(attrs.st_mode):
                 stack.append(attrs.st_ino)
             elif stat.S_ISREG(attrs.st_mode):
