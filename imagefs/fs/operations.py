@@ -21,7 +21,7 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 
@@ -54,8 +54,8 @@ class _Open:
 # What a read served from pieces already in the cache tells telemetry (never changed).
 _CACHED = telemetry.ReadInfo(source="cache")
 
-# One readdirplus entry: name, inode, attributes.
-_Listed = tuple[bytes, int, pyfuse3.EntryAttributes]
+# An open directory: `.` and `..` (name, inode), then the overlay's listing (name, inode).
+_Handle = tuple[tuple[tuple[bytes, int], tuple[bytes, int]], list[tuple[bytes, int]]]
 
 
 def _edge(name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -116,15 +116,14 @@ class ImageOperations(pyfuse3.Operations):
         self.overlay = overlay
         self.layers = layers
         self.total_size = total_size
-        # Open directory handles: the directory's listing (shared, never changed).
-        self._dirs: dict[int, list[_Listed]] = {}
-        # Built once and kept: the image never changes, so an inode's attributes and a
-        # directory's listing are answered again as they were first built (the kernel asks
-        # for them again whenever its own caches let go). Attributes are a list by inode
-        # number (numbers are dense), ~200 bytes an inode that was ever visited; a listing
-        # lives as long as the overlay keeps the directory's children (dropped on forget).
+        self._dirs: dict[int, _Handle] = {}
+        # Built once and kept: the image never changes, so an inode's attributes are
+        # answered again as they were first built (the kernel asks again whenever its own
+        # caches let go). A list by inode number (numbers are dense and never reused): ~220
+        # bytes an inode ever visited (pyfuse3's EntryAttributes and a slot), ~11 MB for the
+        # 48k-entry bench image. `_listed`: directories whose entries all have theirs.
         self._attrs: list[pyfuse3.EntryAttributes | None] = []
-        self._listings: dict[int, list[_Listed]] = {}
+        self._listed: set[int] = set()
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0  # a cached "no such entry"
         self._negative.entry_timeout = CACHE_TIMEOUT
@@ -165,24 +164,22 @@ class ImageOperations(pyfuse3.Operations):
         attrs[ino] = e
         return e
 
-    def _listing(self, ino: int) -> list[_Listed]:
-        """A directory's readdirplus answer, built once: `.`, `..`, then every entry with
-        its attributes. Pure (raises NeedLayer): call it through `_ask`."""
-        listing = self._listings.get(ino)
-        if listing is not None:
-            return listing
+    def _listing(self, ino: int) -> _Handle:
+        """What readdirplus answers for a directory: `.`, `..`, then the overlay's listing
+        (built once by the overlay, shared, not copied), every entry's attributes built
+        the first time. Pure (raises NeedLayer): call it through `_ask`."""
         attributes = self._attributes
-        parent = self._parents.get(ino, ROOT_INODE)
-        # `.` and `..` first, as every filesystem lists them (`ls -a`); FUSE leaves that to
-        # us. The root's `..` is the root itself.
-        listing = [(b".", ino, attributes(ino)), (b"..", parent, attributes(parent))]
-        listing += [(name, child, attributes(child)) for name, child in self.overlay.readdir(ino)]
-        parents = self._parents
-        for _, child, e in listing[2:]:  # only now: a NeedLayer above leaves nothing half done
-            if stat.S_ISDIR(e.st_mode):
-                parents[child] = ino
-        self._listings[ino] = listing
-        return listing
+        parent = self._parents.get(ino, ROOT_INODE)  # the root's `..` is the root itself
+        attributes(ino)
+        attributes(parent)
+        children = self.overlay.listing(ino)
+        if ino not in self._listed:
+            dirs = [child for _, child in children if stat.S_ISDIR(attributes(child).st_mode)]
+            for child in dirs:  # only now: a NeedLayer above leaves nothing half done
+                self._parents[child] = ino
+            self._listed.add(ino)
+        # `.` and `..` first, as every filesystem lists them (`ls -a`); FUSE leaves that to us.
+        return ((b".", ino), (b"..", parent)), children
 
     # -- names ------------------------------------------------------------------------------
 
@@ -200,8 +197,7 @@ class ImageOperations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
-            if self.overlay.forget(ino, nlookup) and ino != ROOT_INODE:
-                self._listings.pop(ino, None)  # as the overlay drops its children
+            self.overlay.forget(ino, nlookup)
 
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
@@ -216,24 +212,34 @@ class ImageOperations(pyfuse3.Operations):
     # -- directories ------------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        listing = await self._ask(self._listing, inode)
+        handle = await self._ask(self._listing, inode)
         self._event("readdir", inode)
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = listing  # never changed: offsets stay valid for this handle
+        self._dirs[fh] = handle  # never changed: offsets stay valid for this handle
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._dirs.get(fh)
-        if listing is None:
+        handle = self._dirs.get(fh)
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        reply, remember = pyfuse3.readdir_reply, self.overlay.remember
-        for pos in range(start_id, len(listing)):
-            name, ino, attrs = listing[pos]
-            if not reply(token, name, attrs, pos + 1):
-                break
-            if pos >= 2:  # not `.` and `..`: the kernel takes no lookup reference for those
-                remember(ino)  # readdirplus counts as a lookup (fuse_direntplus_link)
+        dots, children = handle
+        # Every entry has its attributes (`_listing` built them); were one missing, the
+        # reply would raise and the request, not the mount, would fail.
+        reply, attrs = pyfuse3.readdir_reply, cast(list[pyfuse3.EntryAttributes], self._attrs)
+        # Offsets: 1 and 2 after `.` and `..`, 3 + k after the k-th entry of the listing.
+        for pos in range(start_id, 2):
+            name, ino = dots[pos]
+            if not reply(token, name, attrs[ino], pos + 1):
+                return
+        remember = self.overlay.remember
+        for k in range(max(start_id - 2, 0), len(children)):
+            name, ino = children[k]
+            if not reply(token, name, attrs[ino], k + 3):
+                return
+            # Readdirplus counts as a lookup (fuse_direntplus_link); the kernel takes no
+            # reference for `.` and `..`.
+            remember(ino)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

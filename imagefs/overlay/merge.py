@@ -392,20 +392,18 @@ class Overlay:
         self._node(ino)
         self._lookups[ino] += 1
 
-    def forget(self, ino: int, nlookup: int) -> bool:
-        """The kernel dropped `nlookup` references. The number stays valid; caches go.
-        True when the kernel holds no reference left (a shell drops its own caches too)."""
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The kernel dropped `nlookup` references. The number stays valid; caches go."""
         node = self._nodes[ino] if 0 < ino < len(self._nodes) else None
         if node is None:
-            return False
+            return
         left = self._lookups[ino] - nlookup
         if left > 0:
             self._lookups[ino] = left
-            return False
+            return
         self._lookups[ino] = 0
         if isinstance(node, _Dir) and ino != ROOT_INODE:
             node.children = None
-        return True
 
     def _children(self, d: _Dir) -> list[tuple[bytes, int]]:
         """List a directory: the same decisions as `_resolve` for every name, but made in one
@@ -445,6 +443,11 @@ class Overlay:
     def readdir(self, ino: int) -> list[tuple[bytes, int]]:
         """(name, inode) of every entry of a directory, sorted by name bytes; no . or .."""
         return list(self._children(self._dir(ino)))
+
+    def listing(self, ino: int) -> list[tuple[bytes, int]]:
+        """What `readdir` answers, without the copy: the list kept for the directory, which
+        the caller must not change (the FUSE adapter lists it as it is)."""
+        return self._children(self._dir(ino))
 
     def _dir_attr(self, d: _Dir) -> tuple[int, int] | None:
         """Where a directory's attributes come from, continuing an implicit directory's search
