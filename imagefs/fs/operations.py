@@ -418,9 +418,8 @@ def _entry(a: Attrs) -> pyfuse3.EntryAttributes:
     e.st_size = a.size
     e.st_blksize = 4096
     e.st_blocks = a.blocks
-    e.st_atime_ns = a.atime_ns
-    e.st_mtime_ns = a.mtime_ns
-    e.st_ctime_ns = a.ctime_ns
+    # atime and ctime are the mtime (`Attrs.atime_ns` says so, through a property call)
+    e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
     return e
 
 
