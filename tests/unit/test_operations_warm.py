@@ -21,16 +21,15 @@ import pytest
 import trio
 
 from imagefs.fs.operations import ImageOperations
-from imagefs.layers import estargz
 from imagefs.layers.toc import EntryType, Toc, TocBuilder
 from imagefs.lazy import telemetry
 from imagefs.lazy.layers import LayerSet
-from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.overlay import ROOT_INODE, Attrs, Overlay
 from imagefs.store import Store
+from tests.unit.test_pieces import _estargz_layer
 
 _CTX = cast(pyfuse3.RequestContext, None)
 _TOKEN = cast(pyfuse3.ReaddirToken, None)
@@ -177,18 +176,6 @@ def _gzip_layer(store: Store) -> Layer:
     return Layer(desc, Digest.of(buf.getvalue()))
 
 
-def _estargz_layer() -> tuple[Layer, bytes]:
-    specs = [estargz.FileSpec(n, data=d) for n, d in FILES.items()]
-    blob = estargz.write_estargz(specs, chunk_size=40_000)  # a 128 KiB read: 4-5 pieces
-    desc = Descriptor(
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        Digest.of(blob.blob),
-        len(blob.blob),
-        annotations={ESTARGZ_TOC_DIGEST: blob.toc_digest},
-    )
-    return Layer(desc, Digest.parse(blob.diff_id)), blob.blob
-
-
 async def _mount(store: Store, layer: Layer, blob: bytes | None) -> ImageOperations:
     async def fetch_blob(_: Layer) -> None:
         raise AssertionError("the whole blob is never fetched here")
@@ -224,7 +211,7 @@ async def test_a_warm_read_is_preads_only(
     if kind == "gzip":
         layer, blob = _gzip_layer(store), None
     else:
-        layer, blob = _estargz_layer()
+        layer, blob = _estargz_layer(FILES, chunk_size=40_000)  # a 128 KiB read: 4-5 pieces
     cold = await _mount(store, layer, blob)
     for name in FILES:
         assert await _read_file(cold, name.encode()) == FILES[name]
