@@ -314,11 +314,11 @@ class LayerSet:
                 got = cache.pread(name, off, n, expect=size)
                 if got is None and cache.open(name, count_miss=False):
                     # On disk but not open in this process (a new mount, or its fd fell
-                    # out of the LRU): open it here. Its one xxh3 check reads at most one
-                    # piece (~1 MiB, ~0.2 ms of CPU from the page cache), less than a
-                    # worker-thread hop costs on a busy machine (milliseconds of
-                    # scheduling); an absent piece is one failed openat before the maker
-                    # goes to a thread.
+                    # out of the LRU): open it here. Opening checks the pack's table and
+                    # the pread the blocks it touches (`PieceCache`), microseconds from
+                    # the page cache, less than a worker-thread hop costs on a busy
+                    # machine (milliseconds of scheduling); an absent piece is one failed
+                    # openat before the maker goes to a thread.
                     got = cache.pread(name, off, n, expect=size)
                 if got is None or len(got) != n:
                     return None
