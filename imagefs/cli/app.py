@@ -104,10 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.debug:
         # httpx logs every request at INFO; keep them for --debug only.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    return run_command(a)
+
+
+def run_command(a: argparse.Namespace) -> int:
+    """Run the parsed command: its exit status, an error as one line (the daemon of a
+    detached mount, forked by `mount_detached`, runs its foreground mount through here)."""
     try:
         with unwrap_groups():
             if a.command == "mount" and not a.foreground:
-                return mount.mount_detached(a)  # no trio: the daemon it starts runs one
+                return mount.mount_detached(a, run_command)  # no trio: the daemon runs one
             import trio  # here, not at the top: a detached mount's launcher never needs it
 
             return trio.run(_run, a)

@@ -1,9 +1,9 @@
 """Mounts: mount (detached or foreground), umount, mounts, stats.
 
-`imagefs mount` without -f stays light on purpose (no trio, no registry client): it checks
-what it can, starts the daemon (`imagefs mount -f --ready-fd N`) and returns once the mount
-answers. The daemon does the rest, including pulling the image's metadata when it is not
-local, and reports a start-up error back through the pipe.
+`imagefs mount` without -f stays light on purpose (no trio, no registry client, no thread):
+it checks what it can, forks the daemon (which runs what `imagefs mount -f --ready-fd N`
+runs) and returns once the mount answers. The daemon does the rest, including pulling the
+image's metadata when it is not local, and reports a start-up error back through the pipe.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,6 @@ from imagefs.cli.options import (
     Verb,
     cache_size_of,
     flag,
-    global_argv,
     platform_of,
     repeatable,
     trust_published_index,
@@ -115,9 +115,11 @@ async def run_mount(s: api.Session, a: argparse.Namespace) -> int:
     return 0
 
 
-def mount_detached(a: argparse.Namespace) -> int:
+def mount_detached(a: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
     """`imagefs mount` without -f: check, start the daemon, return once the mount answers
-    (a start-up error the daemon reports is raised here by `spawn_daemon`)."""
+    (a start-up error the daemon reports is raised here by `fork_daemon`). The daemon is
+    this process forked, running `run` (the command line's foreground path) on the same
+    arguments with `-f --ready-fd N`."""
     from imagefs.fs import lifecycle
     from imagefs.store import Store
 
@@ -131,9 +133,32 @@ def mount_detached(a: argparse.Namespace) -> int:
     if a.cache_size:
         cache_size_of(a)
     log_path = lifecycle.log_path_for(root, mountpoint)
-    pid = lifecycle.spawn_daemon(_daemon_argv(a, root, mountpoint), log_path, mountpoint, root)
+    pid = lifecycle.fork_daemon(
+        lambda ready_fd: run(daemon_arguments(a, root, mountpoint, ready_fd)),
+        log_path,
+        mountpoint,
+        root,
+    )
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0
+
+
+def daemon_arguments(
+    a: argparse.Namespace, root: Path, mountpoint: Path, ready_fd: int
+) -> argparse.Namespace:
+    """The daemon's arguments: the launcher's (every global option, every mount option),
+    foreground, with the root and the paths made absolute as the launcher resolved them."""
+    return argparse.Namespace(
+        **{
+            **vars(a),
+            "root": root,
+            "mountpoint": mountpoint,
+            "foreground": True,
+            "ready_fd": ready_fd,
+            "trace": a.trace.absolute() if a.trace else None,
+            "prefetch": a.prefetch.absolute() if a.prefetch else None,
+        }
+    )
 
 
 def _warn_local_platform(store: Any, reference: str) -> None:
@@ -148,28 +173,6 @@ def _warn_local_platform(store: Any, reference: str) -> None:
         return  # not local (the daemon pulls it) or unreadable (the daemon says why)
     if text:
         warn(text)
-
-
-def _daemon_argv(a: argparse.Namespace, root: Path, mountpoint: Path) -> list[str]:
-    argv = global_argv(a, root)
-    argv += ["mount", "-f"]
-    if a.platform:  # the daemon pulls the image's metadata when it is not local
-        argv += ["--platform", a.platform]
-    if a.cache_size:
-        argv += ["--cache-size", a.cache_size]
-    if a.background_fetch:
-        argv.append("--background-fetch")
-    if a.trace:
-        argv += ["--trace", str(a.trace.absolute())]
-    if a.prefetch:
-        argv += ["--prefetch", str(a.prefetch.absolute())]
-    if a.no_prefetch_landmark:
-        argv.append("--no-prefetch-landmark")
-    if a.trust_published_index:
-        argv.append("--trust-published-index")
-    for opt in a.options:
-        argv += ["-o", opt]
-    return [*argv, a.reference, str(mountpoint)]
 
 
 def _log_to_file(root: Path, path: Path, debug: bool) -> None:

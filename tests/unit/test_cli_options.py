@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagefs.cli import build_parser
-from imagefs.cli.mount import _daemon_argv
+from imagefs.cli.mount import daemon_arguments
 from imagefs.cli.options import GLOBALS, subcommand_parsers
 from imagefs.errors import UsageError
 from imagefs.settings import cache_size, transport_options
@@ -38,16 +38,16 @@ GLOBAL_NAMES = [g.flag for g in GLOBALS]
 @pytest.mark.parametrize("flag", GLOBAL_NAMES)
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_every_global_option_reaches_the_mount_daemon(flag: str, where: str) -> None:
-    """A global option given to `imagefs mount` (before or after the command name) is on
-    the daemon's command line, and the daemon parses it to the same value."""
+    """A global option given to `imagefs mount` (before or after the command name) reaches
+    the daemon (the launcher forked, running the foreground mount) with the same value."""
     opt = next(g for g in GLOBALS if g.flag == flag)
     words = _example(opt)
     tail = ["mount", "alpine", "/mnt/x"]
     argv = words + tail if where == "before" else [*tail[:1], *words, *tail[1:]]
     a = build_parser().parse_args(argv)
     root = Path("/r").absolute() if flag != "--root" else Path("/some/dir")
-    daemon = build_parser().parse_args(_daemon_argv(a, root, Path("/mnt/x")))
-    assert daemon.foreground and daemon.reference == "alpine"
+    daemon = daemon_arguments(a, root, Path("/mnt/x"), 7)
+    assert daemon.foreground and daemon.ready_fd == 7 and daemon.reference == "alpine"
     assert getattr(daemon, opt.dest) == getattr(a, opt.dest) != opt.default
     for other in GLOBALS:  # and nothing else was set on the way
         if other.dest not in (opt.dest, "root"):
