@@ -13,18 +13,21 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor
 from imagefs.oci.reference import Reference
-from imagefs.registry import credentials
 from imagefs.registry.client import RegistryClient
+from imagefs.registry.connection import lookup_credentials
 from imagefs.registry.transport import TransportOptions
 from imagefs.registry.wire import Wire
 from imagefs.store import Ingest, Store
+
+if TYPE_CHECKING:
+    from imagefs.registry.credentials import Credentials
 
 __all__ = ["Session", "fetch_blob", "keep_whole_blob"]
 
@@ -37,7 +40,7 @@ class Session:
 
     root: Path
     options: TransportOptions = field(default_factory=TransportOptions)
-    credential_lookup: Callable[[str], credentials.Credentials | None] = credentials.lookup
+    credential_lookup: Callable[[str], Credentials | None] = lookup_credentials
     disk_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))
     # Where docker-style warnings go (the CLI prints them on stderr).
     warn: Callable[[str], None] = field(default=lambda text: log.warning("%s", text))

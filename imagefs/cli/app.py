@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def session_from_args(a: argparse.Namespace) -> api.Session:
-    from imagefs import api
+    # the Session itself, not through `imagefs.api`: that would import every verb (push,
+    # index, rmi...) into each command, the mount daemon too
+    from imagefs.session import Session
     from imagefs.settings import transport_options
 
     options = transport_options(
@@ -76,7 +78,7 @@ def session_from_args(a: argparse.Namespace) -> api.Session:
         net_bandwidth=a.net_bandwidth,
         timeout=a.registry_timeout,
     )
-    return api.Session(root=a.root or default_root(), options=options, warn=warn)
+    return Session(root=a.root or default_root(), options=options, warn=warn)
 
 
 async def _run(a: argparse.Namespace) -> int:

@@ -80,11 +80,11 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def run_mount(s: api.Session, a: argparse.Namespace) -> int:
-    """The foreground mount: `mount -f` by a user, or the daemon `mount_detached` starts."""
-    from imagefs import api
-    from imagefs.api.profiles import load_profile
+    """The foreground mount: `mount -f` by a user, or the daemon `mount_detached` starts.
+    It imports only what a mount needs (not `imagefs.api`, which is every verb)."""
     from imagefs.fs import lifecycle
     from imagefs.fs.daemon import serve
+    from imagefs.pulling import find_or_pull
 
     mountpoint = a.mountpoint.absolute()
     options = lifecycle.MountOptions.parse(a.options)
@@ -92,7 +92,7 @@ async def run_mount(s: api.Session, a: argparse.Namespace) -> int:
     if a.ready_fd is None:  # the detached parent already said these
         for note in notes:
             print(f"{PROG}: warning: {note}", file=sys.stderr)
-    await api.find_or_pull(s, a.reference, platform_of(a))
+    await find_or_pull(s, a.reference, platform_of(a))
     log_path = lifecycle.log_path_for(s.root, mountpoint)
     if a.ready_fd is None:  # a daemon's stderr already is this log file
         _log_to_file(s.root, log_path, a.debug)
@@ -107,12 +107,18 @@ async def run_mount(s: api.Session, a: argparse.Namespace) -> int:
         cache_size=cache_size_of(a),
         background_fetch=a.background_fetch,
         trace=a.trace.absolute() if a.trace else None,
-        prefetch=load_profile(a.prefetch) if a.prefetch else None,
+        prefetch=_load_profile(a.prefetch) if a.prefetch else None,
         landmarks=not a.no_prefetch_landmark,
         log_path=log_path,
         trust_published_index=a.trust_published_index,
     )
     return 0
+
+
+def _load_profile(path: Path) -> Any:
+    from imagefs.api.profiles import load_profile
+
+    return load_profile(path)
 
 
 def mount_detached(a: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:

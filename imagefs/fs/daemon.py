@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import pyfuse3
 import trio
@@ -36,11 +36,13 @@ from imagefs.lazy.telemetry import Telemetry, serve_control
 from imagefs.lazy.wiring import lazy_layer_set
 from imagefs.oci.image import Layer
 from imagefs.overlay import Overlay
-from imagefs.profiles import Profile
 from imagefs.session import Session
 from imagefs.store import MountRecord
 from imagefs.store.lookup import find_record, load_resolved
 from imagefs.store.refs import now_rfc3339
+
+if TYPE_CHECKING:
+    from imagefs.profiles import Profile
 
 log = logging.getLogger("imagefs.fs")
 

@@ -25,20 +25,21 @@ import zlib
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import xxhash
 import zstandard
 from isal import isal_zlib  # ISA-L: inflates ~2x faster than zlib
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
-from imagefs.layers import estargz, lostnames, zstdchunked
 from imagefs.layers.seekindex import zstd_capped
 from imagefs.layers.tarscan import EntryType
-from imagefs.layers.toc import Toc, TocBuilder
+from imagefs.layers.toc import Toc
+
+if TYPE_CHECKING:  # the builders import them: reading a stored table needs none of them
+    from imagefs.layers import estargz, lostnames
 
 MAGIC = b"IFSCHNK2"
-_TYPES = lostnames.TYPES
 ZERO_DIGEST = b"\0" * 32
 # The largest chunk imagefs fetches and inflates in one piece (writers use 4 MiB; ctr-remote
 # and containers/storage stay far below this). A TOC is verified by its annotation, but
@@ -280,6 +281,9 @@ def build_chunked(
     tar headers by `lostnames`); a lossy entry without one raises `LostNames`, so the
     caller can recover them (or read the layer's tar stream instead).
     """
+    from imagefs.layers import lostnames
+    from imagefs.layers.toc import TocBuilder
+
     names = names or {}
     lost = [k for k in lostnames.lost_entries(entries) if k not in names]
     if lost:
@@ -291,8 +295,9 @@ def build_chunked(
     voff = 0
     next_piece = 0  # pieces are in file order: each file's run follows the last one's
     warnings: list[str] = []
+    types = lostnames.TYPES
     for k, e in enumerate(entries):
-        kind = _TYPES.get(e.type)
+        kind = types.get(e.type)
         if kind is None:
             continue  # "chunk" continuation entries, or types we do not show
         mtime, mtime_ns = _mtime(e.modtime)
@@ -361,6 +366,8 @@ def from_estargz(
     toc: estargz.TOC, toc_offset: int, names: lostnames.Names | None = None
 ) -> tuple[Toc, ChunkTable, list[str]]:
     """eStargz: a chunk ends where the next member starts (or at the TOC member)."""
+    from imagefs.layers import estargz
+
     member_starts = {
         e.offset for e in toc.entries if e.type == "chunk" or (e.type == "reg" and e.size)
     }
@@ -400,6 +407,8 @@ def from_estargz(
 def from_zstd_chunked(
     toc: estargz.TOC, names: lostnames.Names | None = None
 ) -> tuple[Toc, ChunkTable, list[str]]:
+    from imagefs.layers import zstdchunked
+
     refs = zstdchunked.chunks(toc)
     pieces = [(r.name, r.file_offset, r.size, r.start, r.end, 0, r.digest, r.zeros) for r in refs]
     return build_chunked(toc.entries, pieces, "zstd", names=names)

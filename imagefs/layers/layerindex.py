@@ -29,9 +29,8 @@ import xxhash
 
 from imagefs.errors import LayerFormatError
 from imagefs.layers.chunks import ChunkTable
-from imagefs.layers.seekindex import SeekIndex, build_index
-from imagefs.layers.tarscan import TarScanner
-from imagefs.layers.toc import Toc, TocBuilder
+from imagefs.layers.seekindex import SeekIndex
+from imagefs.layers.toc import Toc
 from imagefs.oci.digest import Digest
 from imagefs.oci.mediatypes import Compression
 
@@ -134,6 +133,11 @@ def _build(
     spool_dir: Path | None,
     estargz: bool,
 ) -> LayerIndex:
+    # Here, not at the top: a mount reading a stored or published index never builds one.
+    from imagefs.layers.seekindex import build_index
+    from imagefs.layers.tarscan import TarScanner
+    from imagefs.layers.toc import TocBuilder
+
     scanner = TarScanner()
     builder = TocBuilder(estargz=estargz)
     size = os.fstat(f.fileno()).st_size

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, overload
 import trio
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
-from imagefs.layers import estargz, lostnames, tocverify, zstdchunked
 from imagefs.layers.layerindex import LayerIndex, build_from_blob
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
@@ -39,6 +38,7 @@ from imagefs.store import fsutil
 from imagefs.store.layerindexes import ESTARGZ, PUBLISHED, ZSTD_CHUNKED, Bound, derive
 
 if TYPE_CHECKING:
+    from imagefs.layers import lostnames, zstdchunked
     from imagefs.lazy.layers import LayerSet
 
 log = logging.getLogger("imagefs.lazy")
@@ -58,6 +58,10 @@ MAX_TOC_FETCH = 64 << 20
 def toc_binding(layer: Layer) -> Bound | None:
     """The manifest-bound TOC this layer descriptor names, if any (no I/O)."""
     ann = layer.descriptor.annotations
+    if not ann:  # most layers (gzip, zstd): nothing binds a TOC, no format module imported
+        return None
+    from imagefs.layers import zstdchunked
+
     try:
         if ESTARGZ_TOC_DIGEST in ann:
             return Bound(layer.digest, ESTARGZ, Digest.parse(ann[ESTARGZ_TOC_DIGEST]))
@@ -130,6 +134,8 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
     bound = toc_binding(layer)
     if bound is None or ls.fetch_range is None:
         return None
+    from imagefs.layers import lostnames, zstdchunked
+
     if await trio.to_thread.run_sync(ls.indexes.refused, bound):
         log.warning(
             "layer %d (%s): its TOC %s disagreed with the layer's tar stream before; "
@@ -176,6 +182,8 @@ async def _recover_names(
 ) -> dict[str, Any]:
     """Read the true names a TOC could not carry from their tar headers, fetched by range
     (see `layers.lostnames` for where they sit and why they can be trusted)."""
+    from imagefs.layers import lostnames
+
     if bound.kind == ESTARGZ:
         codec, data_end = "gzip", int(params["toc_offset"])
     else:
@@ -209,6 +217,8 @@ async def _recover_names(
 
 
 async def _fetch_estargz_toc(ls: LayerSet, i: int) -> tuple[dict[str, int], bytes]:
+    from imagefs.layers import estargz
+
     size = ls.layers[i].size
     tail_start = max(0, size - TAIL_FETCH)
     tail = await ls.fetch(i, tail_start, size)
@@ -235,6 +245,8 @@ async def _fetch_estargz_toc(ls: LayerSet, i: int) -> tuple[dict[str, int], byte
 async def _fetch_zstd_toc(
     ls: LayerSet, i: int, position: zstdchunked.ManifestPosition
 ) -> tuple[dict[str, int], bytes]:
+    from imagefs.layers import zstdchunked
+
     end = position.offset + position.length
     if position.length <= 0 or end > ls.layers[i].size:
         raise LayerFormatError("zstd:chunked TOC position outside the blob")
@@ -283,6 +295,8 @@ def check_tocs(ls: LayerSet, built: LayerIndex) -> None:
     tar stream; refuse the ones that disagree (in a worker thread: it inflates the blob once
     per TOC; a published index is compared entry by entry, its offsets being tar-stream
     offsets already)."""
+    from imagefs.layers import tocverify
+
     blob = ls.store.blobs.path(built.digest)
     for bound in ls.indexes.bound_entries(built.digest):
         if bound.kind not in (ESTARGZ, ZSTD_CHUNKED, PUBLISHED):

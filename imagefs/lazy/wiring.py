@@ -15,7 +15,6 @@ from imagefs.lazy.memory import keep_big_buffers_unmapped
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.reference import Reference
-from imagefs.published import RemoteIndexes
 from imagefs.session import Session, fetch_blob, keep_whole_blob
 from imagefs.store import ImageRecord, Store, fsutil
 from imagefs.store.layerindexes import LayerIndexStore
@@ -102,6 +101,8 @@ def lazy_layer_set(
     # source (an offline remount finds what this manifest's referrers led to before).
     remote = None
     if trust_published_index:
+        from imagefs.published import RemoteIndexes  # imported by the mounts that opt in
+
         remote = RemoteIndexes(
             session.client(source) if source is not None else None,
             source.repository if source is not None else "",

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -31,8 +31,7 @@ from imagefs.errors import (
     RegistryUnreachable,
     Unauthorized,
 )
-from imagefs.registry import bodies, challenge, credentials
-from imagefs.registry.netem import EmulatedTransport
+from imagefs.registry import bodies, challenge
 from imagefs.registry.roundtrip import MAX_REDIRECTS as MAX_REDIRECTS  # tests name it here
 from imagefs.registry.roundtrip import (
     Authenticate,
@@ -53,11 +52,14 @@ from imagefs.registry.transport import (
 from imagefs.registry.wire import Wire
 from imagefs.registry.wire import cause as fetch_cause
 
+if TYPE_CHECKING:
+    from imagefs.registry import credentials
+
 log = logging.getLogger("imagefs.registry")
 
 USER_AGENT = "imagefs/0.1"
 
-CredentialLookup = Callable[[str], credentials.Credentials | None]
+CredentialLookup = Callable[[str], "credentials.Credentials | None"]
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Connection:
         # Every response body is counted where it arrives, with why it was fetched (wire.py).
         self.wire = wire or Wire()
         self.options = options or TransportOptions()
-        self._lookup = credential_lookup or credentials.lookup
+        self._lookup = credential_lookup or lookup_credentials
         self._creds_cache: dict[str, credentials.Credentials | None] = {}
         netloc = endpoint_host or registry
         self._upstream = _Endpoint(
@@ -130,6 +132,8 @@ class Connection:
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
         transport: httpx.AsyncBaseTransport | None = None
         if self.options.link is not None:
+            from imagefs.registry.netem import EmulatedTransport  # only when emulating a WAN
+
             transport = EmulatedTransport(
                 httpx.AsyncHTTPTransport(verify=ssl_context(host, self.options), limits=limits),
                 self.options.link,
@@ -450,6 +454,14 @@ class _EndpointAuthority:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def lookup_credentials(host: str) -> credentials.Credentials | None:
+    """`credentials.lookup`, imported when first asked (after a 401): most pulls need none,
+    and a mount starts sooner without it."""
+    from imagefs.registry import credentials
+
+    return credentials.lookup(host)
 
 
 def _basic(creds: credentials.Credentials) -> str:

@@ -19,11 +19,13 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import certifi
 
-from imagefs.registry.netem import Link
+if TYPE_CHECKING:
+    from imagefs.registry.netem import Link
 
 DOCKER_CERTS_D = Path("/etc/docker/certs.d")
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from imagefs.errors import ImageFSError, IntegrityError, LayerFormatError
 from imagefs.layers import chunks as chunk_tables
-from imagefs.layers import estargz, lostnames, seekindex, zstdchunked
+from imagefs.layers import seekindex
 from imagefs.layers.layerindex import LayerIndex
 from imagefs.oci.digest import Digest
 from imagefs.store import fsutil
@@ -86,12 +86,17 @@ def derive(bound: Bound, params: dict[str, Any], raw: bytes) -> LayerIndex:
         raise IntegrityError(
             f"{bound.kind} index for layer {bound.layer.short} is not {bound.verifier.short}"
         )
+    # A format's modules are imported when a layer of that format is met, not by every mount.
     if bound.kind == ESTARGZ:
+        from imagefs.layers import estargz, lostnames
+
         toc = estargz.parse_toc(raw)
         names = lostnames.from_params(params.get("names"))
         t, table, warnings = chunk_tables.from_estargz(toc, int(params["toc_offset"]), names)
         return LayerIndex(bound.layer, t, chunks=table, warnings=tuple(warnings))
     if bound.kind == ZSTD_CHUNKED:
+        from imagefs.layers import lostnames, zstdchunked
+
         position = zstdchunked.ManifestPosition(
             int(params["offset"]), int(params["length"]), int(params["uncompressed"])
         )

@@ -8,7 +8,8 @@ module).
 - `building`: an index in one pass over a blob (rapidgzip for gzip, zstd frames, plain).
 """
 
-from imagefs.layers.seekindex.building import build_index, decompress_to_file
+from typing import TYPE_CHECKING
+
 from imagefs.layers.seekindex.format import (
     DEFAULT_SPACING,
     MAX_SPAN,
@@ -30,6 +31,20 @@ from imagefs.layers.seekindex.reading import (
     read_at,
     zstd_capped,
 )
+
+if TYPE_CHECKING:
+    from imagefs.layers.seekindex.building import build_index, decompress_to_file
+
+
+def __getattr__(name: str) -> object:
+    """`building` (rapidgzip, a blob's one-pass scan) is imported when first asked for: a
+    mount that reads stored or published indexes never builds one."""
+    if name in ("build_index", "decompress_to_file"):
+        from imagefs.layers.seekindex import building
+
+        return getattr(building, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_SPACING",

@@ -33,9 +33,25 @@ Layer semantics decided here (the overlay above only combines layers):
   for the overlay to resolve.
 """
 
+from typing import TYPE_CHECKING
+
 from imagefs.layers.tarscan import EntryType
-from imagefs.layers.toc.builder import DEFAULT_DIR_MODE, HIDDEN_AT_ROOT, TocBuilder, toc_from_tar
+from imagefs.layers.toc.packed import DEFAULT_DIR_MODE
 from imagefs.layers.toc.table import EntryAttrs, Toc
+
+if TYPE_CHECKING:
+    from imagefs.layers.toc.builder import HIDDEN_AT_ROOT, TocBuilder, toc_from_tar
+
+
+def __getattr__(name: str) -> object:
+    """`builder` is imported when first asked for: a mount that reads stored or published
+    indexes never builds a TOC, and its daemon starts sooner without it."""
+    if name in ("HIDDEN_AT_ROOT", "TocBuilder", "toc_from_tar"):
+        from imagefs.layers.toc import builder
+
+        return getattr(builder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_DIR_MODE",

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 from imagefs.layers.tarscan import EntryType, TarEntry, TarScanner, clean_path, show
 from imagefs.layers.toc.packed import (
+    DEFAULT_DIR_MODE,
     IMPLICIT,
     TYPE_MASK,
     X_DEV,
@@ -22,8 +23,6 @@ from imagefs.layers.toc.packed import (
     write_record,
 )
 from imagefs.layers.toc.table import Toc
-
-DEFAULT_DIR_MODE = 0o755
 
 #: eStargz bookkeeping files, present in the tar but never part of the image.
 HIDDEN_AT_ROOT = frozenset((b"stargz.index.json", b".prefetch.landmark", b".no.prefetch.landmark"))

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from imagefs.layers.tarscan import EntryType
 
+DEFAULT_DIR_MODE = 0o755  # of a directory no entry describes (an implied parent)
 IMPLICIT = 0x80  # flag bit in the type byte
 TYPE_MASK = 0x7F
 ENTRY_TYPES = {int(t): t for t in EntryType}  # a dict look-up is cheaper than EntryType(code)
