@@ -58,13 +58,13 @@ MAX_TOC_FETCH = 64 << 20
 def toc_binding(layer: Layer) -> Bound | None:
     """The manifest-bound TOC this layer descriptor names, if any (no I/O)."""
     ann = layer.descriptor.annotations
-    if not ann:  # most layers (gzip, zstd): nothing binds a TOC, no format module imported
-        return None
-    from imagefs.layers import zstdchunked
-
     try:
         if ESTARGZ_TOC_DIGEST in ann:
             return Bound(layer.digest, ESTARGZ, Digest.parse(ann[ESTARGZ_TOC_DIGEST]))
+        if not ann:  # most layers: no TOC, and no format module imported to say so
+            return None
+        from imagefs.layers import zstdchunked
+
         position = zstdchunked.position_from_annotations(ann)
         if position is not None:
             return Bound(layer.digest, ZSTD_CHUNKED, Digest.parse(position[1]))
@@ -134,7 +134,7 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
     bound = toc_binding(layer)
     if bound is None or ls.fetch_range is None:
         return None
-    from imagefs.layers import lostnames, zstdchunked
+    from imagefs.layers import lostnames
 
     if await trio.to_thread.run_sync(ls.indexes.refused, bound):
         log.warning(
@@ -156,6 +156,8 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
             if bound.kind == ESTARGZ:
                 params, raw = await _fetch_estargz_toc(ls, i)
             else:
+                from imagefs.layers import zstdchunked
+
                 position = zstdchunked.position_from_annotations(layer.descriptor.annotations)
                 assert position is not None
                 params, raw = await _fetch_zstd_toc(ls, i, position[0])
