@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import datetime as dt
 import hashlib
@@ -111,11 +112,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def snapshot_imagefs(dest: Path, source: Path = REPO) -> str:
     """Copy the imagefs package (from `source`, a checkout) to `dest` and put it first on
     PYTHONPATH for every imagefs process we start, so edits made to the work tree during a
-    long run do not mix versions. Returns a short hash of the copied sources."""
+    long run do not mix versions. Returns a short hash of the copied sources.
+
+    The copy is byte-compiled here, as an installed package is: a process started with
+    PYTHONDONTWRITEBYTECODE=1 (set in some shells and CI images) would otherwise compile
+    every imagefs module from source at each start, ~0.15 s of each mount's start-up that
+    no installed imagefs pays."""
     remove_tree(dest)
     shutil.copytree(
         source / "imagefs", dest / "imagefs", ignore=shutil.ignore_patterns("__pycache__")
     )
+    compileall.compile_dir(dest / "imagefs", quiet=1)
     digest = hashlib.sha256()
     for path in sorted((dest / "imagefs").rglob("*.py")):
         digest.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
