@@ -25,7 +25,7 @@ from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
 from tests.unit.test_making import BLOB, PIECE, FakeRegistry, SlowDisk, _job, _maker
-from tests.unit.test_pieces import _one_chunk
+from tests.unit.test_pieces import _one_chunk, no_whole_blob
 
 MiB = 1 << 20
 
@@ -68,10 +68,7 @@ async def test_one_bad_chunk_fails_only_its_readers_and_is_never_kept(tmp_path: 
         fetched.update(range(start, end))
         return served[start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
-    ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    ls = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     idx = await ls.ensure(0)
     table = idx.chunks
     assert table is not None

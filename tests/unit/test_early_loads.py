@@ -9,7 +9,7 @@ from pathlib import Path
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.image import Layer
 from imagefs.store import Store
-from tests.unit.test_pieces import _estargz_layer
+from tests.unit.test_pieces import _estargz_layer, no_whole_blob
 
 
 async def test_an_early_load_fetches_nothing_and_a_kept_toc_loads(tmp_path: Path) -> None:
@@ -20,10 +20,7 @@ async def test_an_early_load_fetches_nothing_and_a_kept_toc_loads(tmp_path: Path
         fetched.append((start, end))
         return blob[start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
-    first = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    first = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     try:
         await first.ensure_if_cheap(0)  # nothing kept yet: nothing loaded, nothing fetched
         assert fetched == [] and not first.loaded(0)
@@ -32,7 +29,7 @@ async def test_an_early_load_fetches_nothing_and_a_kept_toc_loads(tmp_path: Path
     finally:
         first.close()
     fetched.clear()
-    again = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    again = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     try:
         await again.ensure_if_cheap(0)  # a remount: the kept TOC, from disk
         assert again.loaded(0) and fetched == []

@@ -17,6 +17,7 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
+from tests.unit.test_pieces import no_whole_blob
 
 
 async def test_landmark_prefetch_keeps_to_its_two_network_slots(tmp_path: Path) -> None:
@@ -42,10 +43,7 @@ async def test_landmark_prefetch_keeps_to_its_two_network_slots(tmp_path: Path) 
         fetched += end - start
         return blob.blob[start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
-    ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    ls = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     try:
         await ls.ensure(0)  # the TOC first (a fetch of its own)
         peak = 0

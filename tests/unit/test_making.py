@@ -28,7 +28,7 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
-from tests.unit.test_pieces import FILES, _estargz_layer
+from tests.unit.test_pieces import FILES, _estargz_layer, no_whole_blob
 
 KiB = 1 << 10
 PIECE = 64 * KiB
@@ -234,10 +234,7 @@ async def test_read_ahead_runs_across_files_read_in_stored_order(
         await trio.sleep(1)
         return blob[start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
-    ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    ls = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     idx = await ls.ensure(0)
     after_toc = len(calls)
 
@@ -287,10 +284,7 @@ async def test_a_short_run_of_small_files_reads_ahead_a_little(
         fetched.append((start, end))
         return blob[start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
-    ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    ls = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     idx = await ls.ensure(0)
     after_toc = len(fetched)
     async with trio.open_nursery() as nursery:
@@ -347,11 +341,8 @@ async def test_a_toc_larger_than_the_tail_guess_is_fetched_without_overlap(
         calls.append((start, end))
         return blob[start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
     ls = LayerSet(
-        Store(tmp_path), [Layer(desc, Digest.parse(built.diff_id))], fetch_blob, fetch_range
+        Store(tmp_path), [Layer(desc, Digest.parse(built.diff_id))], no_whole_blob, fetch_range
     )
     idx = await ls.ensure(0)
     assert len(idx.toc) > 3000

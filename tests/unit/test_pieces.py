@@ -184,6 +184,11 @@ def test_index_store_finds_a_bound_entry_only_under_its_own_verifier(tmp_path: P
 FILES = {f"f{k}.bin": random.Random(k).randbytes(300_000) for k in range(6)}
 
 
+async def no_whole_blob(_: Layer) -> None:
+    """A LayerSet's `fetch_blob` for tests where every byte must come as ranges."""
+    raise AssertionError("the whole blob is never needed")
+
+
 def _estargz_layer(
     files: dict[str, bytes] = FILES, chunk_size: int = 100_000
 ) -> tuple[Layer, bytes]:
@@ -207,11 +212,8 @@ async def test_single_flight_warm_reads_and_shared_pieces(tmp_path: Path) -> Non
         await trio.sleep(0.01)  # let the other readers pile up behind the flight
         return blob[start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
     def layer_set() -> LayerSet:
-        return LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+        return LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
 
     ls = layer_set()
     idx = await ls.ensure(0)
@@ -363,10 +365,7 @@ async def test_a_warm_piece_is_served_only_at_its_declared_size(tmp_path: Path) 
     async def fetch_range(layer: Layer, start: int, end: int) -> bytes:
         return blobs[layer.digest][start:end]
 
-    async def fetch_blob(_: Layer) -> None:
-        raise AssertionError("the whole blob is never needed")
-
-    ls = LayerSet(Store(tmp_path), layers, fetch_blob, fetch_range=fetch_range)
+    ls = LayerSet(Store(tmp_path), layers, no_whole_blob, fetch_range=fetch_range)
     try:
         idx1 = await ls.ensure(1)
         g = idx1.toc.find(b"g.bin")
