@@ -324,14 +324,18 @@ class FaultProxy:
         h.end_headers()
         if h.command == "HEAD":
             return
-        chunk = b'{"errors":[' + b" " * (ENDLESS_CHUNK - 11)
+        h.wfile.flush()
+        chunk = memoryview(b'{"errors":[' + b" " * (ENDLESS_CHUNK - 11))
         here = 0
         try:
             while here < rule.endless_max:
-                h.wfile.write(chunk)
-                here += len(chunk)
+                # socket.send, not sendall: `sent` counts every byte the kernel took, even
+                # from a chunk the client hung up in the middle of (a client that read any
+                # body byte has then always been counted)
+                n = h.connection.send(chunk[here % len(chunk) :])
+                here += n
                 with self._lock:
-                    rule.sent += len(chunk)
+                    rule.sent += n
         except OSError:
             pass  # the client hung up: what we want it to do
 

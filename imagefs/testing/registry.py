@@ -31,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -399,6 +399,23 @@ class LocalRegistry:
         """The `GET /v2/<repo>/blobs/sha256:...` requests since the mark (all repos if None)."""
         prefix = f"/v2/{repo}/blobs/" if repo is not None else ""
         return [r for r in self.requests() if r.is_blob_get and r.path.startswith(prefix)]
+
+    def blob_gets_until(
+        self, done: Callable[[list[LoggedRequest]], bool], *, timeout: float = 10.0
+    ) -> list[LoggedRequest]:
+        """`blob_gets()` once `done(...)` holds of them, or as they stand after `timeout`.
+
+        For assertions that something *was* fetched: distribution writes a request's log
+        line from its own goroutine after the response, and on a loaded machine that line
+        can trail the sync marker's. Polling for the expected lines closes that race; a
+        test asserting that nothing was fetched needs no wait (a late line only adds).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            gets = self.blob_gets()
+            if done(gets) or time.monotonic() >= deadline:
+                return gets
+            time.sleep(0.05)
 
     def _log_entries(self) -> Iterator[dict[str, Any]]:
         with open(self.log_file, "rb") as f:

@@ -14,7 +14,7 @@ import pytest
 from imagefs.testing import treecmp
 from imagefs.testing.images import SampleImage, push, umoci_unpack
 from imagefs.testing.mounts import imagefs, mounted
-from imagefs.testing.registry import LocalRegistry
+from imagefs.testing.registry import LocalRegistry, LoggedRequest
 
 pytestmark = pytest.mark.fuse
 
@@ -134,11 +134,11 @@ def test_mount_is_lazy_and_reuses_indexes(
         assert not _fetched_layers(registry, layers)  # mounting fetched no layer
         # every step of this path is decided by the top layer: nothing below is fetched
         assert (mnt / "opt" / "lazy" / "top.txt").read_bytes() == b"top\n"
-        assert set(_fetched_layers(registry, layers)) == {layers[-1]}
+        assert set(_fetched_layers(registry, layers, {layers[-1]})) == {layers[-1]}
         # etc/hello.txt is in layer 1, but etc/ there is only implied (no entry of its
         # own), so etc's attributes come from layer 0: every layer is needed for this one
         assert (mnt / "etc" / "hello.txt").read_bytes() == sample_image.files["etc/hello.txt"]
-        assert sorted(_fetched_layers(registry, layers)) == sorted(layers)
+        assert sorted(_fetched_layers(registry, layers, set(layers))) == sorted(layers)
     # the next mount of the same layers starts from the stored indexes: nothing fetched
     registry.mark()
     for digest in layers:
@@ -148,9 +148,18 @@ def test_mount_is_lazy_and_reuses_indexes(
     assert not registry.blob_gets()
 
 
-def _fetched_layers(registry: LocalRegistry, layers: list[str]) -> list[str]:
-    got = [r.path.rsplit("/", 1)[1] for r in registry.blob_gets() if r.status in (200, 206)]
-    return [d for d in got if d in layers]
+def _fetched_layers(
+    registry: LocalRegistry, layers: list[str], expect: set[str] | None = None
+) -> list[str]:
+    """The layers fetched since the mark; with `expect`, waits for the log to show them."""
+
+    def fetched(gets: list[LoggedRequest]) -> list[str]:
+        got = [r.path.rsplit("/", 1)[1] for r in gets if r.status in (200, 206)]
+        return [d for d in got if d in layers]
+
+    if expect is None:
+        return fetched(registry.blob_gets())
+    return fetched(registry.blob_gets_until(lambda gets: set(fetched(gets)) >= expect))
 
 
 def test_writes_are_refused(tmp_path: Path, sample_image: SampleImage) -> None:
