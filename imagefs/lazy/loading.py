@@ -76,27 +76,23 @@ def toc_binding(layer: Layer) -> Bound | None:
 @overload
 async def load(ls: LayerSet, i: int) -> LayerIndex: ...
 @overload
-async def load(ls: LayerSet, i: int, *, cheap_only: bool) -> LayerIndex | None: ...
+async def load(ls: LayerSet, i: int, *, metadata_only: bool) -> LayerIndex | None: ...
 
 
-async def load(ls: LayerSet, i: int, *, cheap_only: bool = False) -> LayerIndex | None:
-    """Layer i's index, in trust order; `cheap_only`: only an index this machine keeps (the
-    index store, a kept TOC this manifest names), else None: no network fetch, no blob read."""
+async def load(ls: LayerSet, i: int, *, metadata_only: bool = False) -> LayerIndex | None:
+    """Layer i's index, in trust order; `metadata_only`: only from an index kept here, the
+    TOC this manifest names or its published index, else None: no layer data is fetched
+    and no blob indexed (an early load, ahead of need)."""
     with wire.for_layer(i):  # everything fetched to index layer i counts for it
-        return await _load(ls, i, cheap_only=cheap_only)
+        return await _load(ls, i, metadata_only=metadata_only)
 
 
-async def _load(ls: LayerSet, i: int, *, cheap_only: bool) -> LayerIndex | None:
+async def _load(ls: LayerSet, i: int, *, metadata_only: bool) -> LayerIndex | None:
     layer = ls.layers[i]
     idx = await trio.to_thread.run_sync(ls.indexes.load_layer, layer.digest)
     if idx is not None:
         ls.stats[i].source = "index store"
         return idx
-    if cheap_only:
-        # An early load (ahead of need): what is kept here and nothing fetched, so bytes still
-        # come from the registry only when a request needs them (a path the upper layers
-        # decide costs nothing below; the experiments count what a workload needs).
-        return await _kept_toc(ls, i)
     if not ls.is_local(i):
         idx = await _load_toc(ls, i)
         if idx is None and ls.remote_index is not None:
@@ -107,24 +103,16 @@ async def _load(ls: LayerSet, i: int, *, cheap_only: bool) -> LayerIndex | None:
             if idx is not None:
                 ls.stats[i].source = "registry index"
     if idx is None:
+        if metadata_only:
+            # An early load: the layer's metadata, never its data. A layer with neither a
+            # TOC nor a published index waits until a request needs it (its whole blob).
+            return None
         idx = await _index_whole_blob(ls, i)
     for w in idx.warnings:
         log.warning("layer %d (%s): %s", i, layer.digest.short, w)
     log.info(
         "layer %d (%s): %d entries (%s)", i, layer.digest.short, len(idx.toc), ls.stats[i].source
     )
-    return idx
-
-
-async def _kept_toc(ls: LayerSet, i: int) -> LayerIndex | None:
-    """The TOC this manifest names for layer i, if it is kept here (and not refused)."""
-    bound = toc_binding(ls.layers[i])
-    if bound is None or await trio.to_thread.run_sync(ls.indexes.refused, bound):
-        return None
-    idx = await trio.to_thread.run_sync(ls.indexes.load_bound, bound)
-    if idx is not None:
-        kind = "eStargz TOC" if bound.kind == ESTARGZ else "zstd:chunked TOC"
-        ls.stats[i].source = f"{kind} (kept)"
     return idx
 
 

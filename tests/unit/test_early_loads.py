@@ -1,18 +1,24 @@
-"""Early loads of the layers below (`LayerSet.ensure_if_cheap`) use only what this machine
-keeps: an early load never fetches, so bytes still come from the registry only when a
-request needs them (a path the upper layers decide costs nothing below)."""
+"""Early loads of the layers below (`LayerSet.ensure_ahead`) use a layer's metadata only: an
+index kept here, the TOC its manifest names (fetched if need be), its published index. They
+never fetch layer data: a layer with no TOC and no published index is left for the request
+that needs it, so a path the upper layers decide still costs no data below."""
 
 from __future__ import annotations
 
+import gzip
+import io
+import tarfile
 from pathlib import Path
 
 from imagefs.lazy.layers import LayerSet
+from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
+from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
-from tests.unit.test_pieces import _estargz_layer, no_whole_blob
+from tests.unit.test_pieces import FILES, _estargz_layer, no_whole_blob
 
 
-async def test_an_early_load_fetches_nothing_and_a_kept_toc_loads(tmp_path: Path) -> None:
+async def test_an_early_load_fetches_the_toc_and_no_file_data(tmp_path: Path) -> None:
     layer, blob = _estargz_layer()
     fetched: list[tuple[int, int]] = []
 
@@ -22,16 +28,49 @@ async def test_an_early_load_fetches_nothing_and_a_kept_toc_loads(tmp_path: Path
 
     first = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     try:
-        await first.ensure_if_cheap(0)  # nothing kept yet: nothing loaded, nothing fetched
-        assert fetched == [] and not first.loaded(0)
-        await first.ensure(0)  # a request needs it: the TOC is fetched (and kept)
-        assert fetched and first.loaded(0)
+        await first.ensure_ahead(0)  # the TOC, by ranges from the blob's tail (and kept)
+        assert first.loaded(0) and fetched
+        toc_start = min(start for start, _ in fetched)
+        idx = await first.ensure(0)
+        first_file = min(idx.toc.offset(e) for e in idx.toc.visible() if idx.toc.size(e))
+        # only the tail (footer, TOC, the last chunks that come with them) was fetched
+        assert toc_start > len(blob) - 64 * 1024 - 1 and toc_start > first_file
     finally:
         first.close()
     fetched.clear()
     again = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     try:
-        await again.ensure_if_cheap(0)  # a remount: the kept TOC, from disk
+        await again.ensure_ahead(0)  # a remount: the kept TOC, from disk
         assert again.loaded(0) and fetched == []
     finally:
         again.close()
+
+
+async def test_an_early_load_of_a_layer_without_metadata_fetches_nothing(
+    tmp_path: Path,
+) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = FILES["f0.bin"]
+        info = tarfile.TarInfo("f0.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    blob = gzip.compress(buf.getvalue())
+    desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", Digest.of(blob), len(blob))
+    layer = Layer(desc, Digest.of(buf.getvalue()))
+    wanted: list[str] = []
+
+    async def fetch_blob(_: Layer) -> None:
+        wanted.append("blob")
+        raise AssertionError("an early load never fetches a whole blob")
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        wanted.append(f"range {start}-{end}")
+        return blob[start:end]
+
+    ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
+    try:
+        await ls.ensure_ahead(0)  # no TOC, no published index: left for a request
+        assert not ls.loaded(0) and wanted == []
+    finally:
+        ls.close()

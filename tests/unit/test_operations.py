@@ -289,8 +289,8 @@ class _SlowLayers(FakeLayers):
             self.ready.add(i)
         return await super().ensure(i)
 
-    async def ensure_if_cheap(self, i: int) -> None:
-        await self.ensure(i)  # every index here is cheap (as from the index store)
+    async def ensure_ahead(self, i: int) -> None:
+        await self.ensure(i)  # every index here comes from metadata (as from the index store)
 
     def loaded(self, i: int) -> bool:
         return i in self.ready

@@ -298,6 +298,21 @@ class Toc:
                 out[payload[pos : pos + nlen]] = payload[pos + nlen :]
         return out
 
+    def stat(self, i: int) -> tuple[int, int, int, int, int, int, int]:
+        """(type code, mode, uid, gid, size, mtime, mtime_ns) of entry `i`: what `attrs`
+        gives a regular file, from the arrays alone. The type code (`EntryType` value, the
+        implicit flag masked off) tells the caller whether `attrs` is needed after all: a
+        listing asks this of every entry, and most are regular files."""
+        return (
+            self._types[i] & TYPE_MASK,
+            self._modes[i],
+            self._uids[i],
+            self._gids[i],
+            self._sizes[i],
+            self._mtimes[i],
+            self._nsecs[i],
+        )
+
     def attrs(self, i: int) -> EntryAttrs:
         code = self._types[i]
         try:
@@ -317,19 +332,11 @@ class Toc:
                     major, pos = read_varint(payload, 0)
                     minor, _ = read_varint(payload, pos)
                     dev_seen = True
+        _, mode, uid, gid, size, mtime, nsec = self.stat(i)
+        implicit = bool(code & IMPLICIT)
+        offset = self._offsets[i]
         return EntryAttrs(
-            etype,
-            self._modes[i],
-            self._uids[i],
-            self._gids[i],
-            self._sizes[i],
-            self._mtimes[i],
-            self._nsecs[i],
-            major,
-            minor,
-            self._offsets[i],
-            linkname,
-            bool(code & IMPLICIT),
+            etype, mode, uid, gid, size, mtime, nsec, major, minor, offset, linkname, implicit
         )
 
     # ----------------------------------------------------------------- persistence

@@ -444,7 +444,12 @@ def _one_run(
                     if profile_dir is not None and tree.pid is not None:
                         out = profile_dir / f"{system.name}-{phase}-{name}-run{r + 1}"
                         spy.enter_context(profiling.py_spy(PY_SPY, tree.pid, out))
+                    cpu = _cpu_seconds(tree.pid)
                     metrics = workload.run(tree, built, phase)
+                    if cpu is not None and (after := _cpu_seconds(tree.pid)) is not None:
+                        # the serving process's own CPU (user + system): what it costs apart
+                        # from the kernel's FUSE work and the client's
+                        metrics["daemon_cpu_s"] = after - cpu
             except BenchError as e:
                 # One failed session costs its numbers, not the whole (long) bench.
                 log(f"run {r + 1}/{runs} {system.name} {phase} {name} FAILED: {e}")
@@ -459,6 +464,17 @@ def _one_run(
                 f"run {r + 1}/{runs} {system.name} {phase} {name}: {shown} "
                 f"(session {time.perf_counter() - start:.1f}s)"
             )
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid` so far (all its threads), or None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _merged(kept: report.Results, new: report.Results) -> report.Results:
