@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 from imagefs.layers.tarscan import EntryType, show
 from imagefs.layers.toc import DEFAULT_DIR_MODE, Toc
+from imagefs.layers.toc.packed import IMPLICIT, TYPE_MASK
 from imagefs.overlay.values import Attrs, InodeError, NeedLayer
 
 __all__ = ["ROOT_INODE", "Attrs", "InodeError", "NeedLayer", "Overlay"]
@@ -66,7 +67,7 @@ __all__ = ["ROOT_INODE", "Attrs", "InodeError", "NeedLayer", "Overlay"]
 ROOT_INODE = 1
 
 BLOCK_SIZE = 4096
-_REG = int(EntryType.REG)
+_REG, _DIR, _HARDLINK = int(EntryType.REG), int(EntryType.DIR), int(EntryType.HARDLINK)
 DIR_SIZE = 4096
 #: ext4 keeps symlink targets shorter than this inside the inode (no data block).
 FAST_SYMLINK_MAX = 60
@@ -417,16 +418,18 @@ class Overlay:
         k = d.top
         while k >= 0 and self._reaches(d, k):
             toc = self._toc(k)
+            codes = toc.codes  # one type byte per entry, read here instead of three calls
             for name, idx in toc.children(d.path):
                 if name in decided or name in hidden:
                     continue
-                if toc.is_hardlink(idx):
+                code = codes[idx]
+                if code == _HARDLINK:
                     ident = self._link_identity(k, idx)
                     if ident is not None:
                         decided[name] = ident
-                elif not toc.is_dir(idx):
+                elif code & TYPE_MASK != _DIR:
                     decided[name] = (k, idx)
-                elif not toc.is_implicit(idx):
+                elif not code & IMPLICIT:
                     decided[name] = _DirHit((k, idx))
                 elif toc.is_whited_out(_join(d.path, name)):
                     decided[name] = _DirHit(None)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 import zstandard
 from isal import igzip
 
@@ -301,6 +302,60 @@ def test_windows_are_stored_compactly() -> None:
     raw_windows = sum(len(p.window) for p in index.points)
     assert raw_windows > 0
     assert len(index.to_bytes()) < raw_windows
+
+
+def _with_window_spoiled(data: bytes, index: si.SeekIndex, k: int) -> bytes:
+    """`data` (format 3) with point k's deflated window replaced by bytes of the same length
+    that do not inflate, the checksum made right again: rot the checksum cannot see."""
+    table_len, ztable_len = struct.unpack_from("<QQ", data, 9)
+    table = zlib.decompress(data[25 : 25 + ztable_len])
+    assert len(table) == table_len
+    pos = struct.calcsize("<BQQI") + 2 + len(index.blob_digest)
+    lengths = [
+        int(struct.unpack_from("<QQBII", table, pos + 25 * i)[4]) for i in range(len(index.points))
+    ]
+    at = 25 + ztable_len + sum(lengths[:k])
+    body = data[:at] + b"\xff" * lengths[k] + data[at + lengths[k] : -8]
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def test_windows_are_inflated_on_first_use_only() -> None:
+    """Loading an index inflates no window (a warm mount never needs one); a window that
+    does not inflate fails the reads of its span only, when they happen."""
+    comp, make = CASES["python-gzip"]
+    blob = make()
+    index, data = _build(blob, comp)
+    k = next(i for i, p in enumerate(index.points) if p.window and i + 1 < len(index.points))
+    spoiled = si.SeekIndex.from_bytes(_with_window_spoiled(index.to_bytes(), index, k))
+    other = next(i for i, p in enumerate(index.points) if i != k and p.window)
+    at = index.points[other].uncompressed
+    assert si.read_at(spoiled, _reader(blob), at, 1000) == data[at : at + 1000]
+    with pytest.raises(LayerFormatError):
+        si.read_at(spoiled, _reader(blob), index.points[k].uncompressed, 1000)
+
+
+def test_format_2_as_earlier_versions_wrote_it_is_read() -> None:
+    """Published indexes made by earlier versions (format 2: one deflated body, the windows
+    after the table) are still read."""
+    comp, make = CASES["python-gzip"]
+    blob = make()
+    index, data = _build(blob, comp)
+    body = io.BytesIO()
+    digest = index.blob_digest.encode()
+    body.write(
+        struct.pack("<BQQI", 1, index.compressed_size, index.uncompressed_size, len(index.points))
+    )
+    body.write(struct.pack("<H", len(digest)) + digest)
+    for p in index.points:
+        body.write(struct.pack("<QQBI", p.compressed, p.uncompressed, p.bits, len(p.window)))
+    body.write(b"".join(index.span_digests) + b"".join(index.raw_digests))
+    body.write(b"".join(p.window for p in index.points))
+    raw = body.getvalue()
+    head = b"IFSEEKIX" + struct.pack("<BQ", 2, len(raw)) + zlib.compress(raw)
+    old = si.SeekIndex.from_bytes(head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)))
+    assert old == index
+    at = index.points[-1].uncompressed
+    assert si.read_at(old, _reader(blob), at, 5000) == data[at : at + 5000]
 
 
 def test_decompress_to_file_for_single_frame_zstd(tmp_path: Path) -> None:

@@ -235,6 +235,12 @@ class Toc:
         etype = ENTRY_TYPES.get(code)  # a dict look-up: EntryType(code) costs ~20x more
         return etype if etype is not None else EntryType(code)  # raises the enum's error
 
+    @property
+    def codes(self) -> array[int]:
+        """Every entry's type byte (`EntryType` value | `IMPLICIT`), by index: for loops over
+        many entries, where `is_dir`/`is_hardlink`/`is_implicit` cost a call each. Read only."""
+        return self._types
+
     def is_dir(self, i: int) -> bool:
         return (self._types[i] & TYPE_MASK) == EntryType.DIR
 
