@@ -444,7 +444,7 @@ def _one_run(
                     if profile_dir is not None and tree.pid is not None:
                         out = profile_dir / f"{system.name}-{phase}-{name}-run{r + 1}"
                         spy.enter_context(profiling.py_spy(PY_SPY, tree.pid, out))
-                    cpu = _cpu_seconds(tree.pid)
+                    cpu = _cpu_seconds(tree.pid) if workload.daemon_cpu else None
                     metrics = workload.run(tree, built, phase)
                     if cpu is not None and (after := _cpu_seconds(tree.pid)) is not None:
                         # the serving process's own CPU (user + system): what it costs apart
