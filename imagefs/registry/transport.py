@@ -16,10 +16,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import certifi
@@ -102,23 +103,59 @@ def certs_dirs(host: str, options: TransportOptions) -> list[Path]:
 
 
 def ssl_context(host: str, options: TransportOptions) -> ssl.SSLContext:
-    """The TLS context for one registry (see module docstring for the rules)."""
-    cafile = os.environ.get("SSL_CERT_FILE") or certifi.where()
-    ctx = ssl.create_default_context(cafile=cafile)
-    capath = os.environ.get("SSL_CERT_DIR")
-    if capath and os.path.isdir(capath):
-        ctx.load_verify_locations(capath=capath)
-    for d in certs_dirs(host, options):
-        for crt in sorted(d.glob("*.crt")):
-            ctx.load_verify_locations(cafile=str(crt))
-        for cert in sorted(d.glob("*.cert")):
-            key = cert.with_suffix(".key")
-            if key.exists():
-                ctx.load_cert_chain(str(cert), str(key))
+    """The TLS context for one registry (see module docstring for the rules).
+
+    Its certificates (the CA bundle, `SSL_CERT_DIR`, certs.d) are loaded at its first TLS
+    connection, not here: parsing the CA bundle costs ~50 ms, and every client is made with
+    a context, so every command and every mount of a plain-HTTP registry paid it (twice for
+    a mount: the command and its daemon) without ever speaking TLS."""
+    ctx = _DeferredCertsContext(ssl.PROTOCOL_TLS_CLIENT)  # what create_default_context makes
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+
+    def load(c: ssl.SSLContext) -> None:
+        c.load_verify_locations(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+        capath = os.environ.get("SSL_CERT_DIR")
+        if capath and os.path.isdir(capath):
+            c.load_verify_locations(capath=capath)
+        for d in certs_dirs(host, options):
+            for crt in sorted(d.glob("*.crt")):
+                c.load_verify_locations(cafile=str(crt))
+            for cert in sorted(d.glob("*.cert")):
+                key = cert.with_suffix(".key")
+                if key.exists():
+                    c.load_cert_chain(str(cert), str(key))
+
+    ctx.loader = load
     if _named_insecure(host, options.insecure_registries):
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class _DeferredCertsContext(ssl.SSLContext):
+    """An SSLContext that runs `loader` (loading its certificates) once, just before its
+    first connection: `wrap_bio` is what trio's and asyncio's TLS streams call, `wrap_socket`
+    what blocking code calls. A failure to load is raised there, as a connection error."""
+
+    loader: Callable[[ssl.SSLContext], None] | None = None
+    _lock = threading.Lock()  # one for all: loads are rare, and a second one waits for the first
+
+    def _load(self) -> None:
+        if self.loader is None:
+            return
+        with self._lock:
+            loader, self.loader = self.loader, None
+            if loader is not None:
+                loader(self)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        self._load()
+        return super().wrap_bio(*args, **kwargs)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self._load()
+        return super().wrap_socket(*args, **kwargs)
 
 
 def mirrors_for(registry: str, options: TransportOptions) -> list[str]:
