@@ -151,16 +151,16 @@ class LayerSet:
                 del self._inflight[i]
                 event.set()
 
-    async def ensure_ahead(self, i: int) -> None:
-        """Load layer i's index ahead of need from its metadata only: an index kept here,
-        the TOC the manifest names, or its published index (fetched if need be). Never the
-        layer's data: a layer with neither TOC nor published index is left for the request
-        that needs it (its whole blob)."""
+    async def ensure_ahead(self, i: int, ahead: loading.Ahead) -> None:
+        """Load layer i's index ahead of need, as far as `ahead` allows: "kept", only what
+        this machine keeps; "metadata", also the TOC the manifest names or its published
+        index, fetched. Never the layer's data: a layer with neither TOC nor published
+        index is left for the request that needs it (its whole blob)."""
         if self._ready[i] is not None or i in self._inflight:
             return
         event = self._inflight[i] = trio.Event()
         try:
-            idx = await loading.load(self, i, metadata_only=True)
+            idx = await loading.load(self, i, ahead=ahead)
             if idx is not None:
                 self._set_ready(i, idx)
         finally:

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import trio
 
@@ -73,26 +73,33 @@ def toc_binding(layer: Layer) -> Bound | None:
     return None
 
 
+# How far an early load (ahead of a request's need) may go: "kept", only what this machine
+# keeps (the index store, the TOC this manifest names if kept); "metadata", also the TOC or
+# published index fetched from the registry. Neither fetches layer data or indexes a blob.
+Ahead = Literal["kept", "metadata"]
+
+
 @overload
 async def load(ls: LayerSet, i: int) -> LayerIndex: ...
 @overload
-async def load(ls: LayerSet, i: int, *, metadata_only: bool) -> LayerIndex | None: ...
+async def load(ls: LayerSet, i: int, *, ahead: Ahead) -> LayerIndex | None: ...
 
 
-async def load(ls: LayerSet, i: int, *, metadata_only: bool = False) -> LayerIndex | None:
-    """Layer i's index, in trust order; `metadata_only`: only from an index kept here, the
-    TOC this manifest names or its published index, else None: no layer data is fetched
-    and no blob indexed (an early load, ahead of need)."""
+async def load(ls: LayerSet, i: int, *, ahead: Ahead | None = None) -> LayerIndex | None:
+    """Layer i's index, in trust order; with `ahead`, an early load: None where the index
+    would need more than `ahead` allows."""
     with wire.for_layer(i):  # everything fetched to index layer i counts for it
-        return await _load(ls, i, metadata_only=metadata_only)
+        return await _load(ls, i, ahead=ahead)
 
 
-async def _load(ls: LayerSet, i: int, *, metadata_only: bool) -> LayerIndex | None:
+async def _load(ls: LayerSet, i: int, *, ahead: Ahead | None) -> LayerIndex | None:
     layer = ls.layers[i]
     idx = await trio.to_thread.run_sync(ls.indexes.load_layer, layer.digest)
     if idx is not None:
         ls.stats[i].source = "index store"
         return idx
+    if ahead == "kept":
+        return await _kept_toc(ls, i)
     if not ls.is_local(i):
         idx = await _load_toc(ls, i)
         if idx is None and ls.remote_index is not None:
@@ -103,7 +110,7 @@ async def _load(ls: LayerSet, i: int, *, metadata_only: bool) -> LayerIndex | No
             if idx is not None:
                 ls.stats[i].source = "registry index"
     if idx is None:
-        if metadata_only:
+        if ahead is not None:
             # An early load: the layer's metadata, never its data. A layer with neither a
             # TOC nor a published index waits until a request needs it (its whole blob).
             return None
@@ -113,6 +120,18 @@ async def _load(ls: LayerSet, i: int, *, metadata_only: bool) -> LayerIndex | No
     log.info(
         "layer %d (%s): %d entries (%s)", i, layer.digest.short, len(idx.toc), ls.stats[i].source
     )
+    return idx
+
+
+async def _kept_toc(ls: LayerSet, i: int) -> LayerIndex | None:
+    """The TOC this manifest names for layer i, if it is kept here (and not refused)."""
+    bound = toc_binding(ls.layers[i])
+    if bound is None or await trio.to_thread.run_sync(ls.indexes.refused, bound):
+        return None
+    idx = await trio.to_thread.run_sync(ls.indexes.load_bound, bound)
+    if idx is not None:
+        kind = "eStargz TOC" if bound.kind == ESTARGZ else "zstd:chunked TOC"
+        ls.stats[i].source = f"{kind} (kept)"
     return idx
 
 

@@ -1,7 +1,7 @@
-"""Early loads of the layers below (`LayerSet.ensure_ahead`) use a layer's metadata only: an
-index kept here, the TOC its manifest names (fetched if need be), its published index. They
-never fetch layer data: a layer with no TOC and no published index is left for the request
-that needs it, so a path the upper layers decide still costs no data below."""
+"""Early loads of the layers below (`LayerSet.ensure_ahead`) go as far as they are let: "kept",
+only an index or TOC this machine keeps (nothing fetched); "metadata", also the TOC its
+manifest names or its published index, fetched. Neither ever fetches layer data: a layer
+with no TOC and no published index is left for the request that needs it."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ async def test_an_early_load_fetches_the_toc_and_no_file_data(tmp_path: Path) ->
 
     first = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     try:
-        await first.ensure_ahead(0)  # the TOC, by ranges from the blob's tail (and kept)
+        await first.ensure_ahead(0, "kept")  # nothing kept yet: nothing loaded, nothing fetched
+        assert fetched == [] and not first.loaded(0)
+        await first.ensure_ahead(0, "metadata")  # the TOC, by ranges from the tail (kept)
         assert first.loaded(0) and fetched
         toc_start = min(start for start, _ in fetched)
         idx = await first.ensure(0)
@@ -40,7 +42,7 @@ async def test_an_early_load_fetches_the_toc_and_no_file_data(tmp_path: Path) ->
     fetched.clear()
     again = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
     try:
-        await again.ensure_ahead(0)  # a remount: the kept TOC, from disk
+        await again.ensure_ahead(0, "kept")  # a remount: the kept TOC, from disk
         assert again.loaded(0) and fetched == []
     finally:
         again.close()
@@ -70,7 +72,7 @@ async def test_an_early_load_of_a_layer_without_metadata_fetches_nothing(
 
     ls = LayerSet(Store(tmp_path), [layer], fetch_blob, fetch_range=fetch_range)
     try:
-        await ls.ensure_ahead(0)  # no TOC, no published index: left for a request
+        await ls.ensure_ahead(0, "metadata")  # no TOC, no published index: left for a request
         assert not ls.loaded(0) and wanted == []
     finally:
         ls.close()

@@ -279,6 +279,8 @@ class _SlowLayers(FakeLayers):
         super().__init__(tocs)
         self.ready: set[int] = set()
         self.running = self.peak = 0
+        self.ahead: list[tuple[int, str]] = []
+        self.kept = True  # whether every index is kept here (else: only from metadata)
 
     async def ensure(self, i: int) -> _Index:
         if i not in self.ready:
@@ -289,8 +291,10 @@ class _SlowLayers(FakeLayers):
             self.ready.add(i)
         return await super().ensure(i)
 
-    async def ensure_ahead(self, i: int) -> None:
-        await self.ensure(i)  # every index here comes from metadata (as from the index store)
+    async def ensure_ahead(self, i: int, ahead: str) -> None:
+        self.ahead.append((i, ahead))
+        if ahead == "metadata" or self.kept:  # kept: as in the index store
+            await self.ensure(i)
 
     def loaded(self, i: int) -> bool:
         return i in self.ready
@@ -313,4 +317,30 @@ async def test_the_first_request_loads_the_layers_below_concurrently(
         fh = await ops.opendir(entry.st_ino, cast(pyfuse3.RequestContext, None))
     assert [name for name, _ in ops._dirs[fh][1]] == [b"f0", b"f1", b"f2", b"f3"]
     assert layers.peak >= 3, layers.peak  # the three lower layers at once
+    assert layers.ready == {0, 1, 2, 3}
+
+
+async def test_early_loads_fetch_metadata_only_once_a_request_went_below_its_first_layer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A path the top layer decides (`top.txt`) starts only loads of kept indexes below it;
+    once a request needs a lower layer (a lookup of `etc` merges down the stack), the layers
+    below that one may fetch their metadata (TOC, published index)."""
+    tocs: list[Toc | None] = [
+        _toc((b"etc", EntryType.DIR, {}), (f"etc/f{i}".encode(), EntryType.REG, {}))
+        for i in range(3)
+    ]
+    tocs.append(_toc((b"top.txt", EntryType.REG, {})))
+    layers = _SlowLayers(tocs)
+    layers.kept = False  # a cold store: nothing kept here
+    ops = ImageOperations(Overlay(4, exact_dir_nlink=False), cast(LayerSet, layers))
+    async with trio.open_nursery() as nursery:
+        layers.nursery = nursery
+        await ops.lookup(ROOT_INODE, b"top.txt")
+        await trio.sleep(5)  # let the early loads run: they find nothing kept
+        assert sorted(layers.ahead) == [(0, "kept"), (1, "kept"), (2, "kept")]
+        assert layers.ready == {3}
+        layers.ahead.clear()
+        await ops.lookup(ROOT_INODE, b"etc")  # needs layer 2: the walk goes down
+    assert sorted(layers.ahead) == [(0, "metadata"), (1, "metadata")]
     assert layers.ready == {0, 1, 2, 3}
