@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import certifi
 
+from imagefs.errors import RegistryUnreachable
+
 if TYPE_CHECKING:
     from imagefs.registry.netem import Link
 
@@ -114,17 +116,27 @@ def ssl_context(host: str, options: TransportOptions) -> ssl.SSLContext:
     ctx.check_hostname = True
 
     def load(c: ssl.SSLContext) -> None:
-        c.load_verify_locations(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
-        capath = os.environ.get("SSL_CERT_DIR")
-        if capath and os.path.isdir(capath):
-            c.load_verify_locations(capath=capath)
-        for d in certs_dirs(host, options):
-            for crt in sorted(d.glob("*.crt")):
-                c.load_verify_locations(cafile=str(crt))
-            for cert in sorted(d.glob("*.cert")):
-                key = cert.with_suffix(".key")
-                if key.exists():
-                    c.load_cert_chain(str(cert), str(key))
+        where = os.environ.get("SSL_CERT_FILE") or certifi.where()
+        try:
+            c.load_verify_locations(cafile=where)
+            capath = os.environ.get("SSL_CERT_DIR")
+            if capath and os.path.isdir(capath):
+                where = capath
+                c.load_verify_locations(capath=capath)
+            for d in certs_dirs(host, options):
+                for crt in sorted(d.glob("*.crt")):
+                    where = str(crt)
+                    c.load_verify_locations(cafile=where)
+                for cert in sorted(d.glob("*.cert")):
+                    key = cert.with_suffix(".key")
+                    if key.exists():
+                        where = f"{cert} and {key}"
+                        c.load_cert_chain(str(cert), str(key))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise RegistryUnreachable(
+                f"{host}: cannot load TLS certificates from {where}: {reason}", host=host
+            ) from None
 
     ctx.loader = load
     if _named_insecure(host, options.insecure_registries):
@@ -136,7 +148,8 @@ def ssl_context(host: str, options: TransportOptions) -> ssl.SSLContext:
 class _DeferredCertsContext(ssl.SSLContext):
     """An SSLContext that runs `loader` (loading its certificates) once, just before its
     first connection: `wrap_bio` is what trio's and asyncio's TLS streams call, `wrap_socket`
-    what blocking code calls. A failure to load is raised there, as a connection error."""
+    what blocking code calls. A failure to load is raised there (`RegistryUnreachable`,
+    naming the file), at every connection."""
 
     loader: Callable[[ssl.SSLContext], None] | None = None
     _lock = threading.Lock()  # one for all: loads are rare, and a second one waits for the first
@@ -145,9 +158,11 @@ class _DeferredCertsContext(ssl.SSLContext):
         if self.loader is None:
             return
         with self._lock:
-            loader, self.loader = self.loader, None
-            if loader is not None:
-                loader(self)
+            if self.loader is not None:
+                # On failure the loader stays: every connection fails the same way, none
+                # goes ahead with part of the certificates.
+                self.loader(self)
+                self.loader = None
 
     def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
         self._load()
