@@ -72,7 +72,7 @@ DIR_SIZE = 4096
 #: ext4 keeps symlink targets shorter than this inside the inode (no data block).
 FAST_SYMLINK_MAX = 60
 
-_S_IFMT = {
+_S_IFMT: dict[int, int] = {  # by type code (`EntryType` values)
     EntryType.REG: stat.S_IFREG,
     EntryType.SYMLINK: stat.S_IFLNK,
     EntryType.CHAR: stat.S_IFCHR,
@@ -501,28 +501,21 @@ class Overlay:
         k, i = node.ident
         toc = self._toc(k)
         code, mode, uid, gid, size, mtime, nsec = toc.stat(i)
-        if code == _REG:  # most entries: nothing in the extra records matters to stat
+        blocks = rdev = 0
+        if code == _REG:  # most entries: the arrays say all, no extra record is read
             blocks = -(-size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
-            nlink = node.nlink if node.nlink is not None else self._file_nlink(node)
-            mode |= stat.S_IFREG
-            return Attrs(ino, mode, nlink, uid, gid, size, blocks, 0, mtime * 1_000_000_000 + nsec)
-        e = toc.attrs(i)
-        mode = e.mode
-        etype = e.type
-        size = blocks = rdev = 0
-        if etype == EntryType.REG:
-            size = e.size
-            blocks = -(-size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
-        elif etype == EntryType.SYMLINK:
-            mode = 0o777
-            size = len(e.linkname)
-            blocks = 0 if size < FAST_SYMLINK_MAX else BLOCK_SIZE // 512
-        elif etype == EntryType.CHAR or etype == EntryType.BLOCK:
-            rdev = os.makedev(e.devmajor, e.devminor)
+        else:  # a link target's length, device numbers: from the extra records
+            e = toc.attrs(i)
+            size = 0
+            if e.type == EntryType.SYMLINK:
+                mode = 0o777
+                size = len(e.linkname)
+                blocks = 0 if size < FAST_SYMLINK_MAX else BLOCK_SIZE // 512
+            elif e.type == EntryType.CHAR or e.type == EntryType.BLOCK:
+                rdev = os.makedev(e.devmajor, e.devminor)
         nlink = node.nlink if node.nlink is not None else self._file_nlink(node)
-        mtime_ns = e.mtime * 1_000_000_000 + e.mtime_ns
-        mode |= _S_IFMT[etype]
-        return Attrs(ino, mode, nlink, e.uid, e.gid, size, blocks, rdev, mtime_ns)
+        mode |= _S_IFMT[code]
+        return Attrs(ino, mode, nlink, uid, gid, size, blocks, rdev, mtime * 1_000_000_000 + nsec)
 
     def _index_links(self, k: int) -> None:
         if k in self._links_indexed:
