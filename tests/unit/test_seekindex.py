@@ -334,6 +334,15 @@ def test_windows_are_inflated_on_first_use_only() -> None:
         si.read_at(spoiled, _reader(blob), index.points[k].uncompressed, 1000)
 
 
+def test_a_table_that_would_inflate_past_its_limit_is_refused_before_inflating() -> None:
+    """A bomb: 100 MiB of zeros deflate to ~100 KB; the index declares them as its table."""
+    bomb = zlib.compress(bytes(100 << 20), 9)
+    head = b"IFSEEKIX" + struct.pack("<BQQ", 3, 100 << 20, len(bomb)) + bomb
+    with pytest.raises(LayerFormatError) as info:
+        si.SeekIndex.from_bytes(head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)))
+    assert "limit" in str(info.value)
+
+
 def test_format_2_as_earlier_versions_wrote_it_is_read() -> None:
     """Published indexes made by earlier versions (format 2: one deflated body, the windows
     after the table) are still read."""

@@ -238,6 +238,11 @@ class SeekIndex:
         if xxhash.xxh3_64_intdigest(memoryview(data)[:-8]) != checksum:
             raise LayerFormatError("seek index: checksum mismatch (torn or corrupt index)")
         version, body_len = struct.unpack_from("<BQ", data, len(_INDEX_MAGIC))
+        limit = _MAX_BODY_V2 if version == 2 else _MAX_TABLE
+        if body_len > limit:  # declared by the index itself: bound it before inflating
+            raise LayerFormatError(
+                f"seek index: declares a {body_len}-byte body, over the {limit}-byte limit"
+            )
         if version == 2:
             raw = _inflate(data[fixed:-8], body_len)
             return _parsed(lambda: cls._parse_body(raw, None))
@@ -321,6 +326,13 @@ def _parsed(parse: Callable[[], SeekIndex]) -> SeekIndex:
 
 
 _INDEX_MAGIC = b"IFSEEKIX"
+
+# The most an index's table may inflate to (format 3: a point's record and digests take 93
+# bytes, so ~700k points, a 700 GB layer at 1 MiB spacing), and a format 2 body, windows
+# inside (the store's own record limit). An index is verified only as bytes (a digest): a
+# table that inflates beyond these is a bomb, refused before a byte is inflated.
+_MAX_TABLE = 64 << 20
+_MAX_BODY_V2 = 1 << 30
 
 
 # 2 added raw_digests (a version 1 index is not used: rebuilt or fetched); 3 deflates each
