@@ -107,8 +107,10 @@ def _ops(tocs: list[Toc]) -> ImageOperations:
 _listing: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
 
 
-def _reply(token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
-    _listing.append((name, attrs))
+def _reply(
+    token: pyfuse3.ReaddirToken, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int
+) -> bool:
+    _listing.append((name, attr))
     return True
 
 

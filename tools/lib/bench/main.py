@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is tools
 
 from bench import images, profiling, report
 from bench.systems import SYSTEMS, Context, Phase, System
-from bench.util import BenchError, drop_caches, log, remove_tree, run
+from bench.util import BenchError, cpu_seconds, drop_caches, log, remove_tree, run
 from bench.workloads import WORKLOADS
 from imagefs.testing.images import PushedImage
 from imagefs.testing.registry import LocalRegistry
@@ -312,7 +312,7 @@ def lazy_main(args: argparse.Namespace, argv: list[str]) -> int:
             from bench import buildexp
 
             section = buildexp.run_experiment(built, registry, imagefs_bin, nets, runs, scratch)
-            output = args.output or REPO / "docs" / "bench.md"
+            output: Path = args.output or REPO / "docs" / "bench.md"
             old = output.read_text() if output.exists() else ""
             output.write_text(buildexp.splice(old, section))
             sys.stdout.write(section + "\n")
@@ -354,7 +354,7 @@ def lazy_main(args: argparse.Namespace, argv: list[str]) -> int:
                 differences,
                 lazyrun.shaping_note(shaping_used),
             )
-            output: Path = args.output or REPO / "docs" / "bench.md"
+            output = args.output or REPO / "docs" / "bench.md"
             old = output.read_text() if output.exists() else ""
             block = f"{LAZY_BEGIN}\n{section}{LAZY_END}"
             start, end = old.find(LAZY_BEGIN), old.find(LAZY_END)
@@ -444,9 +444,9 @@ def _one_run(
                     if profile_dir is not None and tree.pid is not None:
                         out = profile_dir / f"{system.name}-{phase}-{name}-run{r + 1}"
                         spy.enter_context(profiling.py_spy(PY_SPY, tree.pid, out))
-                    cpu = _cpu_seconds(tree.pid) if workload.daemon_cpu else None
+                    cpu = cpu_seconds(tree.pid) if workload.daemon_cpu else None
                     metrics = workload.run(tree, built, phase)
-                    if cpu is not None and (after := _cpu_seconds(tree.pid)) is not None:
+                    if cpu is not None and (after := cpu_seconds(tree.pid)) is not None:
                         # the serving process's own CPU (user + system): what it costs apart
                         # from the kernel's FUSE work and the client's
                         metrics["daemon_cpu_s"] = after - cpu
@@ -464,17 +464,6 @@ def _one_run(
                 f"run {r + 1}/{runs} {system.name} {phase} {name}: {shown} "
                 f"(session {time.perf_counter() - start:.1f}s)"
             )
-
-
-def _cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of process `pid` so far (all its threads), or None."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _merged(kept: report.Results, new: report.Results) -> report.Results:

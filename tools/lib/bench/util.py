@@ -70,6 +70,16 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process so far (all its threads), or None."""
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def wait_for_mount(path: Path, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll until `path` is a mountpoint that answers a stat; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
