@@ -5,17 +5,12 @@ with no TOC and no published index is left for the request that needs it."""
 
 from __future__ import annotations
 
-import gzip
-import io
-import tarfile
 from pathlib import Path
 
 from imagefs.lazy.layers import LayerSet
-from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
-from imagefs.oci.manifest import Descriptor
 from imagefs.store import Store
-from tests.unit.test_pieces import FILES, _estargz_layer, no_whole_blob
+from tests.unit.test_pieces import FILES, _estargz_layer, gzip_layer, no_whole_blob
 
 
 async def test_an_early_load_fetches_the_toc_and_no_file_data(tmp_path: Path) -> None:
@@ -51,15 +46,7 @@ async def test_an_early_load_fetches_the_toc_and_no_file_data(tmp_path: Path) ->
 async def test_an_early_load_of_a_layer_without_metadata_fetches_nothing(
     tmp_path: Path,
 ) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = FILES["f0.bin"]
-        info = tarfile.TarInfo("f0.bin")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    blob = gzip.compress(buf.getvalue())
-    desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", Digest.of(blob), len(blob))
-    layer = Layer(desc, Digest.of(buf.getvalue()))
+    layer, blob = gzip_layer({"f0.bin": FILES["f0.bin"]})
     wanted: list[str] = []
 
     async def fetch_blob(_: Layer) -> None:

@@ -6,11 +6,8 @@ check all reach their files from the store root, so a link made since is refused
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,12 +16,11 @@ import trio
 from imagefs.lazy.cache import PieceCache
 from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.wiring import _read_stored
-from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
-from imagefs.oci.manifest import Descriptor
 from imagefs.published import build_local
 from imagefs.store import Store, fsutil
 from imagefs.store.fsutil import LinkInStore
+from tests.unit.test_pieces import gzip_layer
 
 PRECIOUS = b"the victim's own bytes\n"
 
@@ -59,16 +55,7 @@ def test_a_fifo_piece_is_a_miss_never_a_hang(tmp_path: Path) -> None:
 
 
 def _gzip_layer(store: Store) -> tuple[Layer, bytes]:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        info = tarfile.TarInfo("f.txt")
-        data = b"layer file\n" * 100
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    blob = gzip.compress(buf.getvalue(), mtime=0)
-    digest = store.blobs.put(blob)
-    desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, len(blob))
-    return Layer(desc, Digest.of(buf.getvalue())), blob
+    return gzip_layer({"f.txt": b"layer file\n" * 100}, store)
 
 
 def _link_blobs_dir(store: Store, tmp_path: Path) -> None:

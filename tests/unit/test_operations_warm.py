@@ -7,11 +7,8 @@ served by a fake `fetch_range`)."""
 from __future__ import annotations
 
 import errno
-import gzip
-import io
 import os
 import random
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, cast
@@ -24,12 +21,10 @@ from imagefs.fs.operations import ImageOperations
 from imagefs.layers.toc import EntryType, Toc, TocBuilder
 from imagefs.lazy import telemetry
 from imagefs.lazy.layers import LayerSet
-from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
-from imagefs.oci.manifest import Descriptor
 from imagefs.overlay import ROOT_INODE, Attrs, Overlay
 from imagefs.store import Store
-from tests.unit.test_pieces import _estargz_layer
+from tests.unit.test_pieces import _estargz_layer, gzip_layer
 
 _CTX = cast(pyfuse3.RequestContext, None)
 _TOKEN = cast(pyfuse3.ReaddirToken, None)
@@ -164,16 +159,7 @@ FILES = {f"f{k}.bin": random.Random(k).randbytes(150_000) for k in range(8)}
 
 
 def _gzip_layer(store: Store) -> Layer:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in FILES.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    blob = gzip.compress(buf.getvalue(), mtime=0)
-    digest = store.blobs.put(blob)
-    desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, len(blob))
-    return Layer(desc, Digest.of(buf.getvalue()))
+    return gzip_layer(FILES, store)[0]
 
 
 async def _mount(store: Store, layer: Layer, blob: bytes | None) -> ImageOperations:

@@ -270,13 +270,13 @@ def test_a_zstd_span_never_inflates_past_its_recorded_length() -> None:
     assert peak < 8 * MiB, peak
 
 
-def local_gzip_layer(tmp_path: Path) -> tuple[Store, Layer, dict[str, bytes]]:
-    """A gzip layer of eight 400 KB files, stored locally (several ~1 MiB spans)."""
+def gzip_layer(files: dict[str, bytes], store: Store | None = None) -> tuple[Layer, bytes]:
+    """A gzip layer holding `files` (one tar member each, no gzip timestamp) and its blob,
+    put in `store`'s blobs when one is given."""
     import gzip
     import io
     import tarfile
 
-    files = {f"f{k}.txt": random.Random(k).randbytes(200_000).hex().encode() for k in range(8)}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name, data in files.items():
@@ -284,10 +284,17 @@ def local_gzip_layer(tmp_path: Path) -> tuple[Store, Layer, dict[str, bytes]]:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     blob = gzip.compress(buf.getvalue(), mtime=0)
-    store = Store(tmp_path)
-    digest = store.blobs.put(blob)
+    digest = store.blobs.put(blob) if store is not None else Digest.of(blob)
     desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, len(blob))
-    return store, Layer(desc, Digest.of(buf.getvalue())), files
+    return Layer(desc, Digest.of(buf.getvalue())), blob
+
+
+def local_gzip_layer(tmp_path: Path) -> tuple[Store, Layer, dict[str, bytes]]:
+    """A gzip layer of eight 400 KB files, stored locally (several ~1 MiB spans)."""
+    files = {f"f{k}.txt": random.Random(k).randbytes(200_000).hex().encode() for k in range(8)}
+    store = Store(tmp_path)
+    layer, _ = gzip_layer(files, store)
+    return store, layer, files
 
 
 def local_layer_set(store: Store, layer: Layer) -> LayerSet:
