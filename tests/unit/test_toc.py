@@ -287,9 +287,9 @@ def test_memory_of_a_large_toc() -> None:
 
 
 def test_find_answers_every_visible_path_and_nothing_else() -> None:
-    """`find` bisects, then (used enough) answers from a hash table: every visible entry
-    (superseded versions are not) is found at its own index; whiteout markers and absent
-    paths are None."""
+    """`find` bisects with a key, then (used a few times) over its sorted path list: every
+    visible entry (superseded versions are not) is found at its own index; whiteout
+    markers and absent paths are None, both before and after the list is built."""
     specs: list[tuple[bytes, EntryType] | tuple[bytes, EntryType, dict[str, Any]]] = []
     for d in range(40):
         specs.append((b"d%d" % d, D))
@@ -297,11 +297,14 @@ def test_find_answers_every_visible_path_and_nothing_else() -> None:
     specs.append((b"d3/f7", R, {"size": 999}))  # a newer version: the older one is hidden
     specs.append((b"d4/.wh.f8", R))
     toc = build(*specs)
-    for _ in range(2):  # the first lookups bisect, later ones use the table
-        for i in toc.visible():
-            assert toc.find(toc.path(i)) == i
+    absents = (b"d40", b"d1/f50", b"d1/f", b"d1/", b"/d1", b"x" * 300, b"d4/.wh.f8")
+    for absent in absents:  # before the list: the key bisection
+        assert toc.find(absent) is None
+    assert toc.find(b"d3/f7") is not None and toc.size(toc.find(b"d3/f7") or 0) == 999
+    for i in toc.visible():  # the first lookups bisect with a key, later ones over the list
+        assert toc.find(toc.path(i)) == i
+    assert toc._sorted is not None  # the list was built on the way
     newer = toc.find(b"d3/f7")
     assert newer is not None and toc.size(newer) == 999
-    assert toc.find(b"d4/.wh.f8") is None
-    for absent in (b"d40", b"d1/f50", b"d1/f", b"d1/", b"/d1", b"x" * 300):
+    for absent in absents:
         assert toc.find(absent) is None

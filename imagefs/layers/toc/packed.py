@@ -62,11 +62,12 @@ def parent_of(path: bytes) -> bytes:
 class Strings:
     """An immutable sorted set of byte strings: one blob plus an offset array."""
 
-    __slots__ = ("blob", "offs")
+    __slots__ = ("_members", "blob", "offs")
 
     def __init__(self, blob: bytes, offs: array[int]) -> None:
         self.blob = blob
         self.offs = offs
+        self._members: frozenset[bytes] | None = None  # built on the first `in`
 
     @classmethod
     def build(cls, items: Iterable[bytes]) -> Strings:
@@ -84,11 +85,13 @@ class Strings:
         return self.blob[self.offs[i] : self.offs[i + 1]]
 
     def __contains__(self, item: bytes) -> bool:
-        n = len(self.offs) - 1
-        if not n:
-            return False
-        i = bisect.bisect_left(range(n), item, key=self._at)
-        return i < n and self._at(i) == item
+        # A lookup asks every layer it passes whether the path is whited out: a set answers
+        # in ~0.1 µs where a bisection with a Python key took ~2.7. Whiteouts and opaque
+        # directories are few per layer, so the set is small.
+        members = self._members
+        if members is None:
+            members = self._members = frozenset(self)
+        return item in members
 
     def __iter__(self) -> Iterator[bytes]:
         return (self._at(i) for i in range(len(self)))
