@@ -69,7 +69,9 @@ class LayerIndex:
     def from_bytes(cls, digest: Digest, data: bytes) -> LayerIndex:
         if len(data) < len(MAGIC) + 25 or not data.startswith(MAGIC):
             raise LayerFormatError(f"layer index for {digest.short}: not an imagefs index")
-        body, (check,) = data[:-8], _U64.unpack(data[-8:])
+        # Views, not copies: a fresh daemon's first copies of a 4.6 MB record cost ~2.5 ms
+        # each in page faults (the 40k-entry layer: 10 ms to load, 5.5 without them).
+        body, (check,) = memoryview(data)[:-8], _U64.unpack(data[-8:])
         if xxhash.xxh3_64_intdigest(body) != check:
             raise LayerFormatError(f"layer index for {digest.short}: checksum mismatch (torn)")
         pos = len(MAGIC)
@@ -81,7 +83,7 @@ class LayerIndex:
         pos += n
         (m,) = _U64.unpack_from(body, pos)
         pos += 8
-        access = body[pos : pos + m]
+        access = bytes(body[pos : pos + m])
         if kind == _CHUNKS:
             return cls(digest, toc, chunks=ChunkTable.from_bytes(access))
         if kind != _SEEK:
