@@ -47,6 +47,7 @@ from imagefs.registry.transport import (
     effective_timeouts,
     mirrors_for,
     plain_http_allowed,
+    sniffing_context,
     ssl_context,
 )
 from imagefs.registry.wire import Wire
@@ -126,20 +127,21 @@ class Connection:
         self.ignores_range = False
         self._blob_urls: dict[tuple[str, str], tuple[str, float]] = {}
 
-    def _make_client(self, host: str) -> httpx.AsyncClient:
+    def _make_client(self, host: str, tls: ssl.SSLContext | None = None) -> httpx.AsyncClient:
+        """A pool for `host`, with its TLS rules (`tls`: another context, for the probe)."""
         connect, read = effective_timeouts(self.options)
         timeout = httpx.Timeout(read, connect=connect, pool=None)
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        verify = tls or ssl_context(host, self.options)
         transport: httpx.AsyncBaseTransport | None = None
         if self.options.link is not None:
             from imagefs.registry.netem import EmulatedTransport  # only when emulating a WAN
 
             transport = EmulatedTransport(
-                httpx.AsyncHTTPTransport(verify=ssl_context(host, self.options), limits=limits),
-                self.options.link,
+                httpx.AsyncHTTPTransport(verify=verify, limits=limits), self.options.link
             )
         return httpx.AsyncClient(
-            verify=ssl_context(host, self.options),
+            verify=verify,
             transport=transport,
             timeout=timeout,
             follow_redirects=False,
@@ -192,16 +194,25 @@ class Connection:
         return ep.base_url
 
     async def _probe_scheme(self, ep: _Endpoint) -> str:
-        """HTTPS unless the registry may be plain HTTP and does not speak TLS."""
+        """HTTPS unless the registry may be plain HTTP and does not speak TLS.
+
+        Whether it speaks TLS at all is asked first over a context that loads and checks
+        no certificate (`sniffing_context`; the probe carries no credentials): loading the
+        CA bundle costs ~35 ms, and a loopback registry is nearly always plain HTTP, so a
+        mount of one paid that on its way to the first byte for nothing. A registry that
+        does speak TLS is then probed again with its verified context, which decides (an
+        untrusted certificate is refused here, as before)."""
         https = f"https://{ep.netloc}"
         if not plain_http_allowed(ep.host, self.options):
             return https
+        sniffer = self._make_client(ep.host, tls=sniffing_context())
         try:
-            probe = ep.client.build_request(
-                "GET", f"{https}/v2/", timeout=effective_timeouts(self.options)[0]
-            )
-            resp = await ep.client.send(probe, stream=True)
-            await resp.aclose()  # the answer is that TLS worked; its body is of no interest
+            for client in (sniffer, ep.client):
+                probe = client.build_request(
+                    "GET", f"{https}/v2/", timeout=effective_timeouts(self.options)[0]
+                )
+                resp = await client.send(probe, stream=True)
+                await resp.aclose()  # the answer is that TLS worked; its body is of no interest
             return https
         except httpx.ConnectError as exc:
             if _is_certificate_error(exc):
@@ -217,6 +228,8 @@ class Connection:
             return f"http://{ep.netloc}"
         except httpx.TransportError:
             return f"http://{ep.netloc}"
+        finally:
+            await sniffer.aclose()
 
     # -- the request loop -------------------------------------------------------------------
 

@@ -145,6 +145,15 @@ def ssl_context(host: str, options: TransportOptions) -> ssl.SSLContext:
     return ctx
 
 
+def sniffing_context() -> ssl.SSLContext:
+    """A TLS context that loads and checks no certificate: only for asking whether a peer
+    speaks TLS at all (`RegistryClient`'s scheme probe, which sends no credentials)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 class _DeferredCertsContext(ssl.SSLContext):
     """An SSLContext that runs `loader` (loading its certificates) once, just before its
     first connection: `wrap_bio` is what trio's and asyncio's TLS streams call, `wrap_socket`

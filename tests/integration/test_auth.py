@@ -54,6 +54,34 @@ async def test_tls_registry_without_its_ca_is_refused(
             await api.pull(s, tls_sample.ref)
 
 
+async def test_a_plain_http_loopback_registry_is_reached_without_loading_certificates(
+    tmp_path: Path, sample_image: SampleImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheme probe asks whether a loopback registry speaks TLS over a context that
+    loads no certificate: with the CA bundle unreadable, a plain-HTTP registry is still
+    pulled from (loading the bundle would have failed, naming the file)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    async with api.Session(root=tmp_path / "root") as s:
+        pulled = await api.pull(s, sample_image.ref, full=True)
+    assert str(pulled.image.repo_digest) == sample_image.digest
+
+
+async def test_a_loopback_tls_registry_is_still_probed_with_its_verified_context(
+    tmp_path: Path,
+    tls_registry: LocalRegistry,
+    tls_sample: SampleImage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the sniff finds TLS, the registry's own context (its certificates loaded) is
+    what connects: an unreadable CA bundle is then the error, named."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    options = trusting(tmp_path, tls_registry)
+    async with api.Session(root=tmp_path / "root", options=options) as s:
+        unreadable = r"cannot load TLS certificates from .*missing\.pem"
+        with pytest.raises(RegistryUnreachable, match=unreadable):
+            await api.pull(s, tls_sample.ref)
+
+
 async def test_tls_with_ca_but_no_login_suggests_login(
     tmp_path: Path, tls_registry: LocalRegistry, tls_sample: SampleImage
 ) -> None:
