@@ -215,3 +215,67 @@ async def test_a_rotten_block_of_a_span_is_remade_by_the_read_that_meets_it(
     assert await again.read(0, offset + 100, 1000) == files["f5.txt"][100:1100]
     assert again.pieces.corrupt == 1 and again.inflations == 1  # remade, never served
     again.close()
+
+
+def test_a_piece_this_process_wrote_opens_without_reading_its_table_and_is_still_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`open` of a piece this cache just wrote takes its place in the pack from what the
+    write noted (no header or table read back), and its blocks are still checked: rot
+    that came after the write is refused."""
+    import imagefs.lazy.cache as cache_module
+
+    cache = PieceCache(tmp_path)
+    payloads = [random.Random(k).randbytes(size) for k, size in enumerate([MiB, 70_000, 0])]
+    names = [hashlib.sha256(p).hexdigest() for p in payloads]
+    cache.put_many(list(zip(names, payloads, strict=True)))
+    path = cache.dir / names[0]
+    _flip(path, _payload_at(path) + 4 * BLOCK + 7)  # rot in block 4 of the first piece
+
+    def no_table_read(*_: object) -> None:
+        raise AssertionError("the pack's table was read back")
+
+    monkeypatch.setattr(cache_module, "locate_piece", no_table_read)
+    for name, payload in zip(names[1:], payloads[1:], strict=True):
+        assert cache.read(name) == payload
+    assert cache.open(names[0])
+    assert cache.pread(names[0], 0, BLOCK) == payloads[0][:BLOCK]  # a sound block serves
+    assert cache.pread(names[0], 4 * BLOCK, 10) is None  # the rotten one is refused
+    assert cache.corrupt == 1 and not path.exists()
+    cache.close()
+
+
+def test_a_note_of_a_write_is_not_taken_for_another_file_under_the_name(tmp_path: Path) -> None:
+    """A piece written here, then written again by another process (a new pack under the
+    same name) before this one opens it: the note does not match the file, so the file's
+    own table says where the piece is."""
+    cache = PieceCache(tmp_path)
+    filler = random.Random(9).randbytes(5000)
+    payload = random.Random(1).randbytes(200_000)
+    name = hashlib.sha256(payload).hexdigest()
+    cache.put(name, payload)
+    other = PieceCache(tmp_path)  # another process: the piece second in a bigger pack
+    other.put_many([(hashlib.sha256(filler).hexdigest(), filler), (name, payload)])
+    other.close()
+    assert cache.read(name) == payload and cache.corrupt == 0
+    cache.close()
+
+
+def test_a_fresh_piece_is_not_touched_on_its_first_read_but_an_old_one_is(tmp_path: Path) -> None:
+    """A read refreshes an old piece's mtime (the cap evicts least recently used packs
+    first); a piece written moments ago needs no such write, and gets none."""
+    writer = PieceCache(tmp_path)
+    payloads = [random.Random(k).randbytes(70_000 + k) for k in range(2)]
+    names = [hashlib.sha256(p).hexdigest() for p in payloads]
+    for name, payload in zip(names, payloads, strict=True):
+        writer.put(name, payload)  # a pack each: a touch of one is not the other's
+    writer.close()
+    fresh, old = writer.dir / names[0], writer.dir / names[1]
+    stale = old.stat().st_mtime - 7200
+    os.utime(old, (stale, stale))
+    fresh_mtime = fresh.stat().st_mtime_ns
+    reader = PieceCache(tmp_path)
+    assert reader.read(names[0]) == payloads[0] and reader.read(names[1]) == payloads[1]
+    assert fresh.stat().st_mtime_ns == fresh_mtime
+    assert old.stat().st_mtime > stale + 3600
+    reader.close()
