@@ -20,8 +20,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import pyfuse3
 
@@ -41,10 +40,10 @@ CACHE_TIMEOUT = 86400.0
 _S_IFMT, _S_IFDIR = 0o170000, stat.S_IFDIR  # stat.S_IFMT is a function: the mask
 
 
-@dataclass(frozen=True, slots=True)
-class _Open:
+class _Open(NamedTuple):
     """An open file: its inode, and where its bytes are (layer, start in the layer's
-    uncompressed stream, size)."""
+    uncompressed stream, size). A NamedTuple: one is built per open, in one step (a frozen
+    dataclass sets each field in turn)."""
 
     ino: int
     layer: int
