@@ -199,20 +199,25 @@ class Connection:
         Whether it speaks TLS at all is asked first over a context that loads and checks
         no certificate (`sniffing_context`; the probe carries no credentials): loading the
         CA bundle costs ~35 ms, and a loopback registry is nearly always plain HTTP, so a
-        mount of one paid that on its way to the first byte for nothing. A registry that
-        does speak TLS is then probed again with its verified context, which decides (an
-        untrusted certificate is refused here, as before)."""
+        mount of one paid that on its way to the first byte for nothing. Anything but a
+        plain-HTTP answer to that (TLS spoken, a refusal, a TLS server wanting a client
+        certificate) leaves the decision to the probe with the registry's own context, as
+        before: an untrusted certificate is refused there."""
         https = f"https://{ep.netloc}"
         if not plain_http_allowed(ep.host, self.options):
             return https
         sniffer = self._make_client(ep.host, tls=sniffing_context())
         try:
-            for client in (sniffer, ep.client):
-                probe = client.build_request(
-                    "GET", f"{https}/v2/", timeout=effective_timeouts(self.options)[0]
-                )
-                resp = await client.send(probe, stream=True)
-                await resp.aclose()  # the answer is that TLS worked; its body is of no interest
+            await self._get_v2(sniffer, https)
+        except httpx.ConnectError as exc:
+            if _is_tls_mismatch(exc):
+                return f"http://{ep.netloc}"  # no certificate was needed to learn that
+        except httpx.TransportError:
+            pass  # e.g. a TLS 1.3 server's alert after the handshake: the real probe decides
+        finally:
+            await sniffer.aclose()
+        try:
+            await self._get_v2(ep.client, https)
             return https
         except httpx.ConnectError as exc:
             if _is_certificate_error(exc):
@@ -228,8 +233,15 @@ class Connection:
             return f"http://{ep.netloc}"
         except httpx.TransportError:
             return f"http://{ep.netloc}"
-        finally:
-            await sniffer.aclose()
+
+    async def _get_v2(self, client: httpx.AsyncClient, https: str) -> None:
+        """GET /v2/ over TLS; returning is the answer that TLS worked (the body is of no
+        interest)."""
+        probe = client.build_request(
+            "GET", f"{https}/v2/", timeout=effective_timeouts(self.options)[0]
+        )
+        resp = await client.send(probe, stream=True)
+        await resp.aclose()
 
     # -- the request loop -------------------------------------------------------------------
 
