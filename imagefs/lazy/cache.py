@@ -43,6 +43,10 @@ piece remembers its checked blocks in a bytearray, so later reads of them are pl
 (removed, counted in `corrupt`, the read goes to the maker): nothing unchecked is served.
 Before, a first read of a piece this process had not opened yet (nearly every read of a
 fresh daemon over a warm store) read and hashed the whole ~1 MiB span for a 10 KB file.
+A piece this process wrote itself opens from what the write noted (its place in the pack
+and its block sums; the file under the name must be the pack written, same inode and size),
+not by reading the pack's header and table back: a cold read-all opens each piece read-ahead
+wrote moments before. Its blocks are checked on first read all the same.
 When a piece's fd falls out of the LRU its checked blocks are forgotten and checked again on
 reopen: one block costs a 64 KiB pread + xxh3 (~10 µs), and no per-name memo grows with the
 cache (the old one held up to 128k names). `imagefs check` reads every block of every piece.
