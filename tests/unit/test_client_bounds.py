@@ -67,7 +67,7 @@ def client_with(
     client._upstream.client = fake
     client._upstream.base_url = "https://reg.example:5000"
     # the pools made later (a token realm on another host) reach the same fake network
-    client._make_client = lambda host: fake  # type: ignore[method-assign]
+    client._make_client = lambda host, tls=None: fake  # type: ignore[method-assign]
     return client
 
 
