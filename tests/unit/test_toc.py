@@ -308,3 +308,18 @@ def test_find_answers_every_visible_path_and_nothing_else() -> None:
     assert newer is not None and toc.size(newer) == 999
     for absent in absents:
         assert toc.find(absent) is None
+
+
+def test_strings_answer_membership_from_a_set_or_past_its_limit_by_bisection() -> None:
+    """`Strings` (a layer's whiteouts, opaque directories) answers `in` from a set built on
+    first use; past `_SET_MAX` members (a crafted TOC) it builds none and bisects."""
+    from imagefs.layers.toc import packed
+
+    few = packed.Strings.build([b"a/x", b"b", b"a/y"])
+    assert b"a/y" in few and b"a" not in few and b"" not in few
+    assert few._members is not None
+    many = packed.Strings.build(b"d/%06d" % k for k in range(packed._SET_MAX + 10))
+    assert b"d/000000" in many and b"d/%06d" % (packed._SET_MAX + 9) in many
+    assert b"d/" not in many and b"d/0000000" not in many and b"e" not in many
+    assert many._members is None
+    assert b"x" not in packed.Strings.build([])

@@ -59,6 +59,9 @@ def parent_of(path: bytes) -> bytes:
     return path[:cut] if cut >= 0 else b""
 
 
+_SET_MAX = 1 << 16  # members a `Strings` answers `in` for from a set (see __contains__)
+
+
 class Strings:
     """An immutable sorted set of byte strings: one blob plus an offset array."""
 
@@ -86,10 +89,15 @@ class Strings:
 
     def __contains__(self, item: bytes) -> bool:
         # A lookup asks every layer it passes whether the path is whited out: a set answers
-        # in ~0.1 µs where a bisection with a Python key took ~2.7. Whiteouts and opaque
-        # directories are few per layer, so the set is small.
+        # in ~0.1 µs where a bisection with a Python key takes ~2.7. Real layers white out a
+        # few paths; a set of more than `_SET_MAX` (a crafted TOC's millions, ~100 bytes each
+        # as a set) is not built, those are bisected.
         members = self._members
         if members is None:
+            n = len(self.offs) - 1
+            if n > _SET_MAX:
+                i = bisect.bisect_left(range(n), item, key=self._at)
+                return i < n and self._at(i) == item
             members = self._members = frozenset(self)
         return item in members
 
