@@ -37,7 +37,6 @@ C = TypeVar("C", bound=type[pyfuse3.Operations])
 
 # The image is immutable: let the kernel cache names and attributes for a day.
 CACHE_TIMEOUT = 86400.0
-_S_IFMT, _S_IFDIR = 0o170000, stat.S_IFDIR  # stat.S_IFMT is a function: the mask
 
 
 class _Open(NamedTuple):
@@ -164,24 +163,6 @@ class ImageOperations(pyfuse3.Operations):
         attrs[ino] = e
         return e
 
-    def _attributes_of(self, children: list[tuple[bytes, int]]) -> list[int]:
-        """Build the attributes of a listing's entries that have none yet (`_attributes`,
-        in one loop: a listing is where most are built) and return its directories' inodes.
-        Pure (raises NeedLayer): call it through `_ask`."""
-        attrs, getattr_ = self._attrs, self.overlay.getattr
-        if children:
-            top = max(child for _, child in children) + 1
-            if top > len(attrs):
-                attrs.extend([None] * (top - len(attrs)))
-        dirs = []
-        for _, child in children:
-            e = attrs[child]
-            if e is None:
-                e = attrs[child] = _entry(getattr_(child))
-            if e.st_mode & _S_IFMT == _S_IFDIR:
-                dirs.append(child)
-        return dirs
-
     def _listing(self, ino: int) -> _Handle:
         """What readdirplus answers for a directory: `.`, `..`, then the overlay's listing
         (built once by the overlay, shared, not copied), every entry's attributes built
@@ -192,7 +173,7 @@ class ImageOperations(pyfuse3.Operations):
         attributes(parent)
         children = self.overlay.listing(ino)
         if ino not in self._listed:
-            dirs = self._attributes_of(children)
+            dirs = [child for _, child in children if stat.S_ISDIR(attributes(child).st_mode)]
             for child in dirs:  # only now: a NeedLayer above leaves nothing half done
                 self._parents[child] = ino
             self._listed.add(ino)
