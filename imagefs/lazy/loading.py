@@ -99,7 +99,7 @@ async def _load(ls: LayerSet, i: int, *, ahead: Ahead | None) -> LayerIndex | No
         ls.stats[i].source = "index store"
         return idx
     if ahead == "kept":
-        return await _kept_toc(ls, i)
+        return await _load_toc(ls, i, fetch=False)
     if not ls.is_local(i):
         idx = await _load_toc(ls, i)
         if idx is None and ls.remote_index is not None:
@@ -123,27 +123,19 @@ async def _load(ls: LayerSet, i: int, *, ahead: Ahead | None) -> LayerIndex | No
     return idx
 
 
-async def _kept_toc(ls: LayerSet, i: int) -> LayerIndex | None:
-    """The TOC this manifest names for layer i, if it is kept here (and not refused)."""
-    bound = toc_binding(ls.layers[i])
-    if bound is None or await trio.to_thread.run_sync(ls.indexes.refused, bound):
-        return None
-    idx = await trio.to_thread.run_sync(ls.indexes.load_bound, bound)
-    if idx is not None:
-        kind = "eStargz TOC" if bound.kind == ESTARGZ else "zstd:chunked TOC"
-        ls.stats[i].source = f"{kind} (kept)"
-    return idx
-
-
-async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
-    """eStargz or zstd:chunked: the TOC this manifest names, kept or fetched by ranges."""
+async def _load_toc(ls: LayerSet, i: int, *, fetch: bool = True) -> LayerIndex | None:
+    """eStargz or zstd:chunked: the TOC this manifest names, kept or fetched by ranges
+    (`fetch=False`: only if kept; an early load, which says nothing of a refused TOC: the
+    request that needs the layer does)."""
     layer = ls.layers[i]
     bound = toc_binding(layer)
-    if bound is None or ls.fetch_range is None:
+    if bound is None or (fetch and ls.fetch_range is None):
         return None
     from imagefs.layers import lostnames
 
     if await trio.to_thread.run_sync(ls.indexes.refused, bound):
+        if not fetch:
+            return None
         log.warning(
             "layer %d (%s): its TOC %s disagreed with the layer's tar stream before; "
             "fetching the whole layer",
@@ -157,6 +149,8 @@ async def _load_toc(ls: LayerSet, i: int) -> LayerIndex | None:
     if idx is not None:
         ls.stats[i].source = f"{source} (kept)"
         return idx
+    if not fetch:
+        return None
     params: dict[str, Any]
     try:
         with wire.cause("toc"):
