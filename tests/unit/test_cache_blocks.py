@@ -225,7 +225,7 @@ def test_a_piece_this_process_wrote_opens_without_reading_its_table_and_is_still
     that came after the write is refused."""
     import imagefs.lazy.cache as cache_module
 
-    cache = PieceCache(tmp_path)
+    cache = PieceCache(tmp_path, held=0)  # read from the pack, not from memory
     payloads = [random.Random(k).randbytes(size) for k, size in enumerate([MiB, 70_000, 0])]
     names = [hashlib.sha256(p).hexdigest() for p in payloads]
     cache.put_many(list(zip(names, payloads, strict=True)))

@@ -28,7 +28,9 @@ PRECIOUS = b"the victim's own bytes\n"
 def test_a_piece_cache_never_writes_or_evicts_through_a_later_link(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    cache = PieceCache(root, cap=1)  # every put evicts: evict() would run over the victim
+    # cap=1: every put evicts (evict() would run over the victim); held=0: nothing is held in
+    # memory, this is about the disk
+    cache = PieceCache(root, cap=1, held=0)
     victim = tmp_path / "victim"
     (victim / "sha256").mkdir(parents=True)
     (victim / "sha256" / ("a" * 64)).write_bytes(PRECIOUS)
