@@ -47,6 +47,9 @@ A piece this process wrote itself opens from what the write noted (its place in 
 and its block sums; the file under the name must be the pack written, same inode and size),
 not by reading the pack's header and table back: a cold read-all opens each piece read-ahead
 wrote moments before. Its blocks are checked on first read all the same.
+Pieces just put are also held in memory (`HELD_BYTES`, each up to `HELD_PIECE_MAX`, the
+oldest let go first) until a read reaches their end: the bytes whose sha256 the maker checked
+moments before, served without opening the pack or checking its blocks (nothing read from disk).
 When a piece's fd falls out of the LRU its checked blocks are forgotten and checked again on
 reopen: one block costs a 64 KiB pread + xxh3 (~10 µs), and no per-name memo grows with the
 cache (the old one held up to 128k names). `imagefs check` reads every block of every piece.
