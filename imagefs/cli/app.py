@@ -99,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(a, "profile_command", None) != "record":
             parser.error("`-- COMMAND` is only for `imagefs profile record`")
         a.workload = command
+    configure_logging(a)
+    return run_command(a)
+
+
+def configure_logging(a: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.DEBUG if a.debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -106,7 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.debug:
         # httpx logs every request at INFO; keep them for --debug only.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    return run_command(a)
 
 
 def run_command(a: argparse.Namespace) -> int:

@@ -125,7 +125,9 @@ def mount_detached(a: argparse.Namespace, run: Callable[[argparse.Namespace], in
     """`imagefs mount` without -f: check, start the daemon, return once the mount answers
     (a start-up error the daemon reports is raised here by `fork_daemon`). The daemon is
     this process forked, running `run` (the command line's foreground path) on the same
-    arguments with `-f --ready-fd N`."""
+    arguments with `-f --ready-fd N`: forked when `imagefs.cli.main` started
+    (`imagefs.cli.prefork`, handed the arguments here), else now."""
+    from imagefs.cli import prefork
     from imagefs.fs import lifecycle
     from imagefs.store import Store
 
@@ -139,11 +141,18 @@ def mount_detached(a: argparse.Namespace, run: Callable[[argparse.Namespace], in
     if a.cache_size:
         cache_size_of(a)
     log_path = lifecycle.log_path_for(root, mountpoint)
+    waiting = prefork.take()  # the daemon-to-be `imagefs.cli.main` forked, importing
     pid = lifecycle.fork_daemon(
         lambda ready_fd: run(daemon_arguments(a, root, mountpoint, ready_fd)),
         log_path,
         mountpoint,
         root,
+        preforked=None
+        if waiting is None
+        else (
+            waiting[0],
+            lambda log, w: prefork.hand_over(waiting, (a, root, mountpoint), log, w),
+        ),
     )
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0

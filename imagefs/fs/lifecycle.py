@@ -229,25 +229,37 @@ def spawn_daemon(
 
 
 def fork_daemon(
-    serve: Callable[[int], int], log_path: Path, mountpoint: Path, root: Path | None = None
+    serve: Callable[[int], int],
+    log_path: Path,
+    mountpoint: Path,
+    root: Path | None = None,
+    *,
+    preforked: tuple[int, Callable[[int, int], bool]] | None = None,
 ) -> int:
     """`spawn_daemon` for the `imagefs mount` launcher: the daemon is this process forked,
     and runs `serve(ready_fd)` (its exit status) — no second interpreter start and no second
     import of the command line (a third of a cold mount's start-up). Only from a process
-    that has no threads and has not imported trio: the launcher, which stays light for it."""
+    that has no threads and has not imported trio: the launcher, which stays light for it.
+
+    `preforked`: a child forked earlier (`imagefs.cli.prefork`), its pid and how to hand it
+    the log and the ready pipe's write end (False: it cannot take them: this one forks)."""
 
     def start(log: int, r: int, w: int) -> _Child:
+        if preforked is not None:
+            pid, hand_over = preforked
+            if hand_over(log, w):
+                return _Child(pid)
         for stream in (sys.stdout, sys.stderr):  # or the child writes them a second time
             stream.flush()
         pid = os.fork()
         if pid == 0:
-            _run_daemon(serve, log, r, w)
+            run_daemon(serve, log, w)
         return _Child(pid)
 
     return _start_daemon(start, log_path, mountpoint, root)
 
 
-def _run_daemon(serve: Callable[[int], int], log: int, r: int, w: int) -> NoReturn:
+def run_daemon(serve: Callable[[int], int], log: int, w: int) -> NoReturn:
     """The forked daemon: detached as `Popen(start_new_session=True, stdin=DEVNULL,
     stdout=log, stderr=log, close_fds=True, pass_fds=(w,))` would leave it; never returns."""
     code = 1

@@ -82,6 +82,62 @@ def test_the_daemon_is_the_launcher_forked_and_detached(
         imagefs(root, "umount", str(mnt), check=False)
 
 
+def test_the_daemon_is_forked_before_the_launcher_parses_and_handed_its_arguments(
+    tmp_path: Path, sample_image: SampleImage
+) -> None:
+    """`imagefs mount` forks the daemon-to-be first thing (it imports the mount's modules
+    while the launcher parses and checks), then hands it the arguments: the mount it serves
+    is the one asked for, with the options given."""
+    root, mnt = tmp_path / "root", tmp_path / "mnt"
+    mnt.mkdir()
+    argv = [sys.executable, "-m", "imagefs", "--root", str(root), "mount", "-o", "allow_other"]
+    proc = subprocess.run(
+        [*argv, sample_image.ref, str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert proc.returncode == 0, proc.stderr
+        log = log_path_for(root, mnt).read_text()
+        assert "daemon forked as the launcher started" in log
+        assert (mnt / "etc/hello.txt").read_bytes() == sample_image.files["etc/hello.txt"]
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        options = next(line.split()[3] for line in mounts if str(mnt) in line)
+        assert "allow_other" in options.split(",")
+    finally:
+        imagefs(root, "umount", str(mnt), check=False)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [["-o", "no_such_option"], ["--cache-size", "lots"]],
+    ids=["bad -o", "bad --cache-size"],
+)
+def test_a_launcher_that_fails_its_checks_leaves_no_forked_child(
+    tmp_path: Path, sample_image: SampleImage, words: list[str]
+) -> None:
+    """The daemon-to-be of a launcher that stops before handing over is killed on the way
+    out: nothing with this command line is left running, and nothing was mounted."""
+    root, mnt = tmp_path / "root", tmp_path / "mnt-unique-to-this-test"
+    mnt.mkdir()
+    argv = [sys.executable, "-m", "imagefs", "--root", str(root), "mount", *words]
+    proc = subprocess.run(
+        [*argv, sample_image.ref, str(mnt)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(mnt).encode() in cmdline:
+            left.append(pid)
+    assert left == []
+    assert not os.path.ismount(mnt)
+
+
 def test_a_daemon_start_up_error_is_one_line_from_the_launcher(tmp_path: Path) -> None:
     """An error the forked daemon meets (here: a registry that is not there) is printed by
     the launcher, one line, with the daemon's exit code; no mount is left behind."""
