@@ -131,6 +131,7 @@ async def serve(
                 background.start_soon(serve_control, sock, snapshot, name="control socket")
                 # LayerSet starts read-aheads here; typed as a Nursery, it only calls start_soon.
                 layer_set.nursery = cast(trio.Nursery, background)
+                ops.tree.load_top_soon()
                 if prefetch is not None:
                     plan = profile_plan(prefetch, record.manifest.digest, layers)
                     background.start_soon(layer_set.prefetch_ranges, plan, name="prefetch")

@@ -116,6 +116,17 @@ class LazyTree:
                 nursery.start_soon(self._load_quietly, j, ahead)
         self._started[ahead] = index
 
+    def load_top_soon(self) -> None:
+        """Start loading the top layer's index from its metadata (`ahead="metadata"`: a TOC
+        or published index, never layer data) as the mount comes up. Every request starts
+        there (a lookup walks the stack top down), so the first one finds it loaded or in
+        flight instead of starting it: the launcher's return and the caller's first
+        request (~25 ms of a first byte) overlap the load. A failure is the request's to
+        report, as for any early load."""
+        top = self.overlay.layer_count - 1
+        if self.layers.nursery is not None and top >= 0:
+            self.layers.nursery.start_soon(self._load_quietly, top, "metadata")
+
     async def _load_quietly(self, index: int, ahead: loading.Ahead) -> None:
         async with self._ahead:
             try:

@@ -344,3 +344,27 @@ async def test_early_loads_fetch_metadata_only_once_a_request_went_below_its_fir
         await ops.lookup(ROOT_INODE, b"etc")  # needs layer 2: the walk goes down
     assert sorted(layers.ahead) == [(0, "metadata"), (1, "metadata")]
     assert layers.ready == {0, 1, 2, 3}
+
+
+async def test_the_top_layer_alone_loads_from_its_metadata_as_the_mount_comes_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`load_top_soon` (the daemon calls it before reporting ready) starts an early load of
+    the top layer from its metadata, and of no other layer; the first request then finds it
+    loaded (`LayerSet.ensure` waits for a load in flight: single flight)."""
+    tocs: list[Toc | None] = [_toc((b"low.txt", EntryType.REG, {}))]
+    tocs.append(_toc((b"top.txt", EntryType.REG, {})))
+    layers = _SlowLayers(tocs)
+    layers.kept = False
+    ops = ImageOperations(Overlay(2, exact_dir_nlink=False), cast(LayerSet, layers))
+    async with trio.open_nursery() as nursery:
+        layers.nursery = nursery
+        ops.tree.load_top_soon()
+        await trio.sleep(0.5)
+        assert layers.ahead == [(1, "metadata")] and layers.running == 1
+        await trio.sleep(1)
+        assert layers.ready == {1}
+        entry = await ops.lookup(ROOT_INODE, b"top.txt")
+    assert entry.st_ino != 0
+    assert layers.ready == {1}  # the path the top layer decides needed nothing below
+    assert (0, "metadata") not in layers.ahead
