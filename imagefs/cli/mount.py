@@ -141,7 +141,7 @@ def mount_detached(a: argparse.Namespace, run: Callable[[argparse.Namespace], in
     if a.cache_size:
         cache_size_of(a)
     log_path = lifecycle.log_path_for(root, mountpoint)
-    waiting = prefork.take()  # the daemon-to-be `imagefs.cli.main` forked, importing
+    waiting = prefork.waiting_pid()  # the daemon-to-be `imagefs.cli.main` forked, importing
     pid = lifecycle.fork_daemon(
         lambda ready_fd: run(daemon_arguments(a, root, mountpoint, ready_fd)),
         log_path,
@@ -149,10 +149,7 @@ def mount_detached(a: argparse.Namespace, run: Callable[[argparse.Namespace], in
         root,
         preforked=None
         if waiting is None
-        else (
-            waiting[0],
-            lambda log, w: prefork.hand_over(waiting, (a, root, mountpoint), log, w),
-        ),
+        else (waiting, lambda log, w: prefork.hand_over((a, root, mountpoint), log, w)),
     )
     print(f"Mounted {a.reference} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0

@@ -87,17 +87,19 @@ def start(argv: Sequence[str], serve: Callable[[Any, int], int]) -> None:
     atexit.register(_not_needed)
 
 
-def take() -> tuple[int, socket.socket] | None:
-    """The waiting child (its pid and the socket to hand over on), once; None if none."""
+def waiting_pid() -> int | None:
+    """The pid of the child waiting to be handed over to, if there is one."""
+    return None if _waiting is None else _waiting[0]
+
+
+def hand_over(arguments: Any, log: int, w: int) -> bool:
+    """Give the waiting child `arguments` (pickled), the log and the ready pipe's write end:
+    it is the daemon from now on. False if there is none or it cannot take them (it died:
+    it is reaped), and the caller forks as before."""
     global _waiting
-    waiting, _waiting = _waiting, None
-    return waiting
-
-
-def hand_over(waiting: tuple[int, socket.socket], arguments: Any, log: int, w: int) -> bool:
-    """Give the child `arguments` (pickled), the log and the ready pipe's write end. False
-    if it cannot take them (it died): it is reaped, and the caller forks as before."""
-    pid, sock = waiting
+    if _waiting is None:
+        return False
+    (pid, sock), _waiting = _waiting, None  # handed over or gone: never killed at exit
     try:
         with sock:
             socket.send_fds(sock, [b"+"], [log, w])
@@ -109,11 +111,13 @@ def hand_over(waiting: tuple[int, socket.socket], arguments: Any, log: int, w: i
 
 
 def _not_needed() -> None:
-    """At exit, a child never handed over is killed and reaped."""
-    waiting = take()
-    if waiting is not None:
-        waiting[1].close()
-        _end(waiting[0])
+    """At exit, a child never handed over (whatever stopped the launcher first) is killed
+    and reaped."""
+    global _waiting
+    if _waiting is not None:
+        (pid, sock), _waiting = _waiting, None
+        sock.close()
+        _end(pid)
 
 
 def _end(pid: int) -> None:
