@@ -119,6 +119,9 @@ _WRITTEN_MAX = 8192
 # Pieces over 1 MiB are not held (gzip+index spans are 1 MiB and are).
 HELD_BYTES = 8 << 20
 HELD_PIECE_MAX = 1 << 20
+# What a held piece costs besides its payload (the bytes object's header, its name, the
+# OrderedDict's entry), counted against HELD_BYTES: many tiny pieces stay bounded too.
+_HELD_ENTRY = 256
 
 
 def parse_size(text: str) -> int:
@@ -235,6 +238,15 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
             else:
                 views[0] = views[0][n:]
                 n = 0
+
+
+def _check_declared(hexd: str, size: int, expect: int | None) -> None:
+    """A piece is only ever its digest's bytes, so a size other than the one its index
+    declares (`expect`) means the index lies about the chunk: IntegrityError."""
+    if expect is not None and size != expect:
+        raise IntegrityError(
+            f"piece sha256:{hexd[:12]} holds {size} bytes; its index declares {expect}"
+        )
 
 
 def verify_piece(hexd: str, payload: bytes) -> None:
@@ -414,10 +426,7 @@ class PieceCache:
                 return None
             self._fds.move_to_end(hexd)
             size = got.where.length
-            if expect is not None and size != expect:
-                raise IntegrityError(
-                    f"piece sha256:{hexd[:12]} holds {size} bytes; its index declares {expect}"
-                )
+            _check_declared(hexd, size, expect)
             # Under the lock, so no other thread closes the fd (and another open reuses its
             # number) meanwhile: a pread of an open piece from the page cache takes
             # microseconds, less than the dup + close this used to pay on every read.
@@ -440,14 +449,11 @@ class PieceCache:
         page cache keeps what was read; a later read opens the pack). Under the lock."""
         payload = self._held[hexd]
         size = len(payload)
-        if expect is not None and size != expect:
-            raise IntegrityError(
-                f"piece sha256:{hexd[:12]} holds {size} bytes; its index declares {expect}"
-            )
+        _check_declared(hexd, size, expect)
         end = min(offset + length, size)
         if end >= size:
             del self._held[hexd]
-            self._held_bytes -= size
+            self._held_bytes -= size + _HELD_ENTRY
         self.hits += 1
         self.held_reads += 1
         return payload[offset:end] if (offset, end) != (0, size) else payload
@@ -461,9 +467,9 @@ class PieceCache:
                 if len(payload) > HELD_PIECE_MAX or hexd in held:
                     continue
                 held[hexd] = payload
-                self._held_bytes += len(payload)
+                self._held_bytes += len(payload) + _HELD_ENTRY
             while self._held_bytes > cap:
-                self._held_bytes -= len(held.popitem(last=False)[1])
+                self._held_bytes -= len(held.popitem(last=False)[1]) + _HELD_ENTRY
                 self.held_unread += 1
 
     def _checked_pread(self, got: _Open, offset: int, n: int) -> bytes | None:
@@ -666,11 +672,12 @@ class PieceCache:
         return freed
 
     def close(self) -> None:
-        log.info(
-            "cache: %d reads from pieces held in memory, %d held pieces let go unread",
-            self.held_reads,
-            self.held_unread,
-        )
+        if self.held_reads or self.held_unread:
+            log.info(
+                "cache: %d reads from pieces held in memory, %d held pieces let go unread",
+                self.held_reads,
+                self.held_unread,
+            )
         with self._lock:
             self._held.clear()
             self._held_bytes = 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagefs.errors import IntegrityError
-from imagefs.lazy.cache import HELD_PIECE_MAX, PieceCache
+from imagefs.lazy.cache import _HELD_ENTRY, HELD_PIECE_MAX, PieceCache
 
 
 def _pieces(sizes: list[int]) -> list[tuple[str, bytes]]:
@@ -52,6 +52,21 @@ def test_held_pieces_are_bounded_in_bytes_and_the_oldest_go_first(tmp_path: Path
     assert cache.pread(pieces[0][0], 0, 10) is None  # the oldest was let go
     for name, payload in pieces[1:]:
         assert cache.pread(name, 0, len(payload)) == payload
+
+
+def test_many_tiny_pieces_are_bounded_by_what_each_costs_not_only_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """Each held piece counts its payload and `_HELD_ENTRY` for itself: 10-byte pieces fit
+    7 to a cap of 2,000 bytes, not 200."""
+    cache = PieceCache(tmp_path, held=2_000)
+    pieces = _pieces([10] * 100)
+    for name, payload in pieces:
+        cache.put(name, payload)
+    assert 100 - cache.held_unread == 2_000 // (10 + _HELD_ENTRY)
+    _forget_the_disk(cache)
+    name, payload = pieces[-1]
+    assert cache.pread(name, 0, 10) == payload  # the newest are the ones held
 
 
 def test_a_piece_over_the_limit_is_not_held(tmp_path: Path) -> None:
