@@ -221,7 +221,7 @@ def spawn_daemon(
     its worker threads (`profile record`, a build's base images), which must not fork.
     `root` (default: ROOT of `ROOT/logs/<log>`) is where the log is reached without links."""
 
-    def start(log: int, r: int, w: int) -> _Child:
+    def start(log: int, w: int) -> _Child:
         proc = _popen_daemon(argv, log, w)
         return _Child(proc.pid, proc)
 
@@ -244,7 +244,7 @@ def fork_daemon(
     `preforked`: a child forked earlier (`imagefs.cli.prefork`), its pid and how to hand it
     the log and the ready pipe's write end (False: it cannot take them: this one forks)."""
 
-    def start(log: int, r: int, w: int) -> _Child:
+    def start(log: int, w: int) -> _Child:
         if preforked is not None:
             pid, hand_over = preforked
             if hand_over(log, w):
@@ -310,18 +310,18 @@ class _Child:
 
 
 def _start_daemon(
-    start: Callable[[int, int, int], _Child],
+    start: Callable[[int, int], _Child],
     log_path: Path,
     mountpoint: Path,
     root: Path | None,
 ) -> int:
-    """Start the daemon with `start(log, r, w)`, wait on the pipe until it says READY (the
+    """Start the daemon with `start(log, w)`, wait on the pipe until it says READY (the
     mount answers) or ERROR <code> <message> (raised here), or dies."""
     root = log_path.parent.parent if root is None else root
     log = open_log(root, log_path)
     r, w = os.pipe()
     try:
-        proc = start(log, r, w)
+        proc = start(log, w)
     except OSError as exc:
         os.close(r)
         raise ImageFSError(
