@@ -28,8 +28,10 @@ never use it, and `imagefs index --push` publishes only indexes built here from 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +126,11 @@ class RemoteIndexes:
         self._found: dict[str, Descriptor] | None = None
         self._lock = trio.Lock()
 
-    async def __call__(self, layer: Layer) -> LayerIndex | None:
+    async def __call__(
+        self, layer: Layer, keep: Callable[[Callable[[], None]], Awaitable[None]] | None = None
+    ) -> LayerIndex | None:
+        """Layer's published index, if M's referrers name one; `keep` runs the store's
+        write of a fetched one (in the background, for a mount), else it is awaited."""
         if not needs_index(layer):
             return None
         known = await trio.to_thread.run_sync(self.store.referrers, self.manifest_digest)
@@ -167,7 +173,8 @@ class RemoteIndexes:
             )
         params = {"layer_size": layer.size}
         idx = await trio.to_thread.run_sync(derive, bound, params, data)
-        await trio.to_thread.run_sync(self.store.save_bound, bound, params, data, idx)
+        save = functools.partial(self.store.save_bound, bound, params, data, idx)
+        await (keep(save) if keep is not None else trio.to_thread.run_sync(save))
         return idx
 
 

@@ -155,7 +155,14 @@ class LayerSet:
         """Load layer i's index ahead of need, as far as `ahead` allows: "kept", only what
         this machine keeps; "metadata", also the TOC the manifest names or its published
         index, fetched. Never the layer's data: a layer with neither TOC nor published
-        index is left for the request that needs it (its whole blob)."""
+        index is left for the request that needs it (its whole blob).
+
+        A load of the layer already in flight is waited for, unless this one is "kept":
+        an early "kept" load (nothing found, in a cold store) must not stand for the
+        "metadata" load started while it ran (the layers then loaded one after another,
+        as the request reached each: ~100 ms of a cold first stat)."""
+        while (event := self._inflight.get(i)) is not None and ahead == "metadata":
+            await event.wait()
         if self._ready[i] is not None or i in self._inflight:
             return
         event = self._inflight[i] = trio.Event()
@@ -166,6 +173,18 @@ class LayerSet:
         finally:
             del self._inflight[i]
             event.set()  # a waiter finding no index loads it itself, as after a failure
+
+    async def keep(self, write: Callable[[], None]) -> None:
+        """Run a store write in a worker thread; with a nursery (a mount), in the background.
+
+        For an index just loaded (`loading.Keep`): the caller has it in memory, so a request
+        need not wait for it to reach the disk (the 40k-entry layer's published index: ~20
+        ms of a cold first stat). A failure is the nursery's to log; without a nursery (a
+        browse) the write is awaited and its failure raised."""
+        if self.nursery is None:
+            await trio.to_thread.run_sync(write)
+        else:
+            self.nursery.start_soon(trio.to_thread.run_sync, write, name="keeping an index")
 
     def _set_ready(self, i: int, idx: LayerIndex) -> None:
         # The same blob at other places of the stack (empty layers repeat in real images; a

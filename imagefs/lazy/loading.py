@@ -20,6 +20,7 @@ ever found under the verifier the mounting manifest names.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -43,7 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imagefs.lazy")
 
-RemoteIndex = Callable[[Layer], Awaitable[LayerIndex | None]]
+# A store write the loader need not wait for (`LayerSet.keep`): the index it keeps is in
+# memory already, so a request goes on while a worker thread writes it.
+Keep = Callable[[Callable[[], None]], Awaitable[None]]
+RemoteIndex = Callable[[Layer, Keep], Awaitable[LayerIndex | None]]
 
 ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 TAIL_FETCH = 64 << 10  # first guess at footer + TOC size for eStargz
@@ -104,7 +108,7 @@ async def _load(ls: LayerSet, i: int, *, ahead: Ahead | None) -> LayerIndex | No
         idx = await _load_toc(ls, i)
         if idx is None and ls.remote_index is not None:
             try:
-                idx = await ls.remote_index(layer)
+                idx = await ls.remote_index(layer, ls.keep)
             except ImageFSError as exc:
                 log.warning("layer %d: no usable index in the registry (%s)", i, exc)
             if idx is not None:
@@ -175,7 +179,7 @@ async def _load_toc(ls: LayerSet, i: int, *, fetch: bool = True) -> LayerIndex |
             exc,
         )
         return None
-    await trio.to_thread.run_sync(ls.indexes.save_bound, bound, params, raw, idx)
+    await ls.keep(functools.partial(ls.indexes.save_bound, bound, params, raw, idx))
     ls.stats[i].source = source
     return idx
 

@@ -5,7 +5,11 @@ with no TOC and no published index is left for the request that needs it."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from imagefs.lazy.layers import LayerSet
 from imagefs.oci.image import Layer
@@ -61,5 +65,59 @@ async def test_an_early_load_of_a_layer_without_metadata_fetches_nothing(
     try:
         await ls.ensure_ahead(0, "metadata")  # no TOC, no published index: left for a request
         assert not ls.loaded(0) and wanted == []
+    finally:
+        ls.close()
+
+
+async def test_a_metadata_load_is_not_dropped_for_a_kept_load_in_flight(tmp_path: Path) -> None:
+    """A request that goes down the stack starts "kept" loads below the first layer it
+    needs, then "metadata" loads once it needs a lower one; a "metadata" load started while
+    the layer's "kept" load (which finds nothing in a cold store) is in flight still loads
+    the layer, after it."""
+    layer, blob = _estargz_layer()
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        return blob[start:end]
+
+    ls = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ls.ensure_ahead, 0, "kept")
+            nursery.start_soon(ls.ensure_ahead, 0, "metadata")
+        assert ls.loaded(0)
+    finally:
+        ls.close()
+
+
+async def test_a_mount_does_not_wait_for_a_fetched_toc_to_be_written(tmp_path: Path) -> None:
+    """With a nursery (a mount), the index a fetched TOC makes is used at once and written
+    to the store in the background (`LayerSet.keep`); it is there once the write ends."""
+    layer, blob = _estargz_layer()
+
+    async def fetch_range(_: Layer, start: int, end: int) -> bytes:
+        return blob[start:end]
+
+    ls = LayerSet(Store(tmp_path), [layer], no_whole_blob, fetch_range=fetch_range)
+    save, release, saved = ls.indexes.save_bound, threading.Event(), []
+
+    def slow_save(*args: Any) -> None:
+        release.wait(10)
+        save(*args)
+        saved.append(args[0])
+
+    ls.indexes.save_bound = slow_save  # type: ignore[method-assign, assignment]
+    try:
+        async with trio.open_nursery() as nursery:
+            ls.nursery = nursery
+            idx = await ls.ensure(0)
+            assert len(idx.toc) and saved == []  # loaded, still being written
+            release.set()
+        assert len(saved) == 1
+        again = LayerSet(Store(tmp_path), [layer], no_whole_blob)  # no fetch: kept only
+        try:
+            await again.ensure_ahead(0, "kept")
+            assert again.loaded(0)
+        finally:
+            again.close()
     finally:
         ls.close()
