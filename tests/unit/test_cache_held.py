@@ -94,3 +94,14 @@ def test_closing_the_cache_lets_held_pieces_go(tmp_path: Path) -> None:
     _forget_the_disk(cache)
     cache.close()
     assert not cache.open(name)
+
+
+def test_a_piece_written_and_not_yet_opened_is_there_until_evicted(tmp_path: Path) -> None:
+    """`exists` answers for the pieces this process wrote without looking at the disk (the
+    read-ahead window asks again and again), and stops once eviction removed them."""
+    cache = PieceCache(tmp_path, held=0)
+    pieces = _pieces([1000] * 4)
+    cache.put_many(pieces)
+    assert all(cache.exists(n) for n, _ in pieces)
+    assert cache.evict(target=0) > 0
+    assert not any(cache.exists(n) for n, _ in pieces)
