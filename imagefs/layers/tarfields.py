@@ -16,6 +16,14 @@ def clean_path(raw: bytes) -> bytes:
     clean as if the path were absolute, then make it relative again. So `./a`, `/a`, `a/` and
     `../../a` all become `a`; `.` and `/` become the empty path, which is the root.
     """
+    if (
+        raw
+        and not raw.startswith((b"/", b"."))
+        and not raw.endswith(b"/")
+        and b"//" not in raw
+        and b"/." not in raw
+    ):
+        return raw  # no empty, `.` or `..` component: clean already (most names)
     parts: list[bytes] = []
     for comp in raw.split(b"/"):
         if not comp or comp == b".":

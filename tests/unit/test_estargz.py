@@ -187,3 +187,60 @@ def test_toc_fields_from_json() -> None:
     assert (e.offset, e.chunk_offset, e.chunk_size, e.inner_offset) == (10, 4, 3, 7)
     assert (e.dev_major, e.dev_minor, e.user_name, e.group_name) == (1, 2, "u", "g")
     assert e.xattrs == {"user.x": b"\x00\x01"}
+
+
+_PLAIN_ENTRY = {
+    "name": "usr/lib/libz.so.1",
+    "type": "reg",
+    "size": 120,
+    "modtime": "2024-01-02T03:04:05Z",
+    "linkName": "",
+    "mode": 0o644,
+    "uid": 1,
+    "gid": 2,
+    "userName": "u",
+    "groupName": "g",
+    "digest": "sha256:" + "b" * 64,
+    "offset": 10,
+    "endOffset": 99,
+    "chunkOffset": 0,
+    "chunkSize": 0,
+    "chunkDigest": "sha256:" + "b" * 64,
+    "innerOffset": 0,
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},  # plain: the fast path
+        {"chunkDigest": "sha256:" + "c" * 64, "type": "chunk"},
+        {"devMajor": 8, "devMinor": 1, "type": "block"},
+        {"xattrs": {"user.x": "AAE="}},  # xattrs: the field-by-field path
+        {"uid": None, "linkName": None},  # nulls read as 0 and "" there
+        {"size": 1 << 40},
+    ],
+)
+def test_an_entry_parses_alike_on_the_fast_and_checked_paths(change: dict[str, object]) -> None:
+    obj = {**_PLAIN_ENTRY, **change}
+    assert es.parse_entry(obj) == es._parse_entry_checked(obj)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"size": -1},
+        {"mode": True},  # a bool is not a number here
+        {"uid": 1.5},
+        {"name": 7},
+        {"name": ""},
+        {"type": ""},
+        {"digest": 5},
+        {"modtime": []},
+        {"xattrs": {"user.x": "not base64!"}},
+        {"xattrs": [1]},
+    ],
+)
+def test_a_bad_entry_is_refused_whichever_path_it_takes(change: dict[str, object]) -> None:
+    with pytest.raises(LayerFormatError):
+        es.parse_entry({**_PLAIN_ENTRY, **change})

@@ -255,9 +255,13 @@ class TocBuilder:
         last_nondir = self._last_nondir
         visible: list[int] = []
         visible_paths: set[bytes] = set()
+        # Non-directories that some entry's path goes through (every ancestor of an entry
+        # is in `_prefixes`): almost always none, and then no entry's ancestors need a look
+        # (a 40k-entry TOC: 40k walks up the tree, ~0.15 s).
+        blocking = bool(last_nondir.keys() & self._prefixes)
         for path, vers in versions.items():
             i = vers[-1]
-            if last_nondir and self._under_nondir(path, i):
+            if blocking and self._under_nondir(path, i):
                 continue
             visible.append(i)
             visible_paths.add(path)
