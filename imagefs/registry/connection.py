@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Self
 from urllib.parse import urlencode, urlsplit
 
+import httpcore
 import httpx
 import trio
 
@@ -57,6 +58,13 @@ if TYPE_CHECKING:
     from imagefs.registry import credentials
 
 log = logging.getLogger("imagefs.registry")
+
+# httpcore reads a response 64 KiB at a time, and each read costs the event loop the same
+# Python work whatever it brings (h11's event, httpcore's and httpx's stream layers, the
+# wire meter). Blob ranges are up to 1 MiB (`making.MAX_FETCH`): read up to that at once.
+# 64 MB of 1 MiB ranges from the loopback registry, 4 alternating pairs: 0.245-0.274 s of
+# CPU -> 0.165-0.196 s. The class attribute is httpcore's only knob for it.
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 USER_AGENT = "imagefs/0.1"
 
