@@ -105,6 +105,9 @@ MAX_PACK_ENTRIES = 1 << 16
 _NAME = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CACHE_SIZE = 10 << 30
 _TOUCH_EVERY = 60.0  # seconds between mtime updates of a hot piece
+# Pieces whose last touch is remembered (`PieceCache._touched`, ~150 bytes each); past it
+# the memory is dropped whole: forgetting costs one more `utime` a piece, not a leak.
+_TOUCHED_MAX = 16384
 MAX_OPEN = 1024  # fds kept open for warm reads (the soft RLIMIT_NOFILE is raised to fit)
 # Pieces this process wrote and has not opened yet whose place in their pack it remembers
 # (`PieceCache._written`): ~300 bytes each.
@@ -366,7 +369,7 @@ class PieceCache:
             return False
         n = len(where.sums)
         if time.time() - st.st_mtime < _TOUCH_EVERY:  # fresh: its first read need not touch it
-            self._touched[hexd] = time.monotonic()
+            self._note_touched(hexd, time.monotonic())
         self._keep(hexd, _Open(fd, where, bytearray(n), n))
         return True
 
@@ -510,9 +513,15 @@ class PieceCache:
     def _touch(self, hexd: str) -> None:
         now = time.monotonic()
         if now - self._touched.get(hexd, 0.0) > _TOUCH_EVERY:
-            self._touched[hexd] = now
+            self._note_touched(hexd, now)
             with contextlib.suppress(OSError):
                 os.utime(hexd, dir_fd=self._dir(), follow_symlinks=False)
+
+    def _note_touched(self, hexd: str, when: float) -> None:
+        touched = self._touched
+        if len(touched) >= _TOUCHED_MAX:
+            touched.clear()  # one step, safe beside another thread's `get`
+        touched[hexd] = when
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -105,3 +105,18 @@ def test_a_piece_written_and_not_yet_opened_is_there_until_evicted(tmp_path: Pat
     assert all(cache.exists(n) for n, _ in pieces)
     assert cache.evict(target=0) > 0
     assert not any(cache.exists(n) for n, _ in pieces)
+
+
+def test_the_memory_of_touched_pieces_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each piece read is remembered as touched (its mtime is the LRU clock, updated at
+    most once a minute); a long mount reading many pieces keeps at most `_TOUCHED_MAX`."""
+    monkeypatch.setattr("imagefs.lazy.cache._TOUCHED_MAX", 5)
+    cache = PieceCache(tmp_path, held=0)
+    pieces = _pieces([100] * 12)
+    cache.put_many(pieces)
+    for name, payload in pieces:
+        assert cache.read(name) == payload
+        assert len(cache._touched) <= 5
+    assert cache._touched  # still remembering the latest
