@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 # checks that this path imports no layer format module).
 DAEMON_MODULES = (
     "trio",
+    "httpcore",  # imported by its first registry client otherwise (`registry.connection`)
     "imagefs.cli.app",
     "imagefs.cli.mount",
     "imagefs.session",

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Self
 from urllib.parse import urlencode, urlsplit
 
-import httpcore
 import httpx
 import trio
 
@@ -63,8 +62,9 @@ log = logging.getLogger("imagefs.registry")
 # Python work whatever it brings (h11's event, httpcore's and httpx's stream layers, the
 # wire meter). Blob ranges are up to 1 MiB (`making.MAX_FETCH`): read up to that at once.
 # 64 MB of 1 MiB ranges from the loopback registry, 4 alternating pairs: 0.245-0.274 s of
-# CPU -> 0.165-0.196 s. The class attribute is httpcore's only knob for it.
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
+# CPU -> 0.165-0.196 s. Set on httpcore's connection class (its only knob) when a client is
+# made: commands that never make one do not import httpcore.
+READ_SIZE = 1 << 20
 
 USER_AGENT = "imagefs/0.1"
 
@@ -137,6 +137,9 @@ class Connection:
 
     def _make_client(self, host: str, tls: ssl.SSLContext | None = None) -> httpx.AsyncClient:
         """A pool for `host`, with its TLS rules (`tls`: another context, for the probe)."""
+        import httpcore  # httpx imports it for the transport made below anyway
+
+        httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_SIZE
         connect, read = effective_timeouts(self.options)
         timeout = httpx.Timeout(read, connect=connect, pool=None)
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
