@@ -127,10 +127,10 @@ class RemoteIndexes:
         self._lock = trio.Lock()
 
     async def __call__(
-        self, layer: Layer, keep: Callable[[Callable[[], None]], Awaitable[None]] | None = None
+        self, layer: Layer, keep: Callable[[Callable[[], None]], Awaitable[None]]
     ) -> LayerIndex | None:
         """Layer's published index, if M's referrers name one; `keep` runs the store's
-        write of a fetched one (in the background, for a mount), else it is awaited."""
+        write of a fetched one (`LayerSet.keep`: in the background, for a mount)."""
         if not needs_index(layer):
             return None
         known = await trio.to_thread.run_sync(self.store.referrers, self.manifest_digest)
@@ -173,8 +173,7 @@ class RemoteIndexes:
             )
         params = {"layer_size": layer.size}
         idx = await trio.to_thread.run_sync(derive, bound, params, data)
-        save = functools.partial(self.store.save_bound, bound, params, data, idx)
-        await (keep(save) if keep is not None else trio.to_thread.run_sync(save))
+        await keep(functools.partial(self.store.save_bound, bound, params, data, idx))
         return idx
 
 
