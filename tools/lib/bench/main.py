@@ -19,7 +19,7 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is tools/lib/bench
 
-from bench import images, profiling, report
+from bench import fusetrace, images, profiling, report
 from bench.systems import SYSTEMS, Context, Phase, System
 from bench.util import BenchError, cpu_seconds, drop_caches, log, remove_tree, run
 from bench.workloads import WORKLOADS
@@ -86,6 +86,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="py-spy the imagefs daemon during each workload (to .bench/profiles/); "
         "timings are perturbed, so the table goes to .bench/profile.md",
+    )
+    p.add_argument(
+        "--fuse-trace",
+        action="store_true",
+        help="record every FUSE request of each mount's sessions with the kernel's "
+        "tracepoints: per opcode, count, median latency and total (`fusetrace.py`)",
     )
     p.add_argument(
         "--add",
@@ -186,6 +192,9 @@ def main(argv: list[str]) -> int:
     )
     output: Path = args.output or default_output
     profile_dir = work / "profiles" if args.profile else None
+    fuse_trace = args.fuse_trace and fusetrace.available()
+    if args.fuse_trace and not fuse_trace:
+        log("--fuse-trace: no FUSE request tracepoints here (or not root); not recorded")
     ratarmount = args.ratarmount or REPO / ".bench" / "venv" / "bin" / "ratarmount"
     imagefs_bin = Path(sys.executable).parent / "imagefs"
     command = "tools/bench" + "".join(f" {shlex.quote(a)}" for a in argv)
@@ -225,7 +234,9 @@ def main(argv: list[str]) -> int:
             started.append(system)
         for r in range(runs):
             for system in systems:
-                _one_run(system, r, runs, phases, workload_names, built, results, profile_dir)
+                _one_run(
+                    system, r, runs, phases, workload_names, built, results, profile_dir, fuse_trace
+                )
                 _save_raw(raw, _merged(kept, results))
         results = _merged(kept, results)
         names = [s.name for s in started]
@@ -418,6 +429,7 @@ def _one_run(
     built: images.BuiltImage,
     results: report.Results,
     profile_dir: Path | None,
+    fuse_trace: bool = False,
 ) -> None:
     mine = results.setdefault(system.name, {})
 
@@ -444,12 +456,17 @@ def _one_run(
                     if profile_dir is not None and tree.pid is not None:
                         out = profile_dir / f"{system.name}-{phase}-{name}-run{r + 1}"
                         spy.enter_context(profiling.py_spy(PY_SPY, tree.pid, out))
+                    # not first byte (timed from the mount command), not a plain directory
+                    traced = fuse_trace and workload.daemon_cpu and os.path.ismount(tree.root)
+                    requests = spy.enter_context(fusetrace.record(tree.root)) if traced else None
                     cpu = cpu_seconds(tree.pid) if workload.daemon_cpu else None
                     metrics = workload.run(tree, built, phase)
                     if cpu is not None and (after := cpu_seconds(tree.pid)) is not None:
                         # the serving process's own CPU (user + system): what it costs apart
                         # from the kernel's FUSE work and the client's
                         metrics["daemon_cpu_s"] = after - cpu
+                if requests is not None:
+                    metrics.update(requests.metrics)  # filled as the session's recording ended
             except BenchError as e:
                 # One failed session costs its numbers, not the whole (long) bench.
                 log(f"run {r + 1}/{runs} {system.name} {phase} {name} FAILED: {e}")
@@ -459,7 +476,9 @@ def _one_run(
                 add(f"mount.{phase}.ready_s", tree.ready_s)
             for key, value in metrics.items():
                 add(f"{name}.{phase}.{key}", value)
-            shown = ", ".join(f"{k}={v:,.3f}" for k, v in metrics.items())
+            shown = ", ".join(
+                f"{k}={v:,.3f}" for k, v in metrics.items() if not k.startswith("fuse.")
+            )
             log(
                 f"run {r + 1}/{runs} {system.name} {phase} {name}: {shown} "
                 f"(session {time.perf_counter() - start:.1f}s)"

@@ -208,6 +208,44 @@ def _verdict(ok: bool | None) -> str:
     return {True: "met", False: "**missed**", None: "–"}[ok]
 
 
+def fuse_requests(results: Results, names: Sequence[str]) -> list[str]:
+    """With `--fuse-trace`: per workload and FUSE request, each system's count, median
+    latency and total, as the kernel timed them (`fusetrace.py`). Nothing without it."""
+    found: dict[tuple[str, str], set[str]] = {}  # (workload.phase, opcode) -> systems
+    for name in names:
+        for key in results.get(name, {}):
+            head, sep, rest = key.partition(".fuse.")
+            if sep and rest.endswith(".n"):
+                found.setdefault((head, rest[: -len(".n")]), set()).add(name)
+    if not found:
+        return []
+    shown = [n for n in names if any(n in s for s in found.values())]
+    lines = [
+        "",
+        "### FUSE requests, as the kernel timed them",
+        "",
+        "`--fuse-trace`: every request of each session, from queued to answered "
+        "(`fuse_request_send` / `fuse_request_end` tracepoints); per system: requests, "
+        "median latency, total. Answers from pyfuse3's own overhead and the handler alike: "
+        "the floor's column is what a request costs when its handler does nothing.",
+        "",
+        "| workload | request | " + " | ".join(shown) + " |",
+        "|---|---|" + "---:|" * len(shown),
+    ]
+    for (workload, op), _systems in sorted(found.items()):
+        cells = []
+        for name in shown:
+            base = f"{workload}.fuse.{op}"
+            n, p50, total = (median(results, name, f"{base}.{m}") for m in ("n", "p50_us", "sum_s"))
+            cells.append(
+                "–"
+                if n is None or p50 is None or total is None
+                else f"{n:,.0f} × {p50:.0f} µs = {total:.2f} s"
+            )
+        lines.append(f"| {workload} | {op} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def machine_facts() -> list[tuple[str, str]]:
     mem = "?"
     cpu = "?"
@@ -276,6 +314,7 @@ def render(
         if ratio:
             cells.append(_floor_ratio(results, row))
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {row.target} |")
+    lines += fuse_requests(results, names)
     lines += ["", "Systems:", ""]
     lines += [f"- **{name}**: {desc}" for name, desc in systems]
     merged = image.merged
