@@ -431,8 +431,10 @@ class PieceCache:
                     return self._pread_held(hexd, offset, length, expect)
                 return None
             self._fds.move_to_end(hexd)
-            size = got.where.length
-            _check_declared(hexd, size, expect)
+            where = got.where
+            size = where.length
+            if expect is not None and size != expect:
+                _check_declared(hexd, size, expect)  # raises
             # Under the lock, so no other thread closes the fd (and another open reuses its
             # number) meanwhile: a pread of an open piece from the page cache takes
             # microseconds, less than the dup + close this used to pay on every read.
@@ -442,12 +444,15 @@ class PieceCache:
                 if data is None:
                     del self._fds[hexd]
             else:
-                data = os.pread(got.fd, n, got.where.offset + offset)
+                data = os.pread(got.fd, n, where.offset + offset)
         if data is None:
             self._damaged(hexd, got.fd)
             return None
         self.hits += 1
-        self._touch(hexd)
+        # `_touch`'s test, here: every warm read passes it, nearly all without a touch
+        now = time.monotonic()
+        if now - self._touched.get(hexd, 0.0) > _TOUCH_EVERY:
+            self._touch(hexd, now)
         return data
 
     def _pread_held(self, hexd: str, offset: int, length: int, expect: int | None) -> bytes:
@@ -483,7 +488,7 @@ class PieceCache:
         yet; None if one fails. Called under the lock."""
         where, checked = got.where, got.checked
         first, last = offset // where.block, (offset + n - 1) // where.block
-        if all(checked[first : last + 1]):
+        if checked[first] if first == last else all(checked[first : last + 1]):
             return os.pread(got.fd, n, where.offset + offset)
         lo = first * where.block
         hi = min((last + 1) * where.block, where.length)
@@ -510,12 +515,11 @@ class PieceCache:
         size = self.size(hexd)
         return None if size is None else self.pread(hexd, 0, size)
 
-    def _touch(self, hexd: str) -> None:
-        now = time.monotonic()
-        if now - self._touched.get(hexd, 0.0) > _TOUCH_EVERY:
-            self._note_touched(hexd, now)
-            with contextlib.suppress(OSError):
-                os.utime(hexd, dir_fd=self._dir(), follow_symlinks=False)
+    def _touch(self, hexd: str, now: float) -> None:
+        """Mark a piece used (its mtime: what `evict` orders by), at most once a minute."""
+        self._note_touched(hexd, now)
+        with contextlib.suppress(OSError):
+            os.utime(hexd, dir_fd=self._dir(), follow_symlinks=False)
 
     def _note_touched(self, hexd: str, when: float) -> None:
         touched = self._touched

@@ -23,6 +23,7 @@ going on where it left off gets read-ahead and `prefetch*` bring pieces in ahead
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -293,7 +294,7 @@ class LayerSet:
             return raw
 
         start, end = seek.span_range(k)
-        return Job(seek.raw_digests[k].hex(), start, end, decode)
+        return Job(seek.piece_names[k], start, end, decode)
 
     async def _assemble(
         self,
@@ -371,7 +372,7 @@ class LayerSet:
         idx = self._ready[i]
         if idx is None:
             return None
-        local = self.is_local(i)
+        local = self._local.get(i) or self.is_local(i)  # the call only while it is not
         if idx.chunks is not None:
             parts = _chunk_parts(idx.chunks, offset, length)[1]
         else:
@@ -383,7 +384,7 @@ class LayerSet:
             if local:
                 if seek.compression == "none" or i in self._flat:
                     return self._pread(i, offset, end)  # page cache: no thread hop
-                if _flattens(seek):
+                if seek.compression == "zstd" and _flattens(seek):
                     return None  # `read` decompresses it to a file first
             parts = _span_parts(seek, offset, end)[1]
         data = self._preads(parts)
@@ -557,13 +558,27 @@ def _chunk_parts(
 
 
 def _span_parts(seek: SeekIndex, offset: int, end: int) -> tuple[list[int], list[_Part]]:
-    ks = list(range(seek.point_for(offset), seek.point_for(end - 1) + 1))
+    """The spans [offset, end) lies in, and its part in each. On every warm read of a layer
+    with a seek index: the span starts and piece names are the index's, computed once."""
+    starts, names = seek.span_starts, seek.piece_names
+    if not starts:
+        seek.point_for(offset)  # raises: an index without points
+    first = bisect.bisect_right(starts, offset) - 1
+    if first < 0:
+        first = 0
+    count, total = len(starts), seek.uncompressed_size
+    s = starts[first]
+    span_end = starts[first + 1] if first + 1 < count else total
+    if end <= span_end and offset >= s:  # within one span: nearly every read
+        return [first], [(names[first], offset - s, end - offset, 0, span_end - s)]
+    last = max(0, bisect.bisect_right(starts, end - 1) - 1)
+    ks = list(range(first, last + 1))
     parts: list[_Part] = []
     for n, k in enumerate(ks):
-        s = seek.points[k].uncompressed
-        span_end = seek.span_uncompressed_end(k)
+        s = starts[k]
+        span_end = starts[k + 1] if k + 1 < count else total
         lo = max(offset, s) - s
-        parts.append((seek.raw_digests[k].hex(), lo, min(end, span_end) - s - lo, n, span_end - s))
+        parts.append((names[k], lo, min(end, span_end) - s - lo, n, span_end - s))
     return ks, parts
 
 

@@ -424,3 +424,35 @@ def test_urandom_is_incompressible_path() -> None:
     read = _reader(blob)
     for off in (0, 1, 65_535, 65_536, 300_000, 599_999):
         assert si.read_at(index, read, off, 70_000) == data[off : off + 70_000]
+
+
+def test_span_parts_cover_exactly_the_bytes_asked_for() -> None:
+    """`LayerSet`'s read plan from a seek index (a fast path for a read within one span, the
+    general one across spans): every part names its span's piece, and the parts laid end to
+    end are [offset, end) of the stream, for reads starting and ending on and around every
+    span boundary."""
+    from imagefs.lazy.layers import _span_parts
+
+    starts = [0, 100, 250, 251, 600]
+    total = 1000
+    raws = tuple(hashlib.sha256(bytes([k])).digest() for k in range(len(starts)))
+    index = si.SeekIndex(
+        "gzip",
+        500,
+        total,
+        tuple(si.SeekPoint(10 * k, s) for k, s in enumerate(starts)),
+        tuple(b"\0" * 32 for _ in starts),
+        raw_digests=raws,
+    )
+    ends = [*starts[1:], total]
+    near = {e + d for e in starts for d in (-1, 0, 1)} | {total - 1}
+    edges = sorted(x for x in near if 0 <= x < total)
+    for offset in edges:
+        for end in sorted({min(e + 1, total) for e in edges if e >= offset} | {total}):
+            ks, parts = _span_parts(index, offset, end)
+            pos = offset
+            for n, (k, (name, lo, length, place, size)) in enumerate(zip(ks, parts, strict=True)):
+                assert (name, place, size) == (raws[k].hex(), n, ends[k] - starts[k])
+                assert starts[k] + lo == pos and length > 0
+                pos += length
+            assert pos == end, (offset, end, parts)

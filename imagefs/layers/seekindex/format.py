@@ -161,9 +161,22 @@ class SeekIndex:
     blob_digest: str = ""
     raw_digests: tuple[bytes, ...] = ()
     _uncompressed_keys: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
+    _piece_names: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_uncompressed_keys", tuple(p.uncompressed for p in self.points))
+        # Hex once per index, not once per read (a warm read names the piece it preads).
+        object.__setattr__(self, "_piece_names", tuple(d.hex() for d in self.raw_digests))
+
+    @property
+    def span_starts(self) -> tuple[int, ...]:
+        """Uncompressed offset where each span starts (its point's)."""
+        return self._uncompressed_keys
+
+    @property
+    def piece_names(self) -> tuple[str, ...]:
+        """Each span's piece name in the piece cache: its `raw_digests` entry in hex."""
+        return self._piece_names
 
     def point_for(self, offset: int) -> int:
         """Index of the last point at or before uncompressed ``offset``."""
