@@ -13,13 +13,19 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from imagefs.errors import ManifestUnknown
+import trio
+
+from imagefs.errors import ManifestUnknown, unwrap_groups
 from imagefs.oci import mediatypes
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor, Index, Manifest, parse_manifest
 from imagefs.registry.client import RegistryClient
 
 EMPTY_JSON = b"{}"
+# Referrer manifests fetched at once: a mount waits for them before its first read, and a
+# repository may list several artifacts (one round trip each, one after another, before).
+# Bounded: a registry may list thousands, each up to a manifest's size limit.
+REFERRER_FETCHES = 4
 
 
 def fallback_tag(digest: Digest) -> str:
@@ -122,16 +128,23 @@ async def find_artifacts(
         parsed = parse_manifest(got.raw, got.media_type)
         if isinstance(parsed, Index):
             referrers = list(parsed.manifests)
-    found: list[Manifest] = []
-    for ref in referrers:
-        if ref.artifact_type != artifact_type:
-            continue
-        got = await client.get_manifest(repository, str(ref.digest), expected_size=ref.size)
-        artifact = parse_manifest(got.raw, got.media_type)
-        if (
-            isinstance(artifact, Manifest)
-            and artifact.subject is not None
-            and (artifact.subject.digest == subject)
-        ):
-            found.append(artifact)
-    return found
+    wanted = [ref for ref in referrers if ref.artifact_type == artifact_type]
+    found: list[Manifest | None] = [None] * len(wanted)
+    pending = iter(enumerate(wanted))  # shared by the fetchers: each referrer to one of them
+
+    async def fetcher() -> None:
+        for k, ref in pending:
+            answer = await client.get_manifest(repository, str(ref.digest), expected_size=ref.size)
+            artifact = parse_manifest(answer.raw, answer.media_type)
+            if (
+                isinstance(artifact, Manifest)
+                and artifact.subject is not None
+                and (artifact.subject.digest == subject)
+            ):
+                found[k] = artifact
+
+    with unwrap_groups():
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(REFERRER_FETCHES, len(wanted))):
+                nursery.start_soon(fetcher)
+    return [artifact for artifact in found if artifact is not None]  # in the listing's order
