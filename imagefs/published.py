@@ -154,9 +154,13 @@ class RemoteIndexes:
                     log.info("no published indexes (%s)", exc)
                     self._found = {}
                 if self._found:
+                    # What an offline remount finds them by; this mount has `_found`, so the
+                    # (durable) write need not hold up the first request (`keep`).
                     record = {k: str(v.digest) for k, v in self._found.items()}
-                    await trio.to_thread.run_sync(
-                        self.store.remember_referrers, self.manifest_digest, record
+                    await keep(
+                        functools.partial(
+                            self.store.remember_referrers, self.manifest_digest, record
+                        )
                     )
         desc = self._found.get(str(layer.digest))
         if desc is None:

@@ -6,6 +6,8 @@ fails the search with its own error."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -118,3 +120,60 @@ def test_no_referrer_of_the_kind_fetches_nothing() -> None:
     client = FakeClient([_artifact(0)], ["application/vnd.example.other"], delays=[0.1])
     assert _find(client) == []
     assert client.fetched == []
+
+
+def test_a_mount_does_not_wait_for_the_referrers_record_to_be_written(tmp_path: Path) -> None:
+    """`RemoteIndexes` hands both store writes of a first lookup to `keep` (a mount's
+    nursery): the record of which index each layer's referrer named, and the index itself.
+    The index is answered before either is written; an offline remount finds it by the record
+    once they have run."""
+    from imagefs.oci.image import Layer
+    from imagefs.oci.manifest import Descriptor
+    from imagefs.published import (
+        ARTIFACT_TYPE,
+        INDEX_MEDIA_TYPE,
+        LAYER_ANNOTATION,
+        RemoteIndexes,
+    )
+    from imagefs.store.layerindexes import LayerIndexStore
+    from tests.unit.test_layerindexes_published import _published
+
+    bound, params, raw = _published(tmp_path)
+    layer = Layer(
+        Descriptor(mediatypes.OCI_LAYER_GZIP, bound.layer, params["layer_size"]),
+        bound.layer,
+    )
+    blob_desc = {
+        "mediaType": INDEX_MEDIA_TYPE,
+        "digest": str(Digest.of(raw)),
+        "size": len(raw),
+        "annotations": {LAYER_ANNOTATION: str(layer.digest)},
+    }
+    manifest = json.loads(_artifact(0, kind=ARTIFACT_TYPE))
+    manifest["layers"] = [blob_desc]
+    body = json.dumps(manifest).encode()
+    client = FakeClient([body], [ARTIFACT_TYPE], delays=[0.0])
+
+    async def get_blob(repository: str, digest: Digest, size: int, **_: Any) -> bytes:
+        assert digest == Digest.of(raw)
+        return raw
+
+    client.get_blob = get_blob  # type: ignore[attr-defined]
+    store = LayerIndexStore(tmp_path / "root")
+    kept: list[Callable[[], None]] = []
+
+    async def keep(write: Callable[[], None]) -> None:
+        kept.append(write)  # not run: as a mount's nursery would, later
+
+    async def main() -> Any:
+        remote = RemoteIndexes(cast(RegistryClient, client), "repo", SUBJECT, store)
+        return await remote(layer, keep)
+
+    idx = trio.run(main)
+    assert idx is not None and len(idx.toc) > 0
+    assert store.referrers(SUBJECT) == {} and len(kept) == 2  # answered, nothing written yet
+    for write in kept:
+        write()
+    assert store.referrers(SUBJECT) == {str(layer.digest): str(Digest.of(raw))}
+    offline = RemoteIndexes(None, "repo", SUBJECT, store)
+    assert trio.run(offline, layer, keep) is not None
