@@ -120,7 +120,7 @@ def format_stats(st: dict[str, Any]) -> str:
         f"fetched  {human_size(st['bytes_fetched'])} in {st['fetches']} fetches, "
         f"{st['registry_requests']} registry requests; latency p50 {ms(lat['p50'])} "
         f"p90 {ms(lat['p90'])} p99 {ms(lat['p99'])}",
-        f"cache    {st['cache']['hits']} hits, {st['cache']['misses']} misses",
+        _cache_line(st["cache"]),
     ]
     causes = st.get("fetched_by_cause") or {}
     if causes:  # what the fetched bytes were for (registry/wire.py's causes)
@@ -137,6 +137,17 @@ def format_stats(st: dict[str, Any]) -> str:
             ]
         )
     return "\n".join(lines) + "\n" + table(rows)
+
+
+def _cache_line(cache: dict[str, Any]) -> str:
+    """The piece cache's counters: reads answered from pieces (from memory: just made, not
+    yet on disk), lookups that found none, damaged pieces dropped (then fetched again)."""
+    line = f"cache    {cache['hits']} hits, {cache['misses']} misses"
+    if cache.get("held_reads"):
+        line += f" ({cache['held_reads']} hits from pieces just made, in memory)"
+    if cache.get("corrupt"):
+        line += f"; {cache['corrupt']} damaged pieces dropped and fetched again"
+    return line
 
 
 def stats_row(stats: dict[str, Any]) -> dict[str, Any]:

@@ -121,6 +121,7 @@ async def serve(
                                 "hits": cache.hits,
                                 "misses": cache.misses,
                                 "corrupt": cache.corrupt,
+                                "held_reads": cache.held_reads,
                             },
                             "layer_sources": [st.source for st in layer_set.stats],
                         },

@@ -66,6 +66,8 @@ def _check_agreement(
     assert by_cause == stats["fetched_by_cause"]
     assert len(fetches) == stats["fetches"]
     assert stats["fetches_in_flight"] == 0  # nothing was still coming when stats were asked
+    # reads answered from pieces just made are cache hits too
+    assert 0 <= stats["cache"]["held_reads"] <= stats["cache"]["hits"]
     # and both are what the registry says it sent (it counts the bodies it wrote)
     assert logged > 0
     assert abs(stats["bytes_fetched"] - logged) <= 0.03 * logged, (stats["bytes_fetched"], logged)
