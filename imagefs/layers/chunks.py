@@ -325,7 +325,7 @@ def build_chunked(
             if covered != e.size:
                 raise LayerFormatError(f"{e.name}: chunks hold {covered} of {e.size} bytes")
             voff += e.size
-        name, link = names.get(k) or (_name(e.name), _name(e.link_name))
+        name, link = names.get(k) or (_name(e.name), _name(e.link_name) if e.link_name else b"")
         builder.add(
             name,
             kind,
@@ -339,7 +339,7 @@ def build_chunked(
             devminor=e.dev_minor,
             offset=offset,
             linkname=link,
-            xattrs=[(k.encode(), v) for k, v in e.xattrs.items()],
+            xattrs=[(k.encode(), v) for k, v in e.xattrs.items()] if e.xattrs else (),
         )
     toc = builder.build()
     warnings.extend(builder.warnings)

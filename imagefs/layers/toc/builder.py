@@ -32,6 +32,15 @@ OPAQUE_MARKER = b".wh..wh..opq"
 
 #: Ids that do not fit a 32-bit uid_t are shown as the kernel's overflow id.
 OVERFLOW_ID = 65534
+# Members read once: `add` runs once per entry of a layer (40k for a big one), and reading
+# an enum member off its class costs more than a global.
+_REG, _DIR, _SYMLINK, _HARDLINK = (
+    EntryType.REG,
+    EntryType.DIR,
+    EntryType.SYMLINK,
+    EntryType.HARDLINK,
+)
+_CHAR, _BLOCK = EntryType.CHAR, EntryType.BLOCK
 
 
 class TocBuilder:
@@ -111,7 +120,8 @@ class TocBuilder:
         """
         if self._built:
             raise RuntimeError("TocBuilder.add() after build()")
-        type = EntryType(type)
+        if type.__class__ is not EntryType:
+            type = EntryType(type)
         path = clean_path(path)
         name = path[path.rfind(b"/") + 1 :]
         if name.startswith(WHITEOUT_PREFIX):
@@ -119,7 +129,7 @@ class TocBuilder:
             return None
         if path in self._hide:
             return None
-        if not path and type is not EntryType.DIR:
+        if not path and type is not _DIR:
             self._warn(path, "the root can only be a directory")
             return None
         if not 0 <= size < 1 << 64 or not 0 <= offset < 1 << 64:
@@ -138,28 +148,28 @@ class TocBuilder:
 
         index = len(self._types)
         extras = bytearray()
-        if type is EntryType.HARDLINK:
-            target = self._link_target(path, clean_path(linkname), index, extras)
-            if target is None:
-                return None
-            linkname = target
+        if type is not _REG:  # most entries: no link, no device, size kept
+            if type is _HARDLINK:
+                target = self._link_target(path, clean_path(linkname), index, extras)
+                if target is None:
+                    return None
+                linkname = target
+            if type is _SYMLINK or type is _HARDLINK:
+                write_record(X_LINK, linkname, extras)
+            if (type is _CHAR or type is _BLOCK) and (devmajor or devminor):
+                dev = bytearray()
+                varint(max(devmajor, 0), dev)
+                varint(max(devminor, 0), dev)
+                write_record(X_DEV, bytes(dev), extras)
             size = 0
-        if type in (EntryType.SYMLINK, EntryType.HARDLINK):
-            write_record(X_LINK, linkname, extras)
-        if type in (EntryType.CHAR, EntryType.BLOCK) and (devmajor or devminor):
-            dev = bytearray()
-            varint(max(devmajor, 0), dev)
-            varint(max(devminor, 0), dev)
-            write_record(X_DEV, bytes(dev), extras)
-        items = xattrs.items() if isinstance(xattrs, Mapping) else xattrs
-        for xname, xvalue in items:
-            rec = bytearray()
-            varint(len(xname), rec)
-            rec += xname
-            rec += xvalue
-            write_record(X_XATTR, bytes(rec), extras)
-        if type is not EntryType.REG:
-            size = 0
+        if xattrs:
+            items = xattrs.items() if isinstance(xattrs, Mapping) else xattrs
+            for xname, xvalue in items:
+                rec = bytearray()
+                varint(len(xname), rec)
+                rec += xname
+                rec += xvalue
+                write_record(X_XATTR, bytes(rec), extras)
 
         self._types.append(int(type))
         self._modes.append(mode & 0o7777)
@@ -174,7 +184,7 @@ class TocBuilder:
         self._extras += extras
         self._extra_offs.append(len(self._extras))
         self._versions.setdefault(path, []).append(index)
-        if type is not EntryType.DIR:
+        if type is not _DIR:
             self._last_nondir[path] = index
         parent = parent_of(path) if path else b""
         while parent and parent not in self._prefixes:
