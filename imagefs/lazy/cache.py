@@ -516,7 +516,8 @@ class PieceCache:
         return None if size is None else self.pread(hexd, 0, size)
 
     def _touch(self, hexd: str, now: float) -> None:
-        """Mark a piece used (its mtime: what `evict` orders by), at most once a minute."""
+        """Mark a piece used (its mtime: what `evict` orders by). The caller touches a piece
+        at most once a minute (`_TOUCH_EVERY`, tested where a read is served)."""
         self._note_touched(hexd, now)
         with contextlib.suppress(OSError):
             os.utime(hexd, dir_fd=self._dir(), follow_symlinks=False)

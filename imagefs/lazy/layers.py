@@ -242,11 +242,12 @@ class LayerSet:
     def is_local(self, i: int) -> bool:
         """Whether the whole blob is in the store. A "no" is asked again at most once a
         second (a `pull --full` may land meanwhile), not on every read of a lazy layer."""
-        if not self._local.get(i):
-            now = time.monotonic()
-            if now - self._local_checked.get(i, -1.0) >= 1.0:
-                self._local_checked[i] = now
-                self._local[i] = self.store.blobs.has(self.layers[i].digest)
+        if self._local.get(i):
+            return True  # once local, always: every warm read of a pulled layer asks
+        now = time.monotonic()
+        if now - self._local_checked.get(i, -1.0) >= 1.0:
+            self._local_checked[i] = now
+            self._local[i] = self.store.blobs.has(self.layers[i].digest)
         return self._local.get(i, False)
 
     def mark_local(self, i: int) -> None:
@@ -372,7 +373,7 @@ class LayerSet:
         idx = self._ready[i]
         if idx is None:
             return None
-        local = self._local.get(i) or self.is_local(i)  # the call only while it is not
+        local = self.is_local(i)
         if idx.chunks is not None:
             parts = _chunk_parts(idx.chunks, offset, length)[1]
         else:
@@ -384,7 +385,7 @@ class LayerSet:
             if local:
                 if seek.compression == "none" or i in self._flat:
                     return self._pread(i, offset, end)  # page cache: no thread hop
-                if seek.compression == "zstd" and _flattens(seek):
+                if _flattens(seek):
                     return None  # `read` decompresses it to a file first
             parts = _span_parts(seek, offset, end)[1]
         data = self._preads(parts)
