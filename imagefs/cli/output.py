@@ -117,14 +117,22 @@ def format_stats(st: dict[str, Any]) -> str:
         f"served   {human_size(st['bytes_served'])} in {st['reads']} reads "
         f"(memory {src['memory']}, cache {src['cache']}, registry {src['registry']}); "
         f"{st['files_touched']} files touched",
+    ]
+    waited = st.get("read_wait") or {}
+    if waited.get("reads"):  # reads not answered at once: what the workload waited for
+        lines.append(
+            f"waited   {waited['reads']} reads for their bytes, {waited['seconds']:.2f}s in "
+            f"all; p50 {ms(waited['p50'])} p99 {ms(waited['p99'])} max {ms(waited['max'])}"
+        )
+    lines.append(
         f"fetched  {human_size(st['bytes_fetched'])} in {st['fetches']} fetches, "
         f"{st['registry_requests']} registry requests; latency p50 {ms(lat['p50'])} "
-        f"p90 {ms(lat['p90'])} p99 {ms(lat['p99'])}",
-        _cache_line(st["cache"]),
-    ]
+        f"p90 {ms(lat['p90'])} p99 {ms(lat['p99'])}"
+    )
     causes = st.get("fetched_by_cause") or {}
     if causes:  # what the fetched bytes were for (registry/wire.py's causes)
-        lines.insert(3, "causes   " + ", ".join(f"{c} {human_size(n)}" for c, n in causes.items()))
+        lines.append("causes   " + ", ".join(f"{c} {human_size(n)}" for c, n in causes.items()))
+    lines.append(_cache_line(st["cache"]))
     rows = [["LAYER", "SIZE", "FETCHED", "%", "TOC FROM"]]
     for layer, source in zip(st["layers"], st["layer_sources"], strict=False):
         rows.append(

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from imagefs.errors import ImageFSError
 from imagefs.lazy import telemetry
@@ -287,10 +288,14 @@ class ImageOperations(pyfuse3.Operations):
         tele = self.telemetry
         info = telemetry.ReadInfo()
         token = telemetry.current.set(info)
+        began = trio.current_time()
         try:
             data = await self.layers.read(
                 f.layer, f.start + off, n, read_ahead_until=f.start + f.size
             )
+            # all this read waited for: its own fetches, a read-ahead fetch already in flight
+            # for its bytes, an index (a read answered at once never comes here)
+            info.wait = trio.current_time() - began
             if tele is not None:
                 # The path is only written to a trace; without one, do not look it up.
                 path = self.overlay.path(f.ino) if tele.tracing else b""

@@ -5,7 +5,9 @@ Traces (`imagefs mount --trace FILE`) are JSON lines, one per filesystem operati
     {"t": ns since the mount started (monotonic), "op": "lookup|readdir|open|read|readlink|
      getxattr", "path": "...", "layer": i, "offset": n, "length": n, "from": "memory|cache|
      registry", "fetched": bytes fetched for it, "latency": seconds spent fetching,
-     "stream_offset": where the read starts in the layer's (virtual) uncompressed stream}
+     "wait": seconds from the request to its bytes when they were not there yet (0 for a
+     read answered at once), "stream_offset": where the read starts in the layer's
+     (virtual) uncompressed stream}
 
 and one line per registry response (`registry.wire`: every body counted where it arrives):
 
@@ -14,7 +16,11 @@ and one line per registry response (`registry.wire`: every body counted where it
      auth|other", "layer": i or null, "bytes": body bytes over the wire, "latency": seconds
      from sending the request to the body's end, "status": HTTP status, "method": "GET"}
 
-A read's own `fetched` is what it asked its fetches for; the `fetch` lines are what came over
+A read's `latency` counts only the fetches it made itself; its `wait` is everything it waited
+for: an index to load, pieces being made, or a read-ahead fetch already in flight for its
+bytes (`from` is then `cache` or `memory`, and `fetched` 0: without `wait`, such a read
+looked as if it had been answered at once). A read's own `fetched` is what it asked its
+fetches for; the `fetch` lines are what came over
 the wire for any reason, and `imagefs stats`' `bytes_fetched` is their sum (the mount's
 manifest and config pull included: the trace's clock starts at its first request).
 
@@ -40,6 +46,7 @@ import socket
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -57,7 +64,8 @@ _SOURCES = {"memory": 0, "cache": 1, "registry": 2}
 class ReadInfo:
     source: str = "memory"
     fetched: int = 0
-    latency: float = 0.0
+    latency: float = 0.0  # seconds this read's own fetches took
+    wait: float = 0.0  # seconds until its bytes were there (0: they were, at once)
 
     def saw(self, source: str) -> None:
         if _SOURCES[source] > _SOURCES[self.source]:
@@ -103,6 +111,11 @@ class Telemetry:
         self.bytes_fetched = 0
         self.fetches = 0
         self.latencies: deque[float] = deque(maxlen=10_000)
+        # Reads that were not answered at once (`ReadInfo.wait`): how many, how long in all,
+        # and the latest waits for percentiles.
+        self.reads_waited = 0
+        self.wait_seconds = 0.0
+        self.waits: deque[float] = deque(maxlen=10_000)
         self.files: set[int] = set()
         self.ops: dict[str, int] = {}
         self._trace: BinaryIO | None = None
@@ -178,6 +191,10 @@ class Telemetry:
         self.bytes_served += length
         self.served_from[info.source] += 1
         self.files.add(ino)
+        if info.wait:
+            self.reads_waited += 1
+            self.wait_seconds += info.wait
+            self.waits.append(info.wait)
         if self._trace is None:  # counted only (the common case: no record to build)
             self.ops["read"] = self.ops.get("read", 0) + 1
             return
@@ -191,6 +208,7 @@ class Telemetry:
             **{"from": info.source},
             fetched=info.fetched,
             latency=round(info.latency, 6),
+            wait=round(info.wait, 6),
         )
 
     def close(self) -> None:
@@ -201,12 +219,8 @@ class Telemetry:
     # -- reporting --------------------------------------------------------------------------
 
     def snapshot(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-
-        def pct(p: float) -> float | None:
-            if not lat:
-                return None
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 6)
+        lat = _percentiles(self.latencies)
+        waits = _percentiles(self.waits)
 
         layers = [
             {
@@ -229,12 +243,32 @@ class Telemetry:
                 c: self.fetched_by_cause[c] for c in CAUSES if c in self.fetched_by_cause
             },
             "fetches": self.fetches,
-            "fetch_latency": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
+            "fetch_latency": {"p50": lat(0.5), "p90": lat(0.9), "p99": lat(0.99)},
+            "read_wait": {
+                "reads": self.reads_waited,
+                "seconds": round(self.wait_seconds, 6),
+                "p50": waits(0.5),
+                "p90": waits(0.9),
+                "p99": waits(0.99),
+                "max": waits(1.0),
+            },
             "files_touched": len(self.files),
             "operations": dict(self.ops),
             "layers": layers,
             **(extra or {}),
         }
+
+
+def _percentiles(values: deque[float]) -> Callable[[float], float | None]:
+    """p -> the p-quantile of `values` (nearest rank; 1.0 is the largest), None if empty."""
+    ordered = sorted(values)
+
+    def pct(p: float) -> float | None:
+        if not ordered:
+            return None
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 6)
+
+    return pct
 
 
 async def serve_control(path: Path, snapshot: Any) -> None:

@@ -137,3 +137,38 @@ def test_a_layer_fetched_whole_is_counted_whole(
     whole = [f for f in summary.wire if f.cause == "whole layer"]
     assert [f.nbytes for f in whole] == [estargz_bad_toc.layer_size]
     assert summary.bytes_fetched > estargz_bad_toc.layer_size
+
+
+def test_reads_that_waited_are_timed(
+    tmp_path: Path, estargz_image: Published, registry: LocalRegistry
+) -> None:
+    """A read whose bytes were not there yet says how long it waited (`wait` in its trace
+    line, `read_wait` in stats), its own fetches included; the same bytes read again from
+    the daemon's cache wait for nothing. Every request is 150 ms late (`--net-latency`)."""
+    root, trace = tmp_path / "root", tmp_path / "trace.jsonl"
+    args = ["--trace", str(trace), "--no-prefetch-landmark"]
+    net = ("--net-latency", "150")
+    with mounted(root, estargz_image.ref, tmp_path / "mnt", extra=net, mount_args=args) as mnt:
+        _read(mnt)
+        cold = json.loads(imagefs(root, "stats", "--json", str(mnt)).stdout)
+        for path, offset, length in READS:  # again, the kernel's copy dropped first
+            fd = os.open(mnt / path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, length, offset) == FILES[path][offset : offset + length]
+            finally:
+                os.close(fd)
+        warm = json.loads(imagefs(root, "stats", "--json", str(mnt)).stdout)
+    reads = [e for e in map(json.loads, trace.read_text().splitlines()) if e["op"] == "read"]
+    fetching = [r for r in reads if r["fetched"]]
+    assert fetching
+    for r in fetching:  # waited for its own fetch at least, 150 ms late
+        assert r["wait"] >= max(0.15, r["latency"]), r
+    # the trace and stats count the same waits
+    waited = [r["wait"] for r in reads if r["wait"] > 0]
+    assert warm["read_wait"]["reads"] == len(waited) == cold["read_wait"]["reads"]
+    assert abs(warm["read_wait"]["seconds"] - sum(waited)) < 1e-5 * (len(waited) + 1)
+    assert warm["read_wait"]["max"] == max(waited)
+    # the second pass went to the daemon and found every byte there
+    assert warm["reads"] > cold["reads"]
+    assert warm["served_from"]["registry"] == cold["served_from"]["registry"]

@@ -91,6 +91,9 @@ def lazy_session(setup: Setup, fmt: str, net: Net) -> dict[str, float]:
         all_reg = registry_get_bytes(setup.registry)
     layers = last.get("layers")
     size = sum(int(x["size"]) for x in layers) if isinstance(layers, list) else 0
+    waited = last.get("read_wait")  # reads not answered at once (an older imagefs: none)
+    if not isinstance(waited, dict):
+        waited = {}
     return {
         "mount_s": m.ready_s,
         "ttfb_s": ttfb,
@@ -103,6 +106,8 @@ def lazy_session(setup: Setup, fmt: str, net: Net) -> dict[str, float]:
         "image_bytes": float(size),
         "requests_first": float(stat_int(first, "registry_requests")),
         "requests_all": float(stat_int(last, "registry_requests")),
+        "waited_reads": float(waited.get("reads", 0)),
+        "wait_s": float(waited.get("seconds", 0.0)),
     }
 
 
@@ -178,6 +183,8 @@ ROWS: tuple[tuple[str, str, str, float], ...] = (
     ("fetched in all, imagefs stats (MB)", "all_fetched", "{:.1f}", 1 / MB),
     ("fetched in all, registry log (MB)", "all_registry", "{:.1f}", 1 / MB),
     ("registry requests in all", "requests_all", "{:,.0f}", 1),
+    ("reads that waited for their bytes", "waited_reads", "{:,.0f}", 1),
+    ("their waits, summed (s)", "wait_s", "{:.2f}", 1),
     ("image in this format, compressed (MB)", "image_bytes", "{:.1f}", 1 / MB),
     ("bytes tar read (MB)", "tar_bytes", "{:.1f}", 1 / MB),
     ("failed sessions", "failed", "{:.0f}", 1),
