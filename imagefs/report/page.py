@@ -191,6 +191,20 @@ def _cards(s: ReportSummary) -> str:
         )
     else:
         cards.append(_card("Fetch wait", "–", "no read waited for the registry"))
+    if s.waited_reads:  # read-ahead's fetches too: a read behind one fetched nothing itself
+        cards.append(
+            _card(
+                "Reads that waited",
+                f"{s.waited_reads:,}",
+                svg.esc(
+                    f"{human_duration(s.wait_total_ns)} in all · p50 "
+                    f"{human_duration(s.wait_p50_ns or 0)} · slowest "
+                    f"{human_duration(s.wait_max_ns or 0)}"
+                ),
+                title="reads not answered at once: their own fetches, a read-ahead fetch "
+                "in flight for their bytes, an index to load",
+            )
+        )
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 

@@ -40,6 +40,7 @@ class TraceEvent:
     source: str | None = None
     fetched: int = 0
     latency: float = 0.0
+    wait: float | None = None  # reads: all they waited for (None: a trace from before `wait`)
     cause: str | None = None  # fetch lines: why it was fetched
     status: int = 0  # fetch lines: the HTTP status
 
@@ -88,6 +89,9 @@ def parse_line(line: str | bytes) -> TraceEvent | None:
         return None
     if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
         return None
+    wait = record.get("wait")
+    if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))):
+        return None
     if not isinstance(source, str):
         source = "registry" if fetched else "memory"
     return TraceEvent(
@@ -100,6 +104,7 @@ def parse_line(line: str | bytes) -> TraceEvent | None:
         source=source,
         fetched=fetched,
         latency=float(latency),
+        wait=None if wait is None else max(0.0, float(wait)),
     )
 
 
@@ -293,6 +298,12 @@ class ReportSummary:
     latency_p50_ns: int | None
     latency_p90_ns: int | None
     latency_max_ns: int | None
+    # Reads that were not answered at once (the trace's `wait`: their own fetches, a
+    # read-ahead fetch in flight for their bytes, an index); None for a trace without it.
+    waited_reads: int | None
+    wait_total_ns: int
+    wait_p50_ns: int | None
+    wait_max_ns: int | None
     curve: tuple[CurvePoint, ...]
     read_bins: tuple[ReadBin, ...]
     warnings: tuple[str, ...]
@@ -354,6 +365,8 @@ def summarise(
     total_read = total_fetched = total_wire = 0
     first_event: int | None = None
     first_read: FirstRead | None = None
+    waits: list[int] = []
+    has_waits = False
     for line in lines:
         event = parse_line(line)
         if event is None:
@@ -408,6 +421,10 @@ def summarise(
             lay[2] += 1
             lay[3] += 1 if event.fetched else 0
         latency_ns = round(event.latency * 1e9)
+        if event.wait is not None:
+            has_waits = True
+            if event.wait > 0:
+                waits.append(round(event.wait * 1e9))
         if first_read is None:
             first_read = FirstRead(t, event.path, source, latency_ns)
         if event.fetched or latency_ns:
@@ -446,6 +463,7 @@ def summarise(
     layer_stats = _layer_stats(layers, info, warnings)
     wire.sort(key=lambda f: (f.start_ns, f.end_ns))
     latencies = sorted(f.end_ns - f.start_ns for f in fetches)
+    waits.sort()
     fetches.sort(key=lambda f: (f.start_ns, f.end_ns, f.path))
     file_stats = sorted(
         (
@@ -484,6 +502,10 @@ def summarise(
         latency_p50_ns=_percentile(latencies, 0.5),
         latency_p90_ns=_percentile(latencies, 0.9),
         latency_max_ns=latencies[-1] if latencies else None,
+        waited_reads=len(waits) if has_waits else None,
+        wait_total_ns=sum(waits),
+        wait_p50_ns=_percentile(waits, 0.5),
+        wait_max_ns=waits[-1] if waits else None,
         curve=_thin_curve(curve_t, cum_read, cum_wire if wire else cum_fetched, duration),
         read_bins=_bin_reads(read_t, read_src, duration),
         warnings=tuple(warnings),

@@ -344,3 +344,28 @@ def test_write_report_without_a_trace_or_with_a_bad_image(tmp_path: Path) -> Non
     with pytest.raises(UsageError, match="image JSON"):
         load_image_json(bad)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_reads_that_waited_count_read_ahead_waits_too() -> None:
+    lines = [
+        # fetched for itself: waited for its fetch and a little more
+        '{"t":100000000,"op":"read","path":"a","layer":0,"length":1,"fetched":10,'
+        '"from":"registry","latency":0.04,"wait":0.05}',
+        # behind a read-ahead fetch: fetched nothing itself, waited all the same
+        '{"t":150000000,"op":"read","path":"b","layer":0,"length":1,"fetched":0,'
+        '"from":"cache","latency":0.0,"wait":0.02}',
+        '{"t":160000000,"op":"read","path":"c","layer":0,"length":1,"fetched":0,'
+        '"from":"cache","latency":0.0,"wait":0}',  # answered at once
+    ]
+    s = summarise(lines)
+    assert s.waited_reads == 2 and s.wait_total_ns == 70 * MS
+    assert s.wait_p50_ns == 50 * MS and s.wait_max_ns == 50 * MS
+    assert [f.path for f in s.fetches] == ["a"]  # "reads that fetched" are as before
+    page = render_html(s)
+    assert "Reads that waited" in page and "70 ms in all · p50 50 ms · slowest 50 ms" in page
+
+
+def test_a_trace_without_waits_shows_no_wait_card() -> None:
+    s = summarise(TRACE)
+    assert s.waited_reads is None and s.wait_total_ns == 0
+    assert "Reads that waited" not in render_html(s)
