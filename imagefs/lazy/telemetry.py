@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import json.encoder
 import logging
 import os
 import socket
@@ -89,6 +90,10 @@ def note_fetch(nbytes: int, seconds: float) -> None:
         info.saw("registry")
         info.fetched += nbytes
         info.latency += seconds
+
+
+# A str as JSON, exactly as `json.dumps` (ensure_ascii) writes it: quoted, escaped, ASCII.
+_json_str = json.encoder.encode_basestring_ascii
 
 
 def escape(path: bytes) -> str:
@@ -161,17 +166,21 @@ class Telemetry:
         self.ops[op] = self.ops.get(op, 0) + 1
         if self._trace is None:
             return
-        record = {
-            "t": time.monotonic_ns() - self.started_ns,
-            "op": op,
-            "path": escape(path),
-            **fields,
-        }
-        self._write(record)
+        t = time.monotonic_ns() - self.started_ns
+        if not fields:  # lookup, readdir, open, ...: the line written directly
+            self._write_line(f'{{"t":{t},"op":{_json_str(op)},"path":{_json_str(escape(path))}}}')
+            return
+        self._write({"t": t, "op": op, "path": escape(path), **fields})
 
     def _write(self, record: dict[str, Any]) -> None:
+        self._write_line(json.dumps(record, separators=(",", ":")))
+
+    def _write_line(self, line: str) -> None:
+        """One trace line. The frequent ones (reads, name operations) are formatted
+        directly, as `json.dumps(record, separators=(",", ":"))` writes them: that took
+        ~8 µs a read and made a traced `tar` of a mount ~13 % slower."""
         assert self._trace is not None
-        self._trace.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        self._trace.write(line.encode() + b"\n")
         now = time.monotonic()
         if now - self._last_flush > 1.0:  # a trace is readable while the mount runs
             self._trace.flush()
@@ -198,17 +207,14 @@ class Telemetry:
         if self._trace is None:  # counted only (the common case: no record to build)
             self.ops["read"] = self.ops.get("read", 0) + 1
             return
-        self.event(
-            "read",
-            path,
-            layer=layer,
-            offset=offset,
-            length=length,
-            stream_offset=stream_offset,
-            **{"from": info.source},
-            fetched=info.fetched,
-            latency=round(info.latency, 6),
-            wait=round(info.wait, 6),
+        self.ops["read"] = self.ops.get("read", 0) + 1
+        t = time.monotonic_ns() - self.started_ns
+        # floats as json.dumps writes them (repr); `layer` is an int, never None, here
+        self._write_line(
+            f'{{"t":{t},"op":"read","path":{_json_str(escape(path))},"layer":{layer:d},'
+            f'"offset":{offset:d},"length":{length:d},"stream_offset":{stream_offset:d},'
+            f'"from":{_json_str(info.source)},"fetched":{info.fetched:d},'
+            f'"latency":{round(info.latency, 6)!r},"wait":{round(info.wait, 6)!r}}}'
         )
 
     def close(self) -> None:
