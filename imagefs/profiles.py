@@ -78,7 +78,8 @@ class Profile:
                 for f in obj["files"]
             )
             return cls(str(obj["image"]), tuple(str(x) for x in obj["layers"]), files)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # OverflowError: int() of a JSON Infinity (json.loads takes NaN and Infinity)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise UsageError(f"{where} is not an imagefs prefetch profile: {exc}") from None
 
 

@@ -8,6 +8,7 @@ has been seen to send can be pinned down in a unit test.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,16 @@ def parse_token_response(body: bytes, now: float) -> Token:
     expires_in = obj.get("expires_in", MIN_TOKEN_LIFETIME)
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
         raise Unauthorized(f"token server response has a non-numeric expires_in {expires_in!r}")
+    # json.loads takes NaN and Infinity, and integers no float holds: a token that never
+    # expires (or whose expiry no comparison can decide) is refused like a non-number
+    try:
+        finite = math.isfinite(float(expires_in))
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise Unauthorized(
+            f"token server response has a non-finite expires_in {repr(expires_in)[:24]}"
+        )
     refresh_token = obj.get("refresh_token")
     issued_at = obj.get("issued_at")
     return Token(

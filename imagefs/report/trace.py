@@ -10,6 +10,7 @@ written before `fetch` lines existed only know what reads waited for; then that 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,18 @@ class TraceEvent:
     wait: float | None = None  # reads: all they waited for (None: a trace from before `wait`)
     cause: str | None = None  # fetch lines: why it was fetched
     status: int = 0  # fetch lines: the HTTP status
+
+
+def _seconds(value: object) -> float | None:
+    """A duration: a finite, non-negative JSON number (`json.loads` also takes NaN and
+    Infinity, and integers too large for a float), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _count(value: object) -> int | None:
@@ -83,14 +96,12 @@ def parse_line(line: str | bytes) -> TraceEvent | None:
     offset = _count(record.get("offset", 0))
     length = _count(record.get("length", 0))
     fetched = _count(record.get("fetched", 0))
-    latency = record.get("latency", 0.0)
+    latency = _seconds(record.get("latency", 0.0))
     source = record.get("from")
-    if offset is None or length is None or fetched is None:
+    if offset is None or length is None or fetched is None or latency is None:
         return None
-    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
-        return None
-    wait = record.get("wait")
-    if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))):
+    wait = record.get("wait")  # absent from traces written before it existed
+    if wait is not None and (wait := _seconds(wait)) is None:
         return None
     if not isinstance(source, str):
         source = "registry" if fetched else "memory"
@@ -103,19 +114,17 @@ def parse_line(line: str | bytes) -> TraceEvent | None:
         length=length,
         source=source,
         fetched=fetched,
-        latency=float(latency),
-        wait=None if wait is None else max(0.0, float(wait)),
+        latency=latency,
+        wait=wait,
     )
 
 
 def _parse_fetch(t: int, record: dict[str, Any]) -> TraceEvent | None:
     nbytes = _count(record.get("bytes"))
-    latency = record.get("latency", 0.0)
+    latency = _seconds(record.get("latency", 0.0))
     cause = record.get("cause")
     layer = record.get("layer")
-    if nbytes is None or not isinstance(cause, str) or not cause:
-        return None
-    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
+    if nbytes is None or latency is None or not isinstance(cause, str) or not cause:
         return None
     return TraceEvent(
         t=t,
@@ -123,7 +132,7 @@ def _parse_fetch(t: int, record: dict[str, Any]) -> TraceEvent | None:
         path="",
         layer=_count(layer),
         fetched=nbytes,
-        latency=float(latency),
+        latency=latency,
         cause=cause[:40],
         status=_count(record.get("status")) or 0,
     )

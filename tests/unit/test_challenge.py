@@ -196,6 +196,9 @@ def test_refresh_token_is_kept_and_secrets_stay_out_of_repr() -> None:
         (b'{"token": ""}', "no token or access_token"),
         (b'{"token": 5}', "no token or access_token"),
         (b'{"token": "t", "expires_in": "300"}', "non-numeric expires_in '300'"),
+        (b'{"token": "t", "expires_in": Infinity}', "non-finite expires_in inf"),
+        (b'{"token": "t", "expires_in": NaN}', "non-finite expires_in nan"),
+        (b'{"token": "t", "expires_in": 1' + b"0" * 400 + b"}", "non-finite expires_in 1000"),
     ],
 )
 def test_bad_token_responses(body: bytes, problem: str) -> None:

@@ -95,6 +95,14 @@ def test_parse_line_keeps_escaped_bytes_as_written() -> None:
         '{"t":1,"op":"lookup","path":7}',
         '{"t":1,"op":"read","path":"x","length":-1}',
         '{"t":1,"op":"read","path":"x","length":1,"latency":"slow"}',
+        # json.loads takes NaN and Infinity: no duration, and no crash later
+        '{"t":1,"op":"read","path":"x","length":1,"latency":Infinity}',
+        '{"t":1,"op":"read","path":"x","length":1,"latency":NaN}',
+        '{"t":1,"op":"read","path":"x","length":1,"wait":Infinity}',
+        '{"t":1,"op":"read","path":"x","length":1,"wait":-1}',
+        '{"t":1,"op":"read","path":"x","length":1,"wait":"long"}',
+        '{"t":1,"op":"read","path":"x","length":1,"latency":1' + "0" * 400 + "}",
+        '{"t":1,"op":"fetch","cause":"read","bytes":5,"latency":NaN}',
         '{"t":1,"op":"read","path":"x","length":1',  # cut short
     ],
 )
@@ -369,3 +377,14 @@ def test_a_trace_without_waits_shows_no_wait_card() -> None:
     s = summarise(TRACE)
     assert s.waited_reads is None and s.wait_total_ns == 0
     assert "Reads that waited" not in render_html(s)
+
+
+def test_a_trace_with_non_finite_durations_renders_without_them() -> None:
+    lines = [
+        '{"t":1000,"op":"read","path":"a","layer":0,"length":1,"fetched":1,"latency":Infinity}',
+        '{"t":2000,"op":"fetch","cause":"read","layer":0,"bytes":5,"latency":NaN}',
+        '{"t":3000,"op":"read","path":"b","layer":0,"length":1,"fetched":0,"wait":0.5}',
+    ]
+    s = summarise(lines)
+    assert s.skipped_lines == 2 and s.reads == 1 and s.waited_reads == 1
+    assert "could not be read" in render_html(s)
