@@ -35,6 +35,9 @@ def _frozen_annotations(value: Mapping[str, str]) -> Mapping[str, str]:
     return value if isinstance(value, MappingProxyType) else MappingProxyType(dict(value))
 
 
+_MAX_SIZE = (1 << 63) - 1  # descriptor sizes are int64 (OCI image spec)
+
+
 @dataclass(frozen=True)
 class Descriptor:
     """A typed, sized, digested pointer to a blob or manifest."""
@@ -64,8 +67,12 @@ class Descriptor:
         except InvalidReference as err:
             raise _invalid(what, str(err)) from None
         size = d.get("size")
-        if type(size) is not int or size < 0:
-            raise _invalid(what, f"descriptor {digest_text} has size {size!r}, want an int >= 0")
+        if type(size) is not int or not 0 <= size <= _MAX_SIZE:  # the spec's int64
+            shown = repr(size)  # JSON's longest ints (4300 digits) cut to a line's worth
+            shown = shown if len(shown) <= 24 else shown[:20] + "..."
+            raise _invalid(
+                what, f"descriptor {digest_text} has size {shown}, want an int from 0 to 2^63-1"
+            )
         urls = d.get("urls", [])
         if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
             raise _invalid(what, f"descriptor {digest_text}: urls must be a list of strings")

@@ -57,9 +57,10 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from imagefs.errors import LayerFormatError
 from imagefs.layers.tarscan import EntryType, show
 from imagefs.layers.toc import DEFAULT_DIR_MODE, Toc
-from imagefs.layers.toc.packed import IMPLICIT, TYPE_MASK
+from imagefs.layers.toc.packed import DEV_MAX, IMPLICIT, SIZE_MAX, TYPE_MASK
 from imagefs.overlay.values import Attrs, InodeError, NeedLayer
 
 __all__ = ["ROOT_INODE", "Attrs", "InodeError", "NeedLayer", "Overlay"]
@@ -503,6 +504,8 @@ class Overlay:
         code, mode, uid, gid, size, mtime, nsec = toc.stat(i)
         blocks = rdev = 0
         if code == _REG:  # most entries: the arrays say all, no extra record is read
+            if size > SIZE_MAX:  # only a foreign (published) index: TocBuilder skips those
+                raise LayerFormatError(f"{show(node.path)}: size {size} is out of range")
             blocks = -(-size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
         else:  # a link target's length, device numbers: from the extra records
             e = toc.attrs(i)
@@ -512,6 +515,11 @@ class Overlay:
                 size = len(e.linkname)
                 blocks = 0 if size < FAST_SYMLINK_MAX else BLOCK_SIZE // 512
             elif e.type == EntryType.CHAR or e.type == EntryType.BLOCK:
+                if max(e.devmajor, e.devminor) > DEV_MAX:  # as for sizes above
+                    raise LayerFormatError(
+                        f"{show(node.path)}: device numbers {e.devmajor}:{e.devminor} are out "
+                        "of range"
+                    )
                 rdev = os.makedev(e.devmajor, e.devminor)
         nlink = node.nlink if node.nlink is not None else self._file_nlink(node)
         mode |= _S_IFMT[code]

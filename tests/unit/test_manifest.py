@@ -312,7 +312,9 @@ def _with_layer(**changes: Any) -> bytes:
 @pytest.mark.parametrize(
     ("raw", "problem"),
     [
-        (_with_layer(size=-1), "has size -1, want an int >= 0"),
+        (_with_layer(size=-1), "has size -1, want an int from 0 to 2^63-1"),
+        (_with_layer(size=1 << 63), "has size 9223372036854775808, want an int from 0"),
+        (_with_layer(size=10**400), "has size 10000000000000000000..., want an int"),
         (_with_layer(size="12"), "has size '12'"),
         (_with_layer(size=1.5), "has size 1.5"),
         (_with_layer(size=True), "has size True"),

@@ -658,3 +658,66 @@ def test_matches_umoci_unpack(tmp_path: Path) -> None:
     shared = sorted(sorted(s) for s in disk_inodes.values() if len(s) > 1)
     assert sorted(sorted(s) for s in mount_inodes.values() if len(s) > 1) == shared
     assert shared == [[b"bin/ln", b"etc/a"]]
+
+
+def test_device_numbers_beyond_what_a_dev_t_holds_are_refused() -> None:
+    """A tar or TOC entry whose device numbers `os.makedev` cannot take is skipped with a
+    warning (as an impossible size is); a published index holding one (not built here)
+    makes that entry's attributes a LayerFormatError, never an OverflowError."""
+    from array import array
+
+    from imagefs.errors import LayerFormatError
+    from imagefs.layers.toc import ondisk
+    from imagefs.layers.toc.packed import DEV_MAX, X_DEV, varint, write_record
+
+    C = EntryType.CHAR
+    builder = TocBuilder()
+    builder.add(b"ok", C, devmajor=DEV_MAX, devminor=DEV_MAX)
+    assert builder.add(b"big", C, devmajor=DEV_MAX + 1, devminor=1) is None
+    assert builder.add(b"huge", C, devmajor=1, devminor=1 << 70) is None
+    toc = builder.build()
+    assert [w.split(":")[0] for w in builder.warnings] == ["'big'", "'huge'"]
+    assert "impossible device numbers" in builder.warnings[0]
+    ov = stack(toc)
+    assert attrs(ov, b"ok").rdev == os.makedev(DEV_MAX, DEV_MAX)
+    assert resolve(ov, b"big") is None
+
+    # the same entry, its device record rewritten past the limit, as a foreign index holds it
+    payload = bytearray()
+    varint(1 << 40, payload)
+    varint(1, payload)
+    record = bytearray()
+    write_record(X_DEV, bytes(payload), record)
+    parts = layer((b"x", C, {"devmajor": 1, "devminor": 1}))._parts()
+    foreign = Toc.from_bytes(
+        ondisk.encode(parts._replace(extras=bytes(record), extra_offs=array("I", [0, len(record)])))
+    )
+    ov = stack(foreign)
+    ino = must(resolve(ov, b"x"))
+    with pytest.raises(LayerFormatError, match=r"'x': device numbers 1099511627776:1 are out of"):
+        ov.getattr(ino)
+
+
+def test_file_sizes_beyond_an_off_t_are_refused() -> None:
+    """The same for a size no off_t holds (a zstd:chunked file of "zeros" chunks can
+    declare one without a byte behind it)."""
+    from array import array
+
+    from imagefs.errors import LayerFormatError
+    from imagefs.layers.toc import ondisk
+    from imagefs.layers.toc.packed import SIZE_MAX
+
+    builder = TocBuilder()
+    builder.add(b"ok", R, size=SIZE_MAX)
+    assert builder.add(b"big", R, size=SIZE_MAX + 1) is None
+    toc = builder.build()
+    assert len(builder.warnings) == 1 and "impossible size" in builder.warnings[0]
+    ov = stack(toc)
+    assert attrs(ov, b"ok").size == SIZE_MAX
+    assert resolve(ov, b"big") is None
+
+    parts = layer((b"x", R, {"size": 5}))._parts()
+    foreign = Toc.from_bytes(ondisk.encode(parts._replace(sizes=array("Q", [SIZE_MAX + 1]))))
+    ov = stack(foreign)
+    with pytest.raises(LayerFormatError, match=r"'x': size 9223372036854775808 is out of range"):
+        ov.getattr(must(resolve(ov, b"x")))

@@ -10,7 +10,9 @@ from collections.abc import Iterable, Mapping
 from imagefs.layers.tarscan import EntryType, TarEntry, TarScanner, clean_path, show
 from imagefs.layers.toc.packed import (
     DEFAULT_DIR_MODE,
+    DEV_MAX,
     IMPLICIT,
+    SIZE_MAX,
     TYPE_MASK,
     X_DEV,
     X_LINK,
@@ -32,6 +34,7 @@ OPAQUE_MARKER = b".wh..wh..opq"
 
 #: Ids that do not fit a 32-bit uid_t are shown as the kernel's overflow id.
 OVERFLOW_ID = 65534
+
 # Members read once: `add` runs once per entry of a layer (40k for a big one), and reading
 # an enum member off its class costs more than a global.
 _REG, _DIR, _SYMLINK, _HARDLINK = (
@@ -132,7 +135,7 @@ class TocBuilder:
         if not path and type is not _DIR:
             self._warn(path, "the root can only be a directory")
             return None
-        if not 0 <= size < 1 << 64 or not 0 <= offset < 1 << 64:
+        if not 0 <= size <= SIZE_MAX or not 0 <= offset < 1 << 64:
             self._warn(path, f"impossible size {size} or offset {offset}")
             return None
         if not 0 <= mtime_ns < 1_000_000_000:
@@ -141,6 +144,9 @@ class TocBuilder:
         if not -(1 << 63) <= mtime < 1 << 63:
             self._warn(path, f"mtime {mtime} out of range; using 0")
             mtime = 0
+        if (type is _CHAR or type is _BLOCK) and max(devmajor, devminor) > DEV_MAX:
+            self._warn(path, f"impossible device numbers {devmajor}:{devminor}")
+            return None
         if not 0 <= uid < 1 << 32 or not 0 <= gid < 1 << 32:
             self._warn(path, f"owner {uid}:{gid} does not fit 32 bits; using {OVERFLOW_ID}")
             uid = uid if 0 <= uid < 1 << 32 else OVERFLOW_ID

@@ -29,6 +29,13 @@ for _code, _size in (("B", 1), ("H", 2), ("I", 4), ("Q", 8), ("q", 8)):
         raise ImportError(f"array typecode {_code!r} is not {_size} bytes here")
 
 
+# The largest device major or minor number a TOC holds: what `os.makedev` takes (a C int),
+# more than Linux uses (12-bit majors and 20-bit minors, 32 bits each in the new encoding).
+DEV_MAX = (1 << 31) - 1
+# The largest file size a TOC holds: a file's size is an off_t (signed 64 bits).
+SIZE_MAX = (1 << 63) - 1
+
+
 def varint(value: int, out: bytearray) -> None:
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
