@@ -78,9 +78,14 @@ class Profile:
                 for f in obj["files"]
             )
             return cls(str(obj["image"]), tuple(str(x) for x in obj["layers"]), files)
-        # OverflowError: int() of a JSON Infinity (json.loads takes NaN and Infinity)
+        # OverflowError: int() of a JSON Infinity (json.loads takes NaN and Infinity);
+        # RecursionError: JSON nested past the scanner's depth
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise UsageError(f"{where} is not an imagefs prefetch profile: {exc}") from None
+        except RecursionError:
+            raise UsageError(
+                f"{where} is not an imagefs prefetch profile: nested too deeply"
+            ) from None
 
 
 def _merge(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

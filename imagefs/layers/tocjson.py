@@ -36,6 +36,8 @@ def load_streaming(
         return _walk(text, what, key, convert)
     except ValueError as e:  # json.JSONDecodeError, or a member of the wrong kind
         raise LayerFormatError(f"{what}: TOC is not valid JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested past the C scanner's depth
+        raise LayerFormatError(f"{what}: TOC is not valid JSON: nested too deeply") from None
 
 
 def _walk(

@@ -36,6 +36,7 @@ def test_a_profile_round_trips() -> None:
         _doc().replace(b"[[0, 10]]", b"[[-Infinity, 10]]"),
         b"[]",
         b"not json",
+        b"[" * 20_000 + b"]" * 20_000,
     ],
 )
 def test_a_bad_profile_is_a_usage_error(bad: bytes) -> None:

@@ -53,6 +53,9 @@ def test_same_answers_as_json_loads(text: str) -> None:
         b"{1: 2}",
         b'{"entries": [1]',
         b'{"\xff": 1}',
+        # nested past the C scanner's depth: a RecursionError inside, not out
+        b'{"entries": [{"x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}]}",
+        b'{"meta": ' + b'{"a": ' * 20_000 + b"1" + b"}" * 20_001,
     ],
 )
 def test_anything_else_is_a_layer_format_error(text: bytes) -> None:
