@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from imagefs.cli import auth, browse, build, experiments, images, mount, store
 from imagefs.cli.options import PROG, CommandParser, Parser, Verb, add_globals, short_usages
-from imagefs.cli.output import warn
+from imagefs.cli.output import safe_streams, warn
 from imagefs.config import default_config_dir, default_root
 from imagefs.errors import ImageFSError, unwrap_groups
 
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("`-- COMMAND` is only for `imagefs profile record`")
         a.workload = command
     configure_logging(a)
+    safe_streams()
     return run_command(a)
 
 

@@ -6,6 +6,7 @@ shapes the values the verbs return into the rows and lines it renders.
 
 from __future__ import annotations
 
+import codecs
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,29 @@ MOUNT_HEADERS = {
     "PID": "PID",
     "Started": "STARTED",
 }
+
+
+def _unencodable(exc: UnicodeError) -> tuple[bytes, int]:
+    r"""Characters UTF-8 cannot write: a lone surrogate. \udc80-\udcff are bytes a path held
+    that were not UTF-8 (decoded with surrogateescape): written back as those bytes, as `ls`
+    does. Any other (a `\ud800` escape in a registry's JSON) as its `\uXXXX` escape, so
+    one bad label costs its own look, not the command."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = bytearray()
+    for ch in exc.object[exc.start : exc.end]:
+        code = ord(ch)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else b"\\u%04x" % code
+    return bytes(out), exc.end
+
+
+def safe_streams() -> None:
+    """Let stdout and stderr write any str the commands print (see `_unencodable`)."""
+    codecs.register_error("imagefs-unencodable", _unencodable)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # not on a test's capture
+        if reconfigure is not None:
+            reconfigure(errors="imagefs-unencodable")
 
 
 def warn(text: str) -> None:

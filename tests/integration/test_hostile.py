@@ -31,6 +31,7 @@ from imagefs.testing.hostile import (
     TAR_LAYER,
     Layer,
     RegistryWriter,
+    default_config,
     file_entry,
     gzip_bomb,
     gzip_layer,
@@ -459,3 +460,28 @@ def test_manifest_with_ten_thousand_layers(
     print(f"10,000 layers: {len(gets)} GETs of the shared blob, {len(built)} index builds")
     assert len(gets) == 1, gets
     assert len(built) == 1, built
+
+
+def test_strings_utf8_cannot_hold_are_printed_escaped(
+    tmp_path: Path, writer: RegistryWriter, repo_name: str
+) -> None:
+    """A config may carry lone surrogates (`\\ud800` is valid JSON, not UTF-8): `inspect`
+    prints them as the escapes they came as instead of failing on its own output."""
+    import sys
+
+    layers = [base_layer()]
+    config = default_config(layers)
+    config["config"] = {"Labels": {"note": "odd \ud800 label"}, "Env": ["X=\udcff"]}
+    ref = writer.image(repo_name, "surrogates", layers, config=config)
+    imagefs(tmp_path / "root", "pull", ref)
+    for env in ({"LANG": "C.UTF-8"}, {"LC_ALL": "C", "PYTHONUTF8": "0"}):
+        proc = subprocess.run(
+            [sys.executable, "-m", "imagefs", "--root", str(tmp_path / "root"), "inspect", ref],
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, **env},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert b'"note": "odd \\ud800 label"' in proc.stdout
+        assert b'"X=\\udcff"' in proc.stdout or b'"X=\xff"' in proc.stdout
+        assert json.loads(proc.stdout.replace(b"\xff", b"\\udcff"))  # still JSON
