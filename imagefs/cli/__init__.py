@@ -35,9 +35,11 @@ def _serve_preforked(arguments: Any, ready_fd: int) -> int:
 
     from imagefs.cli.app import configure_logging, run_command
     from imagefs.cli.mount import daemon_arguments
+    from imagefs.cli.output import safe_streams
 
     a, root, mountpoint = arguments
     configure_logging(a)
+    safe_streams()  # as `app.main` does: its log is its stderr
     log = logging.getLogger("imagefs")
     log.setLevel(logging.DEBUG if a.debug else logging.INFO)  # as `run_mount` sets it
     log.info("daemon forked as the launcher started (imagefs.cli.prefork)")

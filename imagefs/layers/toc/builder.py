@@ -34,7 +34,6 @@ OPAQUE_MARKER = b".wh..wh..opq"
 
 #: Ids that do not fit a 32-bit uid_t are shown as the kernel's overflow id.
 OVERFLOW_ID = 65534
-
 # Members read once: `add` runs once per entry of a layer (40k for a big one), and reading
 # an enum member off its class costs more than a global.
 _REG, _DIR, _SYMLINK, _HARDLINK = (
