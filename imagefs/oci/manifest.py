@@ -7,6 +7,7 @@ re-serialising parsed JSON would change whitespace and key order, and so the dig
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -348,8 +349,21 @@ def _loads(raw: bytes, what: str) -> object:
             out[key] = value
         return out
 
+    # NaN, Infinity and numbers no float holds (1e400) are not JSON (RFC 8259), though
+    # `json.loads` takes them; no registry client written in Go would read them either.
+    def no_constant(name: str) -> float:
+        raise _invalid(what, f"{name} is not a JSON number")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _invalid(what, f"number {text[:24]} is out of range")
+        return value
+
     try:
-        return json.loads(raw, object_pairs_hook=no_duplicates)
+        return json.loads(
+            raw, object_pairs_hook=no_duplicates, parse_constant=no_constant, parse_float=finite
+        )
     except (ValueError, RecursionError) as err:
         raise _invalid(what, f"not valid JSON ({err})") from None
 

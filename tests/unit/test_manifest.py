@@ -286,6 +286,10 @@ def test_unknown_manifest_media_type() -> None:
             'duplicate key "schemaVersion"',
         ),
         (b'{"schemaVersion": 2, "mediaType": 7, "manifests": []}', "mediaType must be a string"),
+        # not JSON (RFC 8259), though json.loads takes them
+        (b'{"schemaVersion": 2, "manifests": [], "x": NaN}', "NaN is not a JSON number"),
+        (b'{"schemaVersion": 2, "manifests": [], "x": -Infinity}', "-Infinity is not a JSON"),
+        (b'{"schemaVersion": 2, "manifests": [], "x": 1e400}', "number 1e400 is out of range"),
         (
             b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json"}',
             "needs a manifests list",
@@ -531,3 +535,13 @@ def test_bad_image_configs(changes: dict[str, Any], problem: str) -> None:
 def test_image_config_not_json() -> None:
     with pytest.raises(ImageFSError, match=r"^invalid image config: not valid JSON"):
         ImageConfig.parse(b"\x00")
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"1e400", b"-1.5e999"])
+def test_image_config_with_a_number_json_cannot_hold_is_refused(number: bytes) -> None:
+    raw = (
+        b'{"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers",'
+        b' "diff_ids": []}, "config": {"StopTimeout": ' + number + b"}}"
+    )
+    with pytest.raises(ImageFSError, match=r"^invalid image config: .*(not a JSON number|out of)"):
+        ImageConfig.parse(raw)
