@@ -113,6 +113,7 @@ def derive(bound: Bound, params: dict[str, Any], raw: bytes) -> LayerIndex:
         if int(params.get("layer_size", idx.seek.compressed_size)) != idx.seek.compressed_size:
             raise IntegrityError(f"published index {bound.verifier.short}: blob size mismatch")
         seekindex.check_span_bounds(idx.seek)
+        idx.toc.check()  # built elsewhere: every record must hold what the accessors expect
         return idx
     raise LayerFormatError(f"unknown index kind {bound.kind!r}")
 

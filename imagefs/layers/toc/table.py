@@ -8,10 +8,12 @@ list of its visible paths as bytes (a bisection in C).
 from __future__ import annotations
 
 import bisect
+import operator
 from array import array
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from imagefs.errors import LayerFormatError
 from imagefs.layers.tarscan import EntryType
 from imagefs.layers.toc import ondisk
 from imagefs.layers.toc.packed import (
@@ -324,6 +326,50 @@ class Toc:
             etype, mode, uid, gid, size, mtime, nsec, major, minor, offset, linkname, implicit
         )
 
+    def check(self) -> None:
+        """Everything the accessors rely on beyond what `from_bytes` checks (the arrays'
+        lengths, the blobs' ends): known entry types, offsets that never go back, extra
+        records that parse within their entry with sane values. O(entries), once: for a
+        TOC that came from elsewhere (a published index), never for one built here.
+        Raises LayerFormatError."""
+        n = len(self._types)
+        valid = {int(t) for t in EntryType} | {int(EntryType.DIR) | IMPLICIT}
+        if not set(self._types) <= valid:
+            raise LayerFormatError("layer TOC: unknown entry type")
+        for offs, what in (
+            (self._path_offs, "paths"),
+            (self._extra_offs, "extras"),
+            (self._whiteouts.offs, "whiteouts"),
+            (self._opaque.offs, "opaque dirs"),
+        ):
+            if any(map(operator.gt, offs, offs[1:])):
+                raise LayerFormatError(f"layer TOC: {what} go back")
+        extras, offs = self._extras, self._extra_offs
+        for i in range(n):
+            pos, end = offs[i], offs[i + 1]
+            while pos < end:
+                tag = extras[pos]
+                length, pos = _varint_within(extras, pos + 1, end)
+                if pos + length > end:
+                    raise LayerFormatError(f"layer TOC: entry {i}'s record runs past it")
+                payload = extras[pos : pos + length]
+                pos += length
+                if tag == X_DEV:  # major, minor (their range: `Overlay.getattr`)
+                    _varint_within(
+                        payload, _varint_within(payload, 0, len(payload))[1], len(payload)
+                    )
+                elif tag == X_LINKREF:  # an earlier file of this layer, never a link or dir
+                    target = _varint_within(payload, 0, len(payload))[0]
+                    kind = self._types[target] & TYPE_MASK if target < n else None
+                    if kind is None or kind in (EntryType.HARDLINK, EntryType.DIR):
+                        raise LayerFormatError(f"layer TOC: entry {i} links to no file")
+                elif tag == X_XATTR:
+                    nlen, at = _varint_within(payload, 0, len(payload))
+                    if at + nlen > len(payload):
+                        raise LayerFormatError(f"layer TOC: entry {i}'s xattr name runs out")
+                elif tag != X_LINK:
+                    raise LayerFormatError(f"layer TOC: entry {i} has a record of kind {tag}")
+
     # ----------------------------------------------------------------- persistence
 
     def _parts(self) -> ondisk.TocParts:
@@ -338,3 +384,16 @@ class Toc:
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Toc:
         """Load what `to_bytes` wrote; raise `LayerFormatError` if it is torn or foreign."""
         return cls(**ondisk.decode(data)._asdict())
+
+
+def _varint_within(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """`read_varint`, refusing one that runs past `end` or past 64 bits (`Toc.check`)."""
+    value = shift = 0
+    while pos < end and shift <= 63:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise LayerFormatError("layer TOC: a number in an extra record runs out")
