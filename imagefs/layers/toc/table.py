@@ -387,13 +387,12 @@ class Toc:
 
 
 def _varint_within(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    """`read_varint`, refusing one that runs past `end` or past 64 bits (`Toc.check`)."""
-    value = shift = 0
-    while pos < end and shift <= 63:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise LayerFormatError("layer TOC: a number in an extra record runs out")
+    """`read_varint`, refusing one that runs past `end` or holds more than 64 bits
+    (`Toc.check`)."""
+    try:
+        value, after = read_varint(buf, pos)
+    except IndexError:
+        after = end + 1
+    if after > end or value >= 1 << 64:
+        raise LayerFormatError("layer TOC: a number in an extra record runs out")
+    return value, after
