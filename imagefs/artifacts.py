@@ -10,6 +10,7 @@ fallback: an image index tagged `sha256-<hex of the image manifest digest>` list
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,11 +22,16 @@ from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Descriptor, Index, Manifest, parse_manifest
 from imagefs.registry.client import RegistryClient
 
+log = logging.getLogger("imagefs.artifacts")
+
 EMPTY_JSON = b"{}"
 # Referrer manifests fetched at once: a mount waits for them before its first read, and a
 # repository may list several artifacts (one round trip each, one after another, before).
 # Bounded: a registry may list thousands, each up to a manifest's size limit.
 REFERRER_FETCHES = 4
+# Artifacts of one kind looked at, the newest (listed last): each costs a round trip before
+# a mount's first read, and a repository anyone can push to may list thousands.
+MAX_ARTIFACTS = 64
 
 
 def fallback_tag(digest: Digest) -> str:
@@ -129,6 +135,16 @@ async def find_artifacts(
         if isinstance(parsed, Index):
             referrers = list(parsed.manifests)
     wanted = [ref for ref in referrers if ref.artifact_type == artifact_type]
+    if len(wanted) > MAX_ARTIFACTS:
+        log.warning(
+            "%s lists %d artifacts of kind %s for %s; looking at the newest %d",
+            repository,
+            len(wanted),
+            artifact_type,
+            subject.short,
+            MAX_ARTIFACTS,
+        )
+        wanted = wanted[-MAX_ARTIFACTS:]
     found: list[Manifest | None] = [None] * len(wanted)
     pending = iter(enumerate(wanted))  # shared by the fetchers: each referrer to one of them
 

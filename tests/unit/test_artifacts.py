@@ -108,6 +108,19 @@ def test_referrers_are_fetched_a_few_at_a_time_and_kept_in_listing_order() -> No
     assert client.fetched != sorted(client.fetched, key=list(client.bodies).index)  # out of order
 
 
+def test_a_listing_of_thousands_costs_only_the_newest_few_fetches(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    n = artifacts.MAX_ARTIFACTS + 200  # anyone who can push may attach as many
+    kinds = [KIND] * n
+    client = FakeClient([_artifact(k) for k in range(n)], kinds, delays=[0.001] * n)
+    found = _find(client)
+    newest = range(n - artifacts.MAX_ARTIFACTS, n)  # listed last
+    assert [m.annotations["n"] for m in found] == [str(k) for k in newest]
+    assert len(client.fetched) == artifacts.MAX_ARTIFACTS
+    assert f"lists {n} artifacts of kind {KIND}" in caplog.text
+
+
 def test_a_failing_referrer_fails_the_search_with_its_own_error() -> None:
     bodies = [_artifact(k) for k in range(6)]
     client = FakeClient(bodies, [KIND] * 6, delays=[0.1] * 6)
