@@ -59,8 +59,10 @@ def _seconds(value: object) -> float | None:
 
 
 def _count(value: object) -> int | None:
-    """A non-negative JSON integer, or None (bool is an int to Python, not to JSON)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A non-negative JSON integer an int64 holds (times in ns, bytes, offsets, layers),
+    or None (bool is an int to Python, not to JSON; a larger one would overflow the page's
+    float arithmetic)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63:
         return value
     return None
 

@@ -103,6 +103,10 @@ def test_parse_line_keeps_escaped_bytes_as_written() -> None:
         '{"t":1,"op":"read","path":"x","length":1,"wait":"long"}',
         '{"t":1,"op":"read","path":"x","length":1,"latency":1' + "0" * 400 + "}",
         '{"t":1,"op":"fetch","cause":"read","bytes":5,"latency":NaN}',
+        # integers past int64: the page's float arithmetic would overflow on them
+        '{"t":1' + "0" * 400 + ',"op":"lookup","path":"x"}',
+        '{"t":1,"op":"read","path":"x","length":1' + "0" * 400 + "}",
+        '{"t":1,"op":"read","path":"x","length":1,"fetched":9223372036854775808}',
         '{"t":1,"op":"read","path":"x","length":1',  # cut short
     ],
 )
