@@ -204,10 +204,9 @@ class Telemetry:
             self.reads_waited += 1
             self.wait_seconds += info.wait
             self.waits.append(info.wait)
-        if self._trace is None:  # counted only (the common case: no record to build)
-            self.ops["read"] = self.ops.get("read", 0) + 1
-            return
         self.ops["read"] = self.ops.get("read", 0) + 1
+        if self._trace is None:  # counted only (the common case: no record to build)
+            return
         t = time.monotonic_ns() - self.started_ns
         # floats as json.dumps writes them (repr); `layer` is an int, never None, here
         self._write_line(
