@@ -370,6 +370,8 @@ class FileSpec:
     mtime: int = 0
     link_name: str = ""
     xattrs: Mapping[str, bytes] = field(default_factory=dict)
+    dev_major: int = 0  # char and block devices
+    dev_minor: int = 0
 
 
 @dataclass(frozen=True)
@@ -426,6 +428,7 @@ def _tar_header(spec: FileSpec, size: int) -> bytes:
     info.uid, info.gid = spec.uid, spec.gid
     info.mtime = spec.mtime
     info.linkname = spec.link_name
+    info.devmajor, info.devminor = spec.dev_major, spec.dev_minor
     if spec.xattrs:
         info.pax_headers = {
             "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
@@ -484,6 +487,8 @@ def write_estargz(
         }
         if spec.link_name:
             entry["linkName"] = _json_name(spec.link_name)
+        if spec.type in ("char", "block"):
+            entry["devMajor"], entry["devMinor"] = spec.dev_major, spec.dev_minor
         if spec.xattrs:
             entry["xattrs"] = {
                 k: base64.b64encode(v).decode("ascii") for k, v in spec.xattrs.items()

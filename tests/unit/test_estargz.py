@@ -87,6 +87,27 @@ def test_footer_and_toc_round_trip(written: es.EStargzBlob) -> None:
     assert es.read_toc(blob[offset:], len(blob)).entries == toc.entries
 
 
+def test_device_numbers_reach_the_tar_and_the_toc() -> None:
+    """The writer keeps a device's numbers: GNU tar lists them, the TOC carries them (the
+    bench's eStargz variant is written from a Debian tree with /dev/null and friends)."""
+    written = es.write_estargz(
+        [
+            es.FileSpec("dev/", type="dir", mode=0o755),
+            es.FileSpec("dev/null", type="char", mode=0o666, dev_major=1, dev_minor=3),
+            es.FileSpec("dev/loop9", type="block", mode=0o660, dev_major=7, dev_minor=9),
+        ]
+    )
+    listing = subprocess.run(
+        ["tar", "-tvzf", "-"], input=written.blob, capture_output=True, check=True
+    ).stdout.decode()
+    assert "1,3" in listing and "7,9" in listing, listing
+    offset = es.parse_footer(written.blob[-es.FOOTER_SIZE :])
+    toc = es.read_toc(written.blob[offset:], len(written.blob))
+    by_name = {e.name: e for e in toc.entries}
+    assert (by_name["dev/null"].dev_major, by_name["dev/null"].dev_minor) == (1, 3)
+    assert (by_name["dev/loop9"].dev_major, by_name["dev/loop9"].dev_minor) == (7, 9)
+
+
 def test_legacy_47_byte_footer() -> None:
     w = es.write_estargz(_files(), legacy_footer=True)
     assert len(es.make_footer(5, legacy=True)) == es.LEGACY_FOOTER_SIZE

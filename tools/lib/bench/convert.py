@@ -2,11 +2,9 @@
 
 `tar_to_filespecs` turns one tar stream into the `FileSpec` entries imagefs's eStargz writer
 (`imagefs.layers.estargz.write_estargz`) takes, keeping type, mode, owner, mtime, link
-targets and xattrs. `estargz_layout` writes every layer of a built image again as eStargz
-into the same OCI layout, under a tag of its own, with the TOC digest annotation.
-
-Known loss (the writer's, not ours): `FileSpec` has no device numbers, so character and
-block devices come out as major 0, minor 0 (see the report in docs/bench.md).
+targets, device numbers and xattrs. `estargz_layout` writes every layer of a built image
+again as eStargz into the same OCI layout, under a tag of its own, with the TOC digest
+annotation.
 """
 
 from __future__ import annotations
@@ -76,6 +74,8 @@ def tar_to_filespecs(fileobj: IO[bytes] | gzip.GzipFile) -> Iterator[FileSpec]:
                 mtime=int(member.mtime),
                 link_name=member.linkname,
                 xattrs=xattrs,
+                dev_major=member.devmajor,
+                dev_minor=member.devminor,
             )
 
 
