@@ -28,7 +28,8 @@ from pathlib import Path
 
 from imagefs.errors import ImageFSError, LayerFormatError
 from imagefs.layers.layerindex import LayerIndex
-from imagefs.lazy.cache import PieceCache, is_piece_name, read_piece
+from imagefs.lazy.cache import PieceCache
+from imagefs.lazy.packs import is_piece_name, read_piece
 from imagefs.oci.digest import Digest
 from imagefs.oci.manifest import Manifest
 from imagefs.store import Layout, Store, fsutil, layout_links, locks

@@ -1,15 +1,9 @@
 """The piece cache: verified *uncompressed* pieces, addressed by their own sha256.
 
-    ROOT/cache/pieces/sha256/<hex>     a *pack*: header (magic `IFSB`, entry count, block
-                                       size, block count, xxh3_64 of those fields, the
-                                       table and the sums), a table
-                                       of (sha256, offset, length, index of its first block
-                                       sum) per piece, the block sums (xxh3_64 of each
-                                       BLOCK-sized block of each payload, in table order),
-                                       the payloads; each piece's name is a hard link to it
-    (earlier versions wrote `IFSK` packs, an xxh3_64 of each whole payload in the table, and
-    before them one piece per file, `IFSP`, 4 reserved bytes, xxh3_64, payload: both still
-    read, a whole payload being their one block)
+    ROOT/cache/pieces/sha256/<hex>     a *pack* holding the piece (`packs`: a header, a
+                                       table of the pieces it holds, each 64 KiB block's
+                                       xxh3_64, the payloads); each piece's name is a hard
+                                       link to its pack
 
 `hex` is the sha256 of the payload: an eStargz/zstd:chunked chunk's `chunkDigest`, or the
 uncompressed span digest of an imagefs seek index. A piece is written only after
@@ -53,14 +47,6 @@ moments before, served without opening the pack or checking its blocks (nothing 
 When a piece's fd falls out of the LRU its checked blocks are forgotten and checked again on
 reopen: one block costs a 64 KiB pread + xxh3 (~10 µs), and no per-name memo grows with the
 cache (the old one held up to 128k names). `imagefs check` reads every block of every piece.
-
-BLOCK = 64 KiB, measured in process from the page cache (CPU µs, docs/bench.md): a first
-read of a 10 KB slice of a 1 MiB piece (open + pread) costs 26 µs with 16 KiB blocks, 31
-with 64 KiB, 60 with 256 KiB (150-165 checking the whole piece at open); a first
-sequential read of the piece in 128 KiB reads (a warm `tar`) costs 321, 244 and 242 µs
-(265 before): small blocks pay Python's per-block work eight times a kernel read. 64 KiB
-is within 5 µs of the best for small files and the best for large ones; its sums are 128
-bytes a 1 MiB span.
 """
 
 from __future__ import annotations
@@ -71,38 +57,29 @@ import hashlib
 import logging
 import os
 import re
-import struct
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import xxhash
 
 from imagefs.errors import IntegrityError, StoreError
+from imagefs.lazy.packs import (
+    MAX_PACK_ENTRIES,
+    Where,
+    encode,
+    is_piece_name,
+    locate_piece,
+    write_all,
+)
 from imagefs.store import fsutil
 from imagefs.store.layout import Layout
 
 log = logging.getLogger("imagefs.cache")
 
-MAGIC = b"IFSP"  # one piece per file (earlier versions; read, not written)
-HEADER = struct.Struct("<4s4xQ")
-PACK_MAGIC = b"IFSK"  # packs with one xxh3 a payload (earlier versions; read, not written)
-PACK_HEADER = struct.Struct("<4sIQ")  # magic, entries, xxh3_64 of the table
-PACK_ENTRY = struct.Struct("<32sQQQ")  # sha256, payload offset, length, xxh3_64 of payload
-BLOCKS_MAGIC = b"IFSB"
-# magic, entries, block size, block sums, xxh3_64 of what comes before it in the header,
-# the table and the sums: one check over all that an open reads
-BLOCKS_HEADER = struct.Struct("<4sIIQQ")
-# sha256, payload offset, length, index of the payload's first block sum; PACK_ENTRY's shape
-BLOCKS_ENTRY = PACK_ENTRY
-BLOCK = 64 << 10  # bytes per checked block of a payload (why 64 KiB: the docstring)
-_MIN_BLOCK, _MAX_BLOCK = 4 << 10, 64 << 20  # block sizes a pack may declare
-MAX_PACK_ENTRIES = 1 << 16
-_NAME = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CACHE_SIZE = 10 << 30
 _TOUCH_EVERY = 60.0  # seconds between mtime updates of a hot piece
 # Pieces whose last touch is remembered (`PieceCache._touched`, ~150 bytes each); past it
@@ -144,103 +121,6 @@ def _raise_fd_limit(want: int) -> None:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-def is_piece_name(name: str) -> bool:
-    return bool(_NAME.match(name))
-
-
-class Where(NamedTuple):
-    """Where a piece lies in its file and what its blocks must hash to."""
-
-    offset: int  # of the payload in the file
-    length: int  # of the payload
-    block: int  # bytes per checked block (the last one may be shorter)
-    sums: tuple[int, ...]  # xxh3_64 of each block, ceil(length / block) of them
-
-
-def _blocks(length: int, block: int) -> int:
-    return -(-length // block)
-
-
-def locate_piece(fd: int, hexd: str, file_size: int) -> Where | None:
-    """Where piece `hexd` lies in the file open at `fd`, or None when the file's header or
-    table is torn or rotten or does not list that piece. Reads no payload byte."""
-    head = os.pread(fd, BLOCKS_HEADER.size, 0)
-    if len(head) >= HEADER.size and head[:4] == MAGIC:
-        length = file_size - HEADER.size  # one whole payload: its one block
-        return Where(HEADER.size, length, max(length, 1), (HEADER.unpack_from(head)[1],))
-    if head[:4] == PACK_MAGIC and len(head) >= PACK_HEADER.size:
-        _, count, check = PACK_HEADER.unpack_from(head)
-        nsums = block = 0
-        table = _table(fd, count, 0, PACK_HEADER.size, b"", check)
-    elif head[:4] == BLOCKS_MAGIC and len(head) == BLOCKS_HEADER.size:
-        _, count, block, nsums, check = BLOCKS_HEADER.unpack(head)
-        # no more sums than the file's bytes can have blocks: the pread below is bounded
-        if not _MIN_BLOCK <= block <= _MAX_BLOCK or nsums > file_size // block + count:
-            return None
-        table = _table(fd, count, nsums, BLOCKS_HEADER.size, head[:-8], check)
-    else:
-        return None
-    if table is None:
-        return None
-    want = bytes.fromhex(hexd)
-    at = table.find(want)
-    while at >= 0 and at % PACK_ENTRY.size:  # 32 bytes inside another field: look on
-        at = table.find(want, at + 1)
-    if at < 0 or at >= len(table) - nsums * 8:  # not in the table (perhaps in the sums)
-        return None
-    _, offset, length, last = PACK_ENTRY.unpack_from(table, at)
-    if offset + length > file_size:
-        return None
-    if head[:4] == PACK_MAGIC:  # `last` is the whole payload's xxh3: one block
-        return Where(offset, length, max(length, 1), (last,))
-    n = _blocks(length, block)
-    if last + n > nsums:
-        return None
-    at = len(table) - nsums * 8 + last * 8
-    return Where(offset, length, block, struct.unpack_from(f"<{n}Q", table, at))
-
-
-def _table(fd: int, count: int, nsums: int, at: int, covered: bytes, check: int) -> bytes | None:
-    """The table and block sums at `at`, if whole and matching the header's xxh3 (of the
-    header's `covered` fields, then the table and sums)."""
-    if not 0 < count <= MAX_PACK_ENTRIES:
-        return None
-    want = count * PACK_ENTRY.size + nsums * 8
-    table = os.pread(fd, want, at)
-    if len(table) != want:
-        return None
-    digest = xxhash.xxh3_64(covered)
-    digest.update(table)
-    return table if digest.intdigest() == check else None
-
-
-def read_piece(fd: int, hexd: str) -> bytes | None:
-    """The payload of piece `hexd` from its file, every block checked; None if damaged."""
-    where = locate_piece(fd, hexd, os.fstat(fd).st_size)
-    if where is None:
-        return None
-    payload = os.pread(fd, where.length, where.offset)
-    if len(payload) != where.length:
-        return None
-    view, block = memoryview(payload), where.block
-    for k, check in enumerate(where.sums):
-        if xxhash.xxh3_64_intdigest(view[k * block : (k + 1) * block]) != check:
-            return None
-    return payload
-
-
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    views = [memoryview(p) for p in parts if p]
-    while views:
-        n = os.writev(fd, views[:512])  # IOV_MAX is 1024 on Linux
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views.pop(0))
-            else:
-                views[0] = views[0][n:]
-                n = 0
 
 
 def _check_declared(hexd: str, size: int, expect: int | None) -> None:
@@ -542,7 +422,7 @@ class PieceCache:
         """
         unique: dict[str, bytes] = {}
         for hexd, payload in pieces:
-            if not _NAME.match(hexd):
+            if not is_piece_name(hexd):
                 raise ValueError(f"not a piece name: {hexd!r}")
             unique.setdefault(hexd, payload)
         if not unique:
@@ -558,24 +438,7 @@ class PieceCache:
         except StoreError as exc:  # a link where the cache directory should be
             log.warning("cannot cache pieces %s...: %s", items[0][0][:12], exc)
             return
-        sums: list[int] = []
-        table = bytearray()
-        for hexd, payload in items:
-            table += BLOCKS_ENTRY.pack(bytes.fromhex(hexd), 0, len(payload), len(sums))
-            view = memoryview(payload)
-            sums.extend(
-                xxhash.xxh3_64_intdigest(view[at : at + BLOCK])
-                for at in range(0, len(payload), BLOCK)
-            )
-        offset = BLOCKS_HEADER.size + len(table) + 8 * len(sums)
-        for k, (_, payload) in enumerate(items):  # the payloads' offsets, now they are known
-            struct.pack_into("<Q", table, k * BLOCKS_ENTRY.size + 32, offset)
-            offset += len(payload)
-        table += struct.pack(f"<{len(sums)}Q", *sums)
-        head = BLOCKS_HEADER.pack(BLOCKS_MAGIC, len(items), BLOCK, len(sums), 0)[:-8]
-        digest = xxhash.xxh3_64(head)
-        digest.update(table)
-        head += struct.pack("<Q", digest.intdigest())
+        pack = encode(items)
         tmp = f"{fsutil.TEMP_PREFIX}{items[0][0][:16]}.{os.getpid()}.{threading.get_ident()}"
         kept: list[str] = []
         try:
@@ -586,7 +449,7 @@ class PieceCache:
                 dir_fd=dfd,
             )
             try:
-                _write_all(fd, [head, bytes(table), *(payload for _, payload in items)])
+                write_all(fd, [pack.head, pack.table, *(payload for _, payload in items)])
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
@@ -604,11 +467,11 @@ class PieceCache:
                 os.unlink(tmp, dir_fd=dfd)
         if not kept:
             return
-        self._remember_written(kept, items, table, st, sums)
+        self._remember_written(kept, items, pack.wheres, st)
         self.writes += len(kept)
         with self._lock:
             if self._total is not None:
-                self._total += offset
+                self._total += pack.size
         if self._total is None or self._total > self.cap:
             self.evict()
 
@@ -616,20 +479,16 @@ class PieceCache:
         self,
         kept: list[str],
         items: list[tuple[str, bytes]],
-        table: bytearray,
+        wheres: list[Where],
         st: os.stat_result,
-        sums: list[int],
     ) -> None:
         """Note where each piece just written lies in its pack, for `open` (at most
         `_WRITTEN_MAX`, the oldest forgotten first)."""
         names = set(kept)
         with self._lock:
-            for k, (hexd, _) in enumerate(items):
+            for (hexd, _), where in zip(items, wheres, strict=True):
                 if hexd not in names:
                     continue
-                _, offset, length, first = BLOCKS_ENTRY.unpack_from(table, k * BLOCKS_ENTRY.size)
-                n = _blocks(length, BLOCK)
-                where = Where(offset, length, BLOCK, tuple(sums[first : first + n]))
                 self._written[hexd] = (st.st_ino, st.st_size, where)
                 self._written.move_to_end(hexd)
             while len(self._written) > _WRITTEN_MAX:
@@ -657,7 +516,7 @@ class PieceCache:
         packs: dict[int, tuple[float, int, list[str]]] = {}
         with contextlib.suppress(FileNotFoundError), os.scandir(self._dir()) as it:
             for entry in it:
-                if _NAME.match(entry.name):
+                if is_piece_name(entry.name):
                     with contextlib.suppress(FileNotFoundError):
                         st = entry.stat(follow_symlinks=False)
                         mtime, _, names = packs.setdefault(st.st_ino, (0.0, 0, []))

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from imagefs.layers.layerindex import LayerIndex
-from imagefs.lazy.cache import PieceCache, is_piece_name
+from imagefs.lazy.cache import PieceCache
+from imagefs.lazy.packs import is_piece_name
 from imagefs.oci.image import Layer
 from imagefs.store.layerindexes import LayerIndexStore
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagefs.layers import estargz
-from imagefs.lazy.cache import locate_piece
+from imagefs.lazy.packs import locate_piece
 from imagefs.testing.images import (
     LayoutImage,
     PushedImage,

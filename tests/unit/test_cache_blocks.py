@@ -14,13 +14,13 @@ import pytest
 import xxhash
 
 from imagefs.check import check_store
-from imagefs.lazy.cache import (
+from imagefs.lazy.cache import PieceCache
+from imagefs.lazy.packs import (
     BLOCK,
     BLOCKS_HEADER,
     PACK_ENTRY,
     PACK_HEADER,
     PACK_MAGIC,
-    PieceCache,
     Where,
     locate_piece,
     read_piece,

@@ -20,9 +20,10 @@ import zstandard
 from imagefs.errors import LayerFormatError
 from imagefs.layers import estargz
 from imagefs.layers.chunks import ChunkTable
-from imagefs.lazy.cache import HEADER, MAGIC, PieceCache, locate_piece, verify_piece
+from imagefs.lazy.cache import PieceCache, verify_piece
 from imagefs.lazy.layers import LayerSet
 from imagefs.lazy.loading import ESTARGZ_TOC_DIGEST
+from imagefs.lazy.packs import HEADER, MAGIC, locate_piece
 from imagefs.oci.digest import Digest
 from imagefs.oci.image import Layer
 from imagefs.oci.manifest import Descriptor
