@@ -22,6 +22,7 @@ from imagefs.lazy.packs import (
     PACK_HEADER,
     PACK_MAGIC,
     Where,
+    encode,
     locate_piece,
     read_piece,
 )
@@ -279,3 +280,23 @@ def test_a_fresh_piece_is_not_touched_on_its_first_read_but_an_old_one_is(tmp_pa
     assert fresh.stat().st_mtime_ns == fresh_mtime
     assert old.stat().st_mtime > stale + 3600
     reader.close()
+
+
+def test_where_encode_puts_a_piece_is_where_a_reader_of_the_file_finds_it(
+    tmp_path: Path,
+) -> None:
+    """A writer opens its own pieces from what `encode` said (never reading the table
+    back), so the two must agree for every piece: empty, one byte, a block and one more."""
+    payloads = [b"", b"x", os.urandom(BLOCK), os.urandom(BLOCK + 1), os.urandom(3 * BLOCK - 7)]
+    items = [(hashlib.sha256(p).hexdigest(), p) for p in payloads]
+    pack = encode(items)
+    path = tmp_path / "pack"
+    path.write_bytes(pack.head + pack.table + b"".join(payloads))
+    assert pack.size == path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for (hexd, payload), where in zip(items, pack.wheres, strict=True):
+            assert locate_piece(fd, hexd, pack.size) == where
+            assert read_piece(fd, hexd) == payload
+    finally:
+        os.close(fd)
