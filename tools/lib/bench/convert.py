@@ -22,6 +22,17 @@ from imagefs.layers.estargz import TOC_DIGEST_ANNOTATION, FileSpec, footer_size,
 from imagefs.layers.estargz import write_estargz as _write_estargz
 from imagefs.testing.images import LayoutImage, layout_append_blob
 
+CONVERTED_TAG = "estargz-v2"
+"""The converted image's tag suffix in the bench's OCI layout, where a conversion is kept and
+reused: bump it whenever the conversion's output changes, so a cached one is not measured in
+its place (v2: device numbers kept)."""
+
+
+def converted_tag(image_name: str) -> str:
+    """The tag `estargz_layout` keeps image `image_name`'s eStargz conversion under."""
+    return f"{image_name}-{CONVERTED_TAG}"
+
+
 ESTARGZ_CHUNK = 4 << 20
 """Chunk size of large files (the writer's default; containerd's estargz uses 4 MiB too)."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.convert import estargz_layout
+from bench.convert import converted_tag, estargz_layout
 from bench.util import BenchError, log, remove_tree, run
 from imagefs.testing.images import (
     Compression,
@@ -381,7 +381,9 @@ class Variant:
         repo_tag = f"bench/{built.recipe.name}:{self.name.replace('+', '-').replace(':', '-')}"
         if self.estargz:
             return push(
-                estargz_layout(built.image, f"{built.recipe.name}-estargz"), registry, repo_tag
+                estargz_layout(built.image, converted_tag(built.recipe.name)),
+                registry,
+                repo_tag,
             )
         pushed = push(built.image, registry, repo_tag, compression=self.compression)
         if self.publish_index:

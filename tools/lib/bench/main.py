@@ -20,6 +20,7 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is tools/lib/bench
 
 from bench import fusetrace, images, profiling, report
+from bench.convert import converted_tag
 from bench.systems import SYSTEMS, Context, Phase, System
 from bench.util import BenchError, cpu_seconds, drop_caches, log, remove_tree, run
 from bench.workloads import WORKLOADS
@@ -380,7 +381,7 @@ def lazy_main(args: argparse.Namespace, argv: list[str]) -> int:
         variants = [v for v in args.variants.split(",") if v]
         pushed = slacker_push(built, registry, imagefs_bin, variants)
         toc = {
-            v: slacker.lazy_toc_bytes(built, v, f"{built.recipe.name}-estargz") for v in variants
+            v: slacker.lazy_toc_bytes(built, v, converted_tag(built.recipe.name)) for v in variants
         }
         setup_s = slacker.Setup(built, registry, pushed, fs, scratch, toc)
         sresults: slacker.Results = {}
