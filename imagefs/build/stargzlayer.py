@@ -13,7 +13,6 @@ reader verifies the TOC against the first and so mounts the layer lazily without
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import tarfile
@@ -28,20 +27,15 @@ from imagefs.layers.estargz import (
     NO_PREFETCH_LANDMARK,
     TOC_DIGEST_ANNOTATION,
     TOC_TAR_NAME,
-    _json_name,
-    _modtime,
     make_footer,
+    tar_header,
+    toc_entry,
 )
 from imagefs.oci.digest import Digest
 
 CHUNK_SIZE = 4 * 1024 * 1024
 """ctr-remote's default chunk size."""
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-_TYPES = {
-    tarfile.REGTYPE: "reg", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
-    tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block",
-    tarfile.FIFOTYPE: "fifo",
-}  # fmt: skip
 
 
 class _Members:
@@ -79,37 +73,8 @@ class _Members:
         self._emit(self._comp.compress(data))
 
 
-def _header(info: tarfile.TarInfo) -> bytes:
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def _toc_entry(info: tarfile.TarInfo) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "name": _json_name(info.name),
-        "type": _TYPES[info.type],
-        "modtime": _modtime(int(info.mtime)),
-        "mode": info.mode,
-        "uid": info.uid,
-        "gid": info.gid,
-    }
-    if info.linkname:
-        entry["linkName"] = _json_name(info.linkname)
-    if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        entry["devMajor"], entry["devMinor"] = info.devmajor, info.devminor
-    xattrs = {
-        k.removeprefix("SCHILY.xattr."): base64.b64encode(
-            v.encode("utf-8", "surrogateescape")
-        ).decode("ascii")
-        for k, v in info.pax_headers.items()
-        if k.startswith("SCHILY.xattr.")
-    }
-    if xattrs:
-        entry["xattrs"] = xattrs
-    return entry
-
-
 def _write_file(w: _Members, info: tarfile.TarInfo, path: Path, entries: list[Any]) -> None:
-    entry = _toc_entry(info)
+    entry = toc_entry(info)
     entry["size"] = info.size
     whole = hashlib.sha256()
     first = entry
@@ -138,26 +103,26 @@ def write_estargz_layer(upper: Path, out: IO[bytes], epoch: int | None = None) -
     entries: list[dict[str, Any]] = []
     landmark = tarfile.TarInfo(NO_PREFETCH_LANDMARK)
     landmark.size, landmark.mode = len(_LANDMARK_CONTENT), 0o644
-    w.write(_header(landmark))
+    w.write(tar_header(landmark))
     digest = "sha256:" + hashlib.sha256(_LANDMARK_CONTENT).hexdigest()
     entries.append({
-        **_toc_entry(landmark), "size": 1, "digest": digest, "offset": w.cut(),
+        **toc_entry(landmark), "size": 1, "digest": digest, "offset": w.cut(),
         "chunkSize": 0, "chunkDigest": digest,
     })  # fmt: skip
     w.write(_LANDMARK_CONTENT + b"\x00" * 511)
     count = 0
     for info, path in layer_entries(upper, epoch):
         count += 1
-        w.write(_header(info))
+        w.write(tar_header(info))
         if path is None or info.size == 0:
-            entries.append(_toc_entry(info))
+            entries.append(toc_entry(info))
         else:
             _write_file(w, info, path, entries)
     toc = json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode()
     toc_offset = w.cut()
     toc_info = tarfile.TarInfo(TOC_TAR_NAME)
     toc_info.size, toc_info.mode = len(toc), 0o644
-    w.write(_header(toc_info))
+    w.write(tar_header(toc_info))
     w.write(toc + b"\x00" * (-len(toc) % 512))
     w.write(b"\x00" * 1024)  # tar end-of-archive
     w.cut()

@@ -420,7 +420,7 @@ class _MemberWriter:
         self.out += self._comp.compress(data)
 
 
-def _tar_header(spec: FileSpec, size: int) -> bytes:
+def _tar_info(spec: FileSpec, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(spec.name)
     info.type = _TAR_TYPES[spec.type]
     info.size = size
@@ -434,7 +434,42 @@ def _tar_header(spec: FileSpec, size: int) -> bytes:
             "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
             for k, v in spec.xattrs.items()
         }
+    return info
+
+
+def tar_header(info: tarfile.TarInfo) -> bytes:
+    """An entry's tar header as both eStargz writers put it (PAX, names' bytes kept)."""
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+_TOC_TYPES = {code: name for name, code in _TAR_TYPES.items()}
+
+
+def toc_entry(info: tarfile.TarInfo) -> dict[str, Any]:
+    """A tar entry's TOC fields as both eStargz writers put them (ctr-remote's order), before
+    the size, digest and offsets a regular file adds."""
+    entry: dict[str, Any] = {
+        "name": _json_name(info.name),
+        "type": _TOC_TYPES[info.type],
+        "modtime": _modtime(int(info.mtime)),
+        "mode": info.mode,
+        "uid": info.uid,
+        "gid": info.gid,
+    }
+    if info.linkname:
+        entry["linkName"] = _json_name(info.linkname)
+    if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        entry["devMajor"], entry["devMinor"] = info.devmajor, info.devminor
+    xattrs = {
+        k.removeprefix("SCHILY.xattr."): base64.b64encode(
+            v.encode("utf-8", "surrogateescape")
+        ).decode("ascii")
+        for k, v in info.pax_headers.items()
+        if k.startswith("SCHILY.xattr.")
+    }
+    if xattrs:
+        entry["xattrs"] = xattrs
+    return entry
 
 
 def _json_name(name: str) -> str:
@@ -476,23 +511,9 @@ def write_estargz(
         if spec.type not in _TAR_TYPES:
             raise ValueError(f"unknown entry type {spec.type!r}")
         size = len(spec.data) if spec.type == "reg" else 0
-        w.write(_tar_header(spec, size))
-        entry: dict[str, Any] = {
-            "name": _json_name(spec.name),
-            "type": spec.type,
-            "modtime": _modtime(spec.mtime),
-            "mode": spec.mode,
-            "uid": spec.uid,
-            "gid": spec.gid,
-        }
-        if spec.link_name:
-            entry["linkName"] = _json_name(spec.link_name)
-        if spec.type in ("char", "block"):
-            entry["devMajor"], entry["devMinor"] = spec.dev_major, spec.dev_minor
-        if spec.xattrs:
-            entry["xattrs"] = {
-                k: base64.b64encode(v).decode("ascii") for k, v in spec.xattrs.items()
-            }
+        info = _tar_info(spec, size)
+        w.write(tar_header(info))
+        entry = toc_entry(info)
         if size == 0:
             entries.append(entry)
             continue
@@ -515,8 +536,7 @@ def write_estargz(
         w.write(b"\x00" * (-size % 512))
     toc_json = json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode()
     toc_offset = w.cut()
-    toc_spec = FileSpec(TOC_TAR_NAME, data=toc_json)
-    w.write(_tar_header(toc_spec, len(toc_json)))
+    w.write(tar_header(_tar_info(FileSpec(TOC_TAR_NAME, data=toc_json), len(toc_json))))
     w.write(toc_json + b"\x00" * (-len(toc_json) % 512))
     w.write(b"\x00" * 1024)  # tar end-of-archive
     w.cut()
